@@ -1,0 +1,42 @@
+"""Text cleaning: Unicode normalisation, control characters, whitespace, length filters."""
+
+from __future__ import annotations
+
+import re
+import unicodedata
+from typing import Optional
+
+_SPACES = re.compile(r"[ \t\u00a0\u3000]+")
+
+
+def clean_text(text: str, normalize: str = "nfc", whitespace: bool = True) -> str:
+    if normalize != "none":
+        text = unicodedata.normalize(normalize.upper(), text)
+    # drop control characters (keep newlines and tabs, which whitespace handling deals with)
+    text = "".join(ch for ch in text if ch in "\n\t" or unicodedata.category(ch) not in ("Cc", "Cf", "Cs"))
+    if whitespace:
+        lines = [_SPACES.sub(" ", l).strip() for l in text.split("\n")]
+        text = "\n".join(l for l in lines if l)
+    return text
+
+
+def clean_all(texts: list[str], normalize: str = "nfc", whitespace: bool = True, min_chars: int = 1,
+              max_chars: Optional[int] = None, dedupe: bool = False) -> tuple[list[str], dict]:
+    """Clean every text; drop those outside [min_chars, max_chars] and (optionally) duplicates."""
+    out, seen = [], set()
+    stats = {"too_short": 0, "too_long": 0, "duplicates": 0}
+    for t in texts:
+        t = clean_text(t, normalize, whitespace)
+        if len(t) < max(min_chars, 1):
+            stats["too_short"] += 1
+            continue
+        if max_chars is not None and len(t) > max_chars:
+            stats["too_long"] += 1
+            continue
+        if dedupe:
+            if t in seen:
+                stats["duplicates"] += 1
+                continue
+            seen.add(t)
+        out.append(t)
+    return out, stats

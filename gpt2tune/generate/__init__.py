@@ -1,0 +1,1 @@
+"""Generate: decoding loops over a KV cache (`sampling`)."""

@@ -1,0 +1,214 @@
+"""Typed recipes: one YAML file describes a whole run.
+
+`load_recipe(path, overrides)` reads YAML, applies `--set a.b=value` overrides and
+validates everything; errors name the field and list the valid ones.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from gpt2tune.errors import UserError
+from gpt2tune.method.config import MethodConfig
+
+VERSE_FORMS = ["wuyan-jueju", "qiyan-jueju", "wuyan-lvshi", "qiyan-lvshi"]
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ModelSection(_Section):
+    name: Optional[str] = Field(None, description="hub id, local HF folder or HF cache snapshot folder")
+    init: Literal["pretrained", "scratch"] = "pretrained"
+    size: Literal["nano", "micro", "mini", "small", "medium", "large", "xl"] = "mini"
+    tokenizer: Optional[str] = Field(None, description="None: the model's own; 'from-data'; or a folder")
+    vocab_size: int = Field(8000, gt=0, description="target size of a byte-level BPE built from data")
+    n_positions: Optional[int] = Field(None, gt=0, description="context length of a scratch model")
+    revision: Optional[str] = None
+    dropout: Optional[float] = Field(None, ge=0, lt=1)
+
+
+class PoetrySection(_Section):
+    include_title: bool = False
+    form: Optional[Literal["wuyan-jueju", "qiyan-jueju", "wuyan-lvshi", "qiyan-lvshi"]] = None
+    simplified: bool = False
+
+
+class DataSection(_Section):
+    source: str = Field(..., description="KIND:PATH, e.g. text:file.txt, jsonl:f.jsonl, chinese-poetry:DIR, builtin:tang-lvshi")
+    validation: Optional[str] = Field(None, description="a separate validation source (else a split)")
+    field: str = Field("text", description="jsonl field / csv column holding the text")
+    columns: Optional[list[str]] = Field(None, description="column names for csv/tsv files without a header")
+    header: Optional[bool] = Field(None, description="csv/tsv has a header row (default: yes unless columns is set)")
+    text_mode: Literal["auto", "lines", "documents"] = "auto"
+    val_fraction: float = Field(0.05, ge=0, lt=1)
+    max_length: int = Field(128, gt=1, description="tokens per training sample, special tokens included")
+    long_samples: Literal["truncate", "split"] = "truncate"
+    batching: Literal["group", "pad", "pack"] = "group"
+    normalize: Literal["none", "nfc", "nfkc"] = "nfc"
+    whitespace: bool = True
+    min_chars: int = Field(1, ge=0)
+    max_chars: Optional[int] = Field(None, gt=0)
+    dedupe: bool = False
+    limit: Optional[int] = Field(None, gt=0, description="use at most this many samples (after cleaning)")
+    seed: int = 1234
+    poetry: PoetrySection = PoetrySection()
+
+
+class TrainSection(_Section):
+    device: str = "auto"
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    lr: float = Field(5e-4, gt=0)
+    weight_decay: float = Field(0.01, ge=0)
+    betas: tuple[float, float] = (0.9, 0.999)
+    schedule: Literal["linear", "cosine", "constant"] = "linear"
+    warmup_steps: int = Field(0, ge=0)
+    warmup_ratio: float = Field(0.0, ge=0, lt=1)
+    grad_clip: Optional[float] = Field(1.0, gt=0)
+    grad_accum: int = Field(1, ge=1)
+    batch_size: int = Field(8, ge=1)
+    epochs: float = Field(1.0, gt=0)
+    max_steps: Optional[int] = Field(None, gt=0, description="optimizer steps; overrides epochs")
+    seed: int = 42
+    eval_every: int = Field(0, ge=0, description="evaluate every N steps (0: only at start and end)")
+    eval_batches: Optional[int] = Field(None, gt=0, description="cap validation batches per evaluation")
+    save_every: int = Field(0, ge=0, description="checkpoint every N steps (0: never)")
+    keep_checkpoints: int = Field(2, ge=1)
+    log_every: int = Field(10, ge=1)
+    num_threads: Optional[int] = Field(None, gt=0)
+
+    @field_validator("lr")
+    @classmethod
+    def _lr_finite(cls, v: float) -> float:
+        if v != v or v == float("inf"):
+            raise ValueError("must be a finite positive number")
+        return v
+
+
+class SampleSection(_Section):
+    """Samples generated at the end of training and stored in samples.json."""
+
+    prompts: list[str] = []
+    max_new_tokens: int = Field(64, gt=0)
+    top_k: int = 40
+    temperature: float = Field(1.0, gt=0)
+
+
+class OutputSection(_Section):
+    dir: str = "runs/run"
+
+
+class Recipe(_Section):
+    task: Literal["causal-lm"] = "causal-lm"
+    model: ModelSection = ModelSection()
+    data: DataSection
+    method: MethodConfig = MethodConfig()
+    train: TrainSection = TrainSection()
+    sample: SampleSection = SampleSection()
+    output: OutputSection = OutputSection()
+
+
+# ---------------------------------------------------------------------------
+
+
+def _fields_of(model_cls: type[BaseModel], path: tuple) -> list[str]:
+    cls = model_cls
+    for key in path:
+        if not isinstance(key, str):
+            continue
+        f = cls.model_fields.get(key)
+        if f is None:
+            break
+        ann = f.annotation
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            cls = ann
+        else:
+            break
+    return list(cls.model_fields)
+
+
+def format_validation_error(err: ValidationError, root: type[BaseModel] = Recipe) -> str:
+    lines = []
+    for e in err.errors():
+        loc = tuple(e["loc"])
+        where = ".".join(str(p) for p in loc) or "recipe"
+        if e["type"] == "extra_forbidden":
+            valid = _fields_of(root, loc[:-1])
+            section = ".".join(str(p) for p in loc[:-1]) or "the recipe"
+            lines.append(f"unknown field '{where}'; valid fields of {section}: {', '.join(valid)}")
+        elif e["type"] == "missing":
+            lines.append(f"missing required field '{where}'")
+        else:
+            lines.append(f"field '{where}': {e['msg']} (got {e.get('input')!r})")
+    return "invalid recipe: " + "; ".join(lines)
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    if "=" not in item:
+        raise UserError(f"--set expects FIELD=VALUE, got {item!r}")
+    key, raw = item.split("=", 1)
+    key = key.strip()
+    if not key or any(not p for p in key.split(".")):
+        raise UserError(f"--set: bad field name {key!r}")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.split("."), value
+
+
+def apply_overrides(raw: dict, overrides: list[str], root: type[BaseModel] = Recipe) -> dict:
+    data = copy.deepcopy(raw)
+    for item in overrides:
+        path, value = parse_override(item)
+        cls: Optional[type[BaseModel]] = root
+        node = data
+        for i, key in enumerate(path):
+            if cls is None or key not in cls.model_fields:
+                where = ".".join(path[:i]) or "the recipe"
+                valid = list(cls.model_fields) if cls is not None else []
+                raise UserError(
+                    f"--set {'.'.join(path)}: no field '{key}' in {where}"
+                    + (f"; valid fields: {', '.join(valid)}" if valid else "")
+                )
+            ann = cls.model_fields[key].annotation
+            if i == len(path) - 1:
+                node[key] = value
+            else:
+                if not isinstance(node.get(key), dict):
+                    node[key] = {}
+                node = node[key]
+                cls = ann if isinstance(ann, type) and issubclass(ann, BaseModel) else None
+    return data
+
+
+def recipe_from_dict(raw: dict, overrides: list[str] = ()) -> Recipe:
+    if not isinstance(raw, dict):
+        raise UserError("invalid recipe: the top level must be a mapping of sections (task, model, data, ...)")
+    data = apply_overrides(raw, list(overrides))
+    try:
+        return Recipe.model_validate(data)
+    except ValidationError as err:
+        raise UserError(format_validation_error(err)) from None
+
+
+def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"recipe file not found: {p}")
+    try:
+        raw = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+    except (yaml.YAMLError, UnicodeDecodeError) as err:
+        raise UserError(f"recipe {p} is not valid YAML: {str(err).splitlines()[0]}") from None
+    return recipe_from_dict(raw, overrides)
+
+
+def dump_recipe(recipe: Recipe, path: str | Path) -> None:
+    data = recipe.model_dump(mode="json")
+    Path(path).write_text(yaml.safe_dump(data, sort_keys=False, allow_unicode=True), encoding="utf-8")

@@ -1,0 +1,67 @@
+"""Task `causal-lm`: fine-tune a GPT-2 language model on text and sample from it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from gpt2tune.data.dataset import tokenize_texts
+from gpt2tune.generate.sampling import Sampling
+from gpt2tune.generate.text import complete
+from gpt2tune.method import apply_method, save_trained
+from gpt2tune.recipe import Recipe, dump_recipe
+from gpt2tune.tasks.common import (check_disk, describe_params, load_base, log, prepare_run_dir,
+                                   train_val_texts, write_json)
+from gpt2tune.train.loop import Data, Trainer
+
+
+def run(recipe: Recipe, resume: bool = False, overwrite: bool = False, progress: bool = True) -> dict:
+    run_dir = prepare_run_dir(recipe.output.dir, resume, overwrite)
+    d = recipe.data
+    train_texts, val_texts, stats = train_val_texts(d)
+    base = load_base(recipe.model, train_texts, run_dir, resume, d.max_length, recipe.train.seed)
+    split = d.long_samples == "split"
+    train_ids, tr_cut = tokenize_texts(base.tokenizer, train_texts, base.framing.bos, base.framing.eos, d.max_length, split)
+    val_ids, va_cut = tokenize_texts(base.tokenizer, val_texts, base.framing.bos, base.framing.eos, d.max_length, split)
+    stats.update(truncated=tr_cut + va_cut, train_tokens=sum(map(len, train_ids)))
+    if stats["truncated"]:
+        log(f"note: {stats['truncated']} samples were longer than data.max_length={d.max_length} tokens and were truncated")
+    if stats.get("skipped_records"):
+        log(f"note: skipped {stats['skipped_records']} malformed records")
+
+    model = apply_method(base.model, recipe.method)
+    params = describe_params(model)
+    log(f"model {base.source}: {params['total']:,} parameters, {params['trainable']:,} trainable "
+        f"({params['percent']:.2f}%); {len(train_ids):,} training samples, {len(val_ids):,} validation")
+    check_disk(run_dir, params["total"], recipe.train.keep_checkpoints, recipe.train.save_every)
+    dump_recipe(recipe, run_dir / "recipe.yaml")
+    write_json(run_dir / "data.json", stats)
+
+    data = Data(train_ids, val_ids, base.framing.pad, d.batching, d.max_length)
+    trainer = Trainer(model, data, recipe.train, run_dir, progress=progress, log=log)
+    log(f"training {trainer.total_steps} steps on {trainer.device} ({str(trainer.dtype).replace('torch.', '')})")
+    result = trainer.fit(resume=resume)
+
+    model = model.float().cpu()
+    saved = save_trained(model, base.tokenizer, run_dir, recipe.method)
+    report = {
+        "validation": result.final_eval,
+        "validation_at_start": result.first_eval,
+        "steps": result.steps,
+        "train_seconds": round(result.seconds, 2),
+        "train_tokens_per_s": round(result.tokens / max(result.seconds, 1e-9), 1),
+        "parameters": params,
+    }
+    write_json(run_dir / "eval.json", report)
+    if result.final_eval:
+        first = result.first_eval.get("perplexity")
+        log(f"validation perplexity {first:.1f} -> {result.final_eval['perplexity']:.1f}" if first else
+            f"validation perplexity {result.final_eval['perplexity']:.1f}")
+    log(f"saved {run_dir / saved}")
+
+    if recipe.sample.prompts:
+        s = Sampling(max_new_tokens=recipe.sample.max_new_tokens, top_k=recipe.sample.top_k,
+                     temperature=recipe.sample.temperature, seed=recipe.train.seed)
+        samples = [{"prompt": p, "text": complete(model, base.tokenizer, base.framing, p, s)[0]}
+                   for p in recipe.sample.prompts]
+        write_json(run_dir / "samples.json", samples)
+    return report

@@ -1,0 +1,145 @@
+"""Pieces every task shares: the run folder, loading the base model and tokenizer, logging."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+from gpt2tune.data import sources
+from gpt2tune.data.clean import clean_all
+from gpt2tune.data.dataset import split_indices
+from gpt2tune.errors import UserError
+from gpt2tune.model.build import SIZES, build_scratch, count_parameters, load_pretrained
+from gpt2tune.model.resolve import resolve_model_dir
+from gpt2tune.model.tokenizer import Framing, build_tokenizer, framing_of, load_tokenizer
+
+
+def log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def is_rank0() -> bool:
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def prepare_run_dir(path: str | Path, resume: bool, overwrite: bool) -> Path:
+    """Create the run folder; refuse to clobber a previous run without --overwrite."""
+    run = Path(path)
+    if run.exists() and not run.is_dir():
+        raise UserError(f"output.dir {run} exists and is not a folder")
+    used = run.is_dir() and any(run.iterdir())
+    if resume:
+        if not (run / "checkpoints").is_dir():
+            raise UserError(f"--resume: {run} has no checkpoints folder to resume from")
+        return run
+    if used:
+        finished = (run / "model").exists() or (run / "adapter").exists() or (run / "eval.json").exists()
+        if not overwrite:
+            what = "a finished run" if finished else "files from an earlier run"
+            raise UserError(f"output.dir {run} already holds {what}; pass --overwrite to replace it, "
+                            f"--resume to continue it, or choose another output.dir")
+        shutil.rmtree(run)
+    try:
+        run.mkdir(parents=True, exist_ok=True)
+        probe = run / ".write-test"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as err:
+        raise UserError(f"output.dir {run} is not writable: {err.strerror}") from None
+    return run
+
+
+def check_disk(run: Path, n_params: int, keep: int, save_every: int) -> None:
+    """Refuse to start when the disk cannot hold the final model and the checkpoints."""
+    need = n_params * 4 * (1 + (3 * keep if save_every else 0))  # weights + (weights, 2 Adam moments) per checkpoint
+    free = shutil.disk_usage(run).free
+    if free < need:
+        raise UserError(f"not enough disk space in {run}: about {need / 1e9:.2f} GB needed "
+                        f"(model and checkpoints), {free / 1e9:.2f} GB free")
+
+
+def read_texts(data_cfg, spec: str) -> tuple[list[str], dict]:
+    opts = sources.SourceOptions(field=data_cfg.field, columns=data_cfg.columns, header=data_cfg.header,
+                                 text_mode=data_cfg.text_mode, poetry_include_title=data_cfg.poetry.include_title,
+                                 poetry_form=data_cfg.poetry.form, poetry_simplified=data_cfg.poetry.simplified)
+    loaded = sources.load_source(spec, opts)
+    texts = sources.texts_of(loaded, data_cfg.field, spec)
+    texts, stats = clean_all(texts, data_cfg.normalize, data_cfg.whitespace, data_cfg.min_chars,
+                             data_cfg.max_chars, data_cfg.dedupe)
+    stats["skipped_records"] = loaded.skipped
+    if not texts:
+        raise UserError(f"{spec}: no usable samples (after cleaning: {stats})")
+    return texts, stats
+
+
+def train_val_texts(data_cfg) -> tuple[list[str], list[str], dict]:
+    texts, stats = read_texts(data_cfg, data_cfg.source)
+    if data_cfg.validation:
+        val, vstats = read_texts(data_cfg, data_cfg.validation)
+        train = texts
+        stats["validation_source"] = vstats
+    else:
+        tr, va = split_indices(len(texts), data_cfg.val_fraction, data_cfg.seed)
+        train, val = [texts[i] for i in tr], [texts[i] for i in va]
+    if data_cfg.limit:
+        train = train[: data_cfg.limit]
+    stats.update(train_samples=len(train), validation_samples=len(val))
+    return train, val, stats
+
+
+@dataclass
+class Base:
+    model: object
+    tokenizer: object
+    framing: Framing
+    source: str  # where the base came from (for model cards / rebuilding)
+
+
+def load_base(model_cfg, train_texts: list[str], run: Path, resume: bool, max_length: int, seed: int) -> Base:
+    """The tokenizer and the model a run starts from."""
+    tok_spec = model_cfg.tokenizer
+    folder: Optional[Path] = None
+    if model_cfg.init == "pretrained" or (model_cfg.name and tok_spec is None):
+        if not model_cfg.name:
+            raise UserError("model.name is required with model.init: pretrained (a hub id or a folder); "
+                            "or set model.init: scratch")
+        folder = resolve_model_dir(model_cfg.name, model_cfg.revision)
+    if tok_spec == "from-data":
+        tok_dir = run / "tokenizer"
+        if resume and tok_dir.is_dir():
+            tok = load_tokenizer(tok_dir)
+        else:
+            tok = build_tokenizer(train_texts, tok_dir, model_cfg.vocab_size)
+    elif tok_spec:
+        tok = load_tokenizer(tok_spec)
+    elif folder is not None:
+        tok = load_tokenizer(folder)
+    else:
+        raise UserError("model.init: scratch needs model.tokenizer ('from-data' or a tokenizer folder)")
+    framing = framing_of(tok)
+    if model_cfg.init == "scratch":
+        n_pos = model_cfg.n_positions or max(SIZES[model_cfg.size][3], max_length)
+        if max_length > n_pos:
+            raise UserError(f"data.max_length {max_length} exceeds model.n_positions {n_pos}")
+        model = build_scratch(model_cfg.size, len(tok), framing, n_pos, model_cfg.dropout, seed=seed)
+        source = f"scratch:{model_cfg.size}"
+    else:
+        model = load_pretrained(folder, framing, len(tok), model_cfg.dropout)
+        if max_length > model.config.n_positions:
+            raise UserError(f"data.max_length {max_length} exceeds the model's context of {model.config.n_positions} tokens")
+        source = model_cfg.name
+    return Base(model, tok, framing, source)
+
+
+def describe_params(model) -> dict:
+    trainable, total = count_parameters(model)
+    return {"trainable": trainable, "total": total, "percent": 100.0 * trainable / max(total, 1)}
+
+
+def write_json(path: Path, obj) -> None:
+    path.write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")

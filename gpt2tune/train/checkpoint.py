@@ -1,0 +1,145 @@
+"""Checkpoints without pickle: tensors in safetensors, everything else in JSON.
+
+RUN/checkpoints/step-N/
+  model.safetensors      trainable parameters
+  optimizer.safetensors  optimizer state tensors, keyed "<param name>/<state key>"
+  rng.safetensors        torch RNG states
+  state.json             step, epoch, position in the epoch, scheduler, optimizer
+                         hyper-parameters, Python RNG, metrics so far
+
+A checkpoint is written under a temporary name and renamed when complete, so a crash
+mid-write never leaves a broken "latest"; only the newest `keep` are kept.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+from pathlib import Path
+from typing import Optional
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from gpt2tune.errors import UserError
+
+_STEP = re.compile(r"^step-(\d+)$")
+
+
+def list_checkpoints(root: Path) -> list[Path]:
+    if not root.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in root.iterdir() if p.is_dir() and (m := _STEP.match(p.name))]
+    return [p for _, p in sorted(found)]
+
+
+def latest_checkpoint(root: Path) -> Optional[Path]:
+    ck = [p for p in list_checkpoints(root) if (p / "state.json").is_file()]
+    return ck[-1] if ck else None
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(str(path), os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError:
+        pass
+
+
+def trainable_state(model) -> dict[str, torch.Tensor]:
+    return {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def save_checkpoint(root: Path, step: int, model, optimizer, scheduler, state: dict, keep: int) -> Path:
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"step-{step}"
+    tmp = root / f".tmp-step-{step}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    names = {id(p): n for n, p in model.named_parameters()}
+    save_file(trainable_state(model), str(tmp / "model.safetensors"))
+
+    opt_tensors, groups = {}, []
+    for g in optimizer.param_groups:
+        hyper = {k: v for k, v in g.items() if k != "params"}
+        hyper["params"] = [names[id(p)] for p in g["params"]]
+        groups.append(hyper)
+        for p in g["params"]:
+            for k, v in optimizer.state.get(p, {}).items():
+                t = v if torch.is_tensor(v) else torch.tensor(v)
+                opt_tensors[f"{names[id(p)]}/{k}"] = t.detach().cpu().contiguous()
+    save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
+
+    rng = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        for i, s in enumerate(torch.cuda.get_rng_state_all()):
+            rng[f"cuda.{i}"] = s
+    save_file(rng, str(tmp / "rng.safetensors"))
+
+    py_state = random.getstate()
+    full = dict(state)
+    full.update(step=step, optimizer_groups=groups, scheduler=scheduler.state_dict(),
+                python_rng=[py_state[0], list(py_state[1]), py_state[2]])
+    (tmp / "state.json").write_text(json.dumps(full), encoding="utf-8")
+    for f in tmp.iterdir():
+        with open(f, "rb") as fh:
+            os.fsync(fh.fileno())
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    _fsync_dir(root)
+    for old in list_checkpoints(root)[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def load_checkpoint(path: Path, model, optimizer, scheduler) -> dict:
+    """Restore model, optimizer, scheduler and RNG states; return the JSON state."""
+    try:
+        state = json.loads((path / "state.json").read_text(encoding="utf-8"))
+        weights = load_file(str(path / "model.safetensors"))
+        opt_tensors = load_file(str(path / "optimizer.safetensors"))
+        rng = load_file(str(path / "rng.safetensors"))
+    except (OSError, ValueError, json.JSONDecodeError) as err:
+        raise UserError(f"checkpoint {path} is unreadable: {err}") from None
+    params = dict(model.named_parameters())
+    missing = [n for n, p in params.items() if p.requires_grad and n not in weights]
+    if missing:
+        raise UserError(f"checkpoint {path} does not match this model/method (missing {missing[0]} ...)")
+    with torch.no_grad():
+        for n, t in weights.items():
+            if n not in params:
+                raise UserError(f"checkpoint {path} has parameter {n} that this model lacks")
+            params[n].copy_(t)
+
+    if len(state["optimizer_groups"]) != len(optimizer.param_groups):
+        raise UserError(f"checkpoint {path}: optimizer groups differ from this run's")
+    for g, saved in zip(optimizer.param_groups, state["optimizer_groups"]):
+        for k, v in saved.items():
+            if k != "params":
+                g[k] = tuple(v) if isinstance(v, list) else v
+        for p, name in zip(g["params"], saved["params"]):
+            st = {}
+            prefix = name + "/"
+            for key, t in opt_tensors.items():
+                if key.startswith(prefix):
+                    k = key[len(prefix):]
+                    st[k] = t if k == "step" else t.to(p.device)
+            if st:
+                optimizer.state[p] = st
+    scheduler.load_state_dict(state["scheduler"])
+    torch.set_rng_state(rng["torch"])
+    if torch.cuda.is_available():
+        cuda = [rng[k] for k in sorted(k for k in rng if k.startswith("cuda."))]
+        if cuda:
+            torch.cuda.set_rng_state_all(cuda)
+    v, internal, gauss = state["python_rng"]
+    random.setstate((v, tuple(internal), gauss))
+    return state

@@ -1,0 +1,223 @@
+"""The training loop: plain PyTorch, deterministic batches, exact resume.
+
+`Trainer` knows nothing of recipes or the CLI: it gets a model, token sequences, an
+objective and a config object with the attributes of the recipe's `train` section.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+from tqdm.auto import tqdm
+
+from gpt2tune.data.dataset import collate, epoch_batches, num_batches
+from gpt2tune.errors import UserError
+from gpt2tune.train import checkpoint as ckpt
+from gpt2tune.train.device import autocast, pick_device, pick_precision
+from gpt2tune.train.objective import evaluate, lm_loss
+from gpt2tune.train.optim import build_optimizer, build_scheduler
+from gpt2tune.train.plots import plot_training
+
+
+class TrainingInterrupted(Exception):
+    """Ctrl-C during training; a checkpoint was saved."""
+
+
+@dataclass
+class Data:
+    """What the loop trains on: token rows, how to batch them, and the pad id."""
+
+    train: list
+    val: list
+    pad_id: int
+    batching: str = "group"
+    block: int = 128
+    collate: Callable = None  # rows -> dict of tensors
+
+    def __post_init__(self):
+        if self.collate is None:
+            pad = self.pad_id
+            self.collate = lambda rows: collate(rows, pad)
+
+
+@dataclass
+class Result:
+    steps: int
+    final_eval: dict
+    first_eval: dict
+    tokens: int
+    seconds: float
+    records: list = field(default_factory=list)
+
+
+class Trainer:
+    def __init__(self, model, data: Data, cfg, run_dir: Path, loss_fn=lm_loss, log: Callable[[str], None] = None,
+                 progress: bool = True):
+        self.model = model
+        self.data = data
+        self.cfg = cfg
+        self.run_dir = Path(run_dir)
+        self.loss_fn = loss_fn
+        self.log = log or (lambda msg: print(msg, file=sys.stderr))
+        self.progress = progress
+        self.device = pick_device(cfg.device)
+        self.dtype = pick_precision(cfg.precision, self.device)
+        if cfg.num_threads:
+            torch.set_num_threads(cfg.num_threads)
+        if not data.train:
+            raise UserError("no training samples left after cleaning and splitting")
+        per_epoch = num_batches(self._epoch_rows(), cfg.batch_size)
+        self.steps_per_epoch = max(1, per_epoch // cfg.grad_accum)
+        self.total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * self.steps_per_epoch))
+        self.warmup = cfg.warmup_steps or int(cfg.warmup_ratio * self.total_steps)
+        self._batches_cache: dict[int, list] = {}
+
+    # -- data -----------------------------------------------------------------
+    def _epoch_rows(self) -> int:
+        if self.data.batching == "pack":
+            tokens = sum(len(s) for s in self.data.train)
+            return max(1, math.ceil(tokens / self.data.block))
+        return len(self.data.train)
+
+    def _batches(self, epoch: int) -> list:
+        if epoch not in self._batches_cache:
+            self._batches_cache = {epoch: epoch_batches(self.data.train, self.cfg.batch_size, self.data.batching,
+                                                        self.cfg.seed, epoch, self.data.block)}
+        return self._batches_cache[epoch]
+
+    def _to_device(self, batch: dict) -> dict:
+        return {k: v.to(self.device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+    def _val_batches(self):
+        rows = sorted(self.data.val, key=len)
+        bs = max(self.cfg.batch_size, 8)
+        chunks = [rows[i : i + bs] for i in range(0, len(rows), bs)]
+        if self.cfg.eval_batches:
+            chunks = chunks[: self.cfg.eval_batches]
+        return [self.data.collate(c) for c in chunks]
+
+    def evaluate(self) -> dict:
+        if not self.data.val:
+            return {}
+        return evaluate(self.model, self._val_batches(), self._to_device, lambda: autocast(self.device, self.dtype),
+                        self.loss_fn)
+
+    # -- loop -----------------------------------------------------------------
+    def fit(self, resume: bool = False) -> Result:
+        cfg = self.cfg
+        model = self.model.to(self.device)
+        model.train()
+        torch.manual_seed(cfg.seed)
+        opt = build_optimizer(model, cfg.lr, cfg.weight_decay, cfg.betas, self.device)
+        sched = build_scheduler(opt, cfg.schedule, self.warmup, self.total_steps)
+        ck_root = self.run_dir / "checkpoints"
+        metrics_path = self.run_dir / "metrics.jsonl"
+        step, epoch, pos, tokens_seen, records = 0, 0, 0, 0, []
+        first_eval: dict = {}
+
+        if resume:
+            last = ckpt.latest_checkpoint(ck_root)
+            if last is None:
+                raise UserError(f"--resume: no checkpoint in {ck_root}")
+            st = ckpt.load_checkpoint(last, model, opt, sched)
+            step, epoch, pos, tokens_seen = st["step"], st["epoch"], st["pos"], st["tokens"]
+            records, first_eval = st["metrics"], st.get("first_eval", {})
+            if st.get("total_steps") != self.total_steps:
+                raise UserError(f"--resume: the checkpoint was made for {st.get('total_steps')} steps, "
+                                f"this recipe asks for {self.total_steps}; resume with the same recipe")
+            self.log(f"resumed from {last} (step {step} of {self.total_steps})")
+        metrics_path.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
+        mfile = open(metrics_path, "a", encoding="utf-8")
+
+        def emit(rec: dict) -> None:
+            records.append(rec)
+            mfile.write(json.dumps(rec) + "\n")
+            mfile.flush()
+
+        def state() -> dict:
+            return {"epoch": epoch, "pos": pos, "tokens": tokens_seen, "metrics": records,
+                    "first_eval": first_eval, "total_steps": self.total_steps}
+
+        if step == 0:
+            first_eval = self.evaluate()
+            if first_eval:
+                emit({"step": 0, "split": "validation", **first_eval})
+
+        bar = tqdm(total=self.total_steps, initial=step, disable=not self.progress, unit="step",
+                   dynamic_ncols=True, file=sys.stderr, mininterval=0.5)
+        win_loss = win_n = win_correct = win_tokens = 0.0
+        win_t0 = time.perf_counter()
+        t_start = time.perf_counter()
+        last_saved = step
+        try:
+            while step < self.total_steps:
+                for _ in range(cfg.grad_accum):
+                    batches = self._batches(epoch)
+                    if pos >= len(batches):
+                        epoch, pos = epoch + 1, 0
+                        batches = self._batches(epoch)
+                    batch = self._to_device(self.data.collate(batches[pos]))
+                    pos += 1
+                    with autocast(self.device, self.dtype):
+                        loss, n, correct = self.loss_fn(model, batch)
+                    if not torch.isfinite(loss):
+                        raise UserError(
+                            f"loss became {float(loss)} at step {step + 1}; stopped. The last good checkpoint "
+                            f"is kept in {ck_root} (lower train.lr or use precision fp32)")
+                    (loss / cfg.grad_accum).backward()
+                    win_loss += float(loss.detach()) * n
+                    win_n += n
+                    win_correct += int(correct)
+                    win_tokens += int(batch["attention_mask"].sum()) if "attention_mask" in batch else n
+                if cfg.grad_clip:
+                    torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], cfg.grad_clip)
+                opt.step()
+                sched.step()
+                opt.zero_grad(set_to_none=True)
+                step += 1
+                bar.update(1)
+
+                if step % cfg.log_every == 0 or step == self.total_steps:
+                    dt = time.perf_counter() - win_t0
+                    tokens_seen += int(win_tokens)
+                    rec = {"step": step, "split": "train", "epoch": round(epoch + pos / max(1, len(self._batches(epoch))), 4),
+                           "loss": win_loss / max(win_n, 1), "accuracy": win_correct / max(win_n, 1),
+                           "lr": sched.get_last_lr()[0], "tokens_per_s": win_tokens / max(dt, 1e-9),
+                           "tokens": tokens_seen}
+                    emit(rec)
+                    bar.set_postfix(loss=f"{rec['loss']:.3f}", lr=f"{rec['lr']:.2e}", tok_s=f"{rec['tokens_per_s']:.0f}")
+                    win_loss = win_n = win_correct = win_tokens = 0.0
+                    win_t0 = time.perf_counter()
+                if cfg.eval_every and step % cfg.eval_every == 0 and step != self.total_steps:
+                    ev = self.evaluate()
+                    if ev:
+                        emit({"step": step, "split": "validation", **ev})
+                if cfg.save_every and step % cfg.save_every == 0:
+                    ckpt.save_checkpoint(ck_root, step, model, opt, sched, state(), cfg.keep_checkpoints)
+                    last_saved = step
+        except KeyboardInterrupt:
+            bar.close()
+            if step > last_saved:
+                ckpt.save_checkpoint(ck_root, step, model, opt, sched, state(), cfg.keep_checkpoints)
+            mfile.close()
+            raise TrainingInterrupted(f"interrupted at step {step}; checkpoint saved in {ck_root}; "
+                                      f"continue with --resume") from None
+        except BaseException:
+            bar.close()
+            mfile.close()
+            raise
+        bar.close()
+        final = self.evaluate()
+        if final:
+            emit({"step": step, "split": "validation", **final})
+        mfile.close()
+        seconds = time.perf_counter() - t_start
+        plot_training(records, self.run_dir / "plots")
+        return Result(step, final, first_eval, tokens_seen, seconds, records)
