@@ -82,7 +82,8 @@ def _text(path: str, opts: SourceOptions) -> Loaded:
     mode = opts.text_mode
     if mode == "auto":
         blocks = [b for b in text.split("\n\n") if b.strip()]
-        mode = "documents" if any(len([l for l in b.split("\n") if l.strip()]) > 1 for b in blocks) else "lines"
+        multi_line = any(len([l for l in b.split("\n") if l.strip()]) > 1 for b in blocks)
+        mode = "documents" if len(blocks) > 1 and multi_line else "lines"
     if mode == "lines":
         items = [l for l in text.split("\n") if l.strip()]
     else:

@@ -2,32 +2,9 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from gpt2tune.errors import UserError
 from gpt2tune.generate.sampling import Sampling, generate_ids
-from gpt2tune.model.build import load_pretrained
-from gpt2tune.model.resolve import resolve_model_dir
-from gpt2tune.model.tokenizer import decode, framing_of, load_tokenizer
-
-
-def model_folder(path: str | Path) -> Path:
-    """A run folder means its model/; anything else is a model folder or hub id."""
-    p = Path(path)
-    if (p / "model" / "config.json").is_file():
-        return p / "model"
-    if p.is_dir() and not (p / "config.json").is_file():
-        raise UserError(f"{p} is neither a run folder with a finished model/ nor a model folder")
-    return resolve_model_dir(str(path))
-
-
-def load_for_inference(path: str | Path):
-    folder = model_folder(path)
-    tok = load_tokenizer(folder)
-    framing = framing_of(tok)
-    model = load_pretrained(folder, framing, len(tok))
-    model.eval()
-    return model, tok, framing
+from gpt2tune.model.tokenizer import decode
 
 
 def complete(model, tok, framing, prompt: str, s: Sampling) -> list[str]:

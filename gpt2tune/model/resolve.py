@@ -33,6 +33,15 @@ def resolve_model_dir(name: str, revision: Optional[str] = None) -> Path:
     return _from_hub(name, revision)
 
 
+def cache_dir() -> Optional[str]:
+    """The Hugging Face hub cache, read from the environment at call time."""
+    if os.environ.get("HF_HUB_CACHE"):
+        return os.environ["HF_HUB_CACHE"]
+    if os.environ.get("HF_HOME"):
+        return os.path.join(os.environ["HF_HOME"], "hub")
+    return None
+
+
 def _from_hub(repo_id: str, revision: Optional[str]) -> Path:
     try:
         from huggingface_hub import snapshot_download
@@ -40,7 +49,8 @@ def _from_hub(repo_id: str, revision: Optional[str]) -> Path:
     except ImportError:  # pragma: no cover - huggingface_hub ships with transformers
         raise UserError("resolving hub ids needs huggingface_hub") from None
     try:
-        return Path(snapshot_download(repo_id, revision=revision, allow_patterns=ALLOW, local_files_only=True))
+        return Path(snapshot_download(repo_id, revision=revision, allow_patterns=ALLOW, local_files_only=True,
+                                      cache_dir=cache_dir()))
     except LocalEntryNotFoundError:
         pass
     except Exception as err:  # malformed id and the like
@@ -52,7 +62,7 @@ def _from_hub(repo_id: str, revision: Optional[str]) -> Path:
     if offline:
         raise UserError(f"model {repo_id!r} is not in the Hugging Face cache and HF_HUB_OFFLINE is set: {hint}")
     try:
-        return Path(snapshot_download(repo_id, revision=revision, allow_patterns=ALLOW))
+        return Path(snapshot_download(repo_id, revision=revision, allow_patterns=ALLOW, cache_dir=cache_dir()))
     except Exception as err:
         kind = type(err).__name__
         if "RepositoryNotFound" in kind or "404" in str(err):

@@ -1,2 +1,17 @@
 """Tasks: the recipes layer. Each task turns a validated recipe into a run by wiring
-data -> model -> method -> train -> evaluate, and writes the run folder."""
+data -> model -> method -> train -> evaluate, and writes the run folder.
+
+A task module has `run(recipe, resume, overwrite, progress) -> dict`; TASKS maps the
+recipe's `task` value to its module.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+TASKS = {"causal-lm": "gpt2tune.tasks.causal_lm"}
+
+
+def run_recipe(recipe, resume: bool = False, overwrite: bool = False, progress: bool = True) -> dict:
+    module = importlib.import_module(TASKS[recipe.task])
+    return module.run(recipe, resume=resume, overwrite=overwrite, progress=progress)

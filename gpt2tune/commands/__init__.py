@@ -1,0 +1,6 @@
+"""One module per CLI command. Each has `add_parser(subparsers)` and `run(args) -> int`.
+
+To add a command, write its module and list it in COMMANDS.
+"""
+
+COMMANDS = ["train", "generate", "data"]
