@@ -7,6 +7,7 @@ validates everything; errors name the field and list the valid ones.
 from __future__ import annotations
 
 import copy
+import typing
 from pathlib import Path
 from typing import Any, Literal, Optional
 
@@ -14,7 +15,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from gpt2tune.errors import UserError
-from gpt2tune.method.config import MethodConfig
+from gpt2tune.method.config import FullMethod, MethodConfig
 
 VERSE_FORMS = ["wuyan-jueju", "qiyan-jueju", "wuyan-lvshi", "qiyan-lvshi"]
 
@@ -108,7 +109,7 @@ class Recipe(_Section):
     task: Literal["causal-lm"] = "causal-lm"
     model: ModelSection = ModelSection()
     data: DataSection
-    method: MethodConfig = MethodConfig()
+    method: MethodConfig = Field(default_factory=FullMethod, discriminator="name")
     train: TrainSection = TrainSection()
     sample: SampleSection = SampleSection()
     output: OutputSection = OutputSection()
@@ -117,19 +118,40 @@ class Recipe(_Section):
 # ---------------------------------------------------------------------------
 
 
+def _members(ann) -> list[type[BaseModel]]:
+    """The BaseModel classes a field annotation allows (one, or a union's members)."""
+    if isinstance(ann, type) and issubclass(ann, BaseModel):
+        return [ann]
+    return [a for a in typing.get_args(ann) if isinstance(a, type) and issubclass(a, BaseModel)]
+
+
+def _tag_of(cls: type[BaseModel]) -> Optional[str]:
+    f = cls.model_fields.get("name")
+    return f.default if f is not None and isinstance(f.default, str) else None
+
+
+def _pick(members: list[type[BaseModel]], tag) -> Optional[type[BaseModel]]:
+    if len(members) == 1:
+        return members[0]
+    for m in members:
+        if _tag_of(m) == tag:
+            return m
+    return members[0] if members else None
+
+
 def _fields_of(model_cls: type[BaseModel], path: tuple) -> list[str]:
     cls = model_cls
-    for key in path:
-        if not isinstance(key, str):
-            continue
-        f = cls.model_fields.get(key)
+    path = list(path)
+    while path:
+        key = path.pop(0)
+        f = cls.model_fields.get(key) if isinstance(key, str) else None
         if f is None:
             break
-        ann = f.annotation
-        if isinstance(ann, type) and issubclass(ann, BaseModel):
-            cls = ann
-        else:
+        members = _members(f.annotation)
+        if not members:
             break
+        tag = path.pop(0) if len(members) > 1 and path else None
+        cls = _pick(members, tag)
     return list(cls.model_fields)
 
 
@@ -184,7 +206,8 @@ def apply_overrides(raw: dict, overrides: list[str], root: type[BaseModel] = Rec
                 if not isinstance(node.get(key), dict):
                     node[key] = {}
                 node = node[key]
-                cls = ann if isinstance(ann, type) and issubclass(ann, BaseModel) else None
+                members = _members(ann)
+                cls = _pick(members, node.get("name", _tag_of(members[0]) if members else None)) if members else None
     return data
 
 

@@ -11,6 +11,10 @@ def apply_method(model, cfg):
         for p in model.parameters():
             p.requires_grad_(True)
         return model
+    if cfg.name == "partial":
+        from gpt2tune.method.partial import apply_partial
+
+        return apply_partial(model, cfg)
     raise UserError(f"unknown method {cfg.name!r}")
 
 

@@ -13,8 +13,9 @@ from gpt2tune.data.dataset import IGNORE
 def lm_loss(model, batch: dict) -> tuple[torch.Tensor, int, torch.Tensor]:
     """Mean next-token cross-entropy over real tokens; also their count and #correct."""
     out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
-    logits = out.logits[:, :-1, :]
     labels = batch["labels"][:, 1:]
+    # methods that prepend virtual tokens (prompt tuning) return longer logits: align on the right
+    logits = out.logits[:, -batch["labels"].size(1):-1, :]
     flat = logits.reshape(-1, logits.size(-1)).float()
     flat_labels = labels.reshape(-1)
     loss = F.cross_entropy(flat, flat_labels, ignore_index=IGNORE)
