@@ -82,6 +82,7 @@ class TrainSection(_Section):
     save_every: int = Field(0, ge=0, description="checkpoint every N steps (0: never)")
     keep_checkpoints: int = Field(2, ge=1)
     log_every: int = Field(10, ge=1)
+    on_nonfinite: Literal["stop", "skip"] = Field("stop", description="a NaN/inf loss stops the run, or skips that update")
     num_threads: Optional[int] = Field(None, gt=0)
 
     @field_validator("lr")

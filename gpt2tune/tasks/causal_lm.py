@@ -11,10 +11,13 @@ from gpt2tune.method import apply_method, save_trained
 from gpt2tune.recipe import Recipe, dump_recipe
 from gpt2tune.tasks.common import (check_disk, describe_params, load_base, log, prepare_run_dir,
                                    train_val_texts, write_json)
+from gpt2tune.train import distributed as dist
+from gpt2tune.train.device import pick_device
 from gpt2tune.train.loop import Data, Trainer
 
 
 def run(recipe: Recipe, resume: bool = False, overwrite: bool = False, progress: bool = True) -> dict:
+    dist.init(pick_device(recipe.train.device).type)
     run_dir = prepare_run_dir(recipe.output.dir, resume, overwrite)
     d = recipe.data
     train_texts, val_texts, stats = train_val_texts(d)
@@ -33,13 +36,16 @@ def run(recipe: Recipe, resume: bool = False, overwrite: bool = False, progress:
     log(f"model {base.source}: {params['total']:,} parameters, {params['trainable']:,} trainable "
         f"({params['percent']:.2f}%); {len(train_ids):,} training samples, {len(val_ids):,} validation")
     check_disk(run_dir, params["total"], recipe.train.keep_checkpoints, recipe.train.save_every)
-    dump_recipe(recipe, run_dir / "recipe.yaml")
-    write_json(run_dir / "data.json", stats)
+    if dist.is_main():
+        dump_recipe(recipe, run_dir / "recipe.yaml")
+        write_json(run_dir / "data.json", stats)
 
     data = Data(train_ids, val_ids, base.framing.pad, d.batching, d.max_length)
     trainer = Trainer(model, data, recipe.train, run_dir, progress=progress, log=log)
     log(f"training {trainer.total_steps} steps on {trainer.device} ({str(trainer.dtype).replace('torch.', '')})")
     result = trainer.fit(resume=resume)
+    if not dist.is_main():
+        return {}
 
     model = model.float().cpu()
     saved = save_trained(model, base.tokenizer, run_dir, recipe.method)

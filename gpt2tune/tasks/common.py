@@ -14,6 +14,7 @@ from gpt2tune.data import sources
 from gpt2tune.data.clean import clean_all
 from gpt2tune.data.dataset import split_indices
 from gpt2tune.errors import UserError
+from gpt2tune.train import distributed as dist
 from gpt2tune.model.build import SIZES, build_scratch, count_parameters, load_pretrained
 from gpt2tune.model.resolve import resolve_model_dir
 from gpt2tune.model.tokenizer import Framing, build_tokenizer, framing_of, load_tokenizer
@@ -28,6 +29,14 @@ def is_rank0() -> bool:
 
 
 def prepare_run_dir(path: str | Path, resume: bool, overwrite: bool) -> Path:
+    """Create the run folder (on rank 0; other ranks wait for it)."""
+    if dist.is_main():
+        _prepare_run_dir(path, resume, overwrite)
+    dist.barrier()
+    return Path(path)
+
+
+def _prepare_run_dir(path: str | Path, resume: bool, overwrite: bool) -> Path:
     """Create the run folder; refuse to clobber a previous run without --overwrite."""
     run = Path(path)
     if run.exists() and not run.is_dir():
@@ -111,10 +120,11 @@ def load_base(model_cfg, train_texts: list[str], run: Path, resume: bool, max_le
         folder = resolve_model_dir(model_cfg.name, model_cfg.revision)
     if tok_spec == "from-data":
         tok_dir = run / "tokenizer"
-        if resume and tok_dir.is_dir():
-            tok = load_tokenizer(tok_dir)
-        else:
-            tok = build_tokenizer(train_texts, tok_dir, model_cfg.vocab_size)
+        if not (resume and tok_dir.is_dir()):
+            if dist.is_main():  # rank 0 builds and saves it; every rank loads the saved one
+                build_tokenizer(train_texts, tok_dir, model_cfg.vocab_size)
+            dist.barrier()
+        tok = load_tokenizer(tok_dir)
     elif tok_spec:
         tok = load_tokenizer(tok_spec)
     elif folder is not None:

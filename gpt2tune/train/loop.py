@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 from gpt2tune.data.dataset import collate, epoch_batches, num_batches
 from gpt2tune.errors import UserError
 from gpt2tune.train import checkpoint as ckpt
+from gpt2tune.train import distributed as dist
 from gpt2tune.train.device import autocast, pick_device, pick_precision
 from gpt2tune.train.objective import evaluate, lm_loss
 from gpt2tune.train.optim import build_optimizer, build_scheduler
@@ -73,7 +74,10 @@ class Trainer:
             torch.set_num_threads(cfg.num_threads)
         if not data.train:
             raise UserError("no training samples left after cleaning and splitting")
-        per_epoch = num_batches(self._epoch_rows(), cfg.batch_size)
+        self.world, self.rank = dist.world_size(), dist.rank()
+        dist.init(self.device.type)
+        self.global_batch = cfg.batch_size * self.world
+        per_epoch = num_batches(self._epoch_rows(), self.global_batch)
         self.steps_per_epoch = max(1, per_epoch // cfg.grad_accum)
         self.total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * self.steps_per_epoch))
         self.warmup = cfg.warmup_steps or int(cfg.warmup_ratio * self.total_steps)
@@ -88,7 +92,7 @@ class Trainer:
 
     def _batches(self, epoch: int) -> list:
         if epoch not in self._batches_cache:
-            self._batches_cache = {epoch: epoch_batches(self.data.train, self.cfg.batch_size, self.data.batching,
+            self._batches_cache = {epoch: epoch_batches(self.data.train, self.global_batch, self.data.batching,
                                                         self.cfg.seed, epoch, self.data.block)}
         return self._batches_cache[epoch]
 
@@ -133,13 +137,21 @@ class Trainer:
                 raise UserError(f"--resume: the checkpoint was made for {st.get('total_steps')} steps, "
                                 f"this recipe asks for {self.total_steps}; resume with the same recipe")
             self.log(f"resumed from {last} (step {step} of {self.total_steps})")
-        metrics_path.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
-        mfile = open(metrics_path, "a", encoding="utf-8")
+        main = self.rank == 0
+        if main:
+            metrics_path.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
+        mfile = open(metrics_path, "a", encoding="utf-8") if main else None
 
         def emit(rec: dict) -> None:
             records.append(rec)
-            mfile.write(json.dumps(rec) + "\n")
-            mfile.flush()
+            if mfile is not None:
+                mfile.write(json.dumps(rec) + "\n")
+                mfile.flush()
+
+        def save() -> None:
+            if main:
+                ckpt.save_checkpoint(ck_root, step, model, opt, sched, state(), cfg.keep_checkpoints)
+            dist.barrier()
 
         def state() -> dict:
             return {"epoch": epoch, "pos": pos, "tokens": tokens_seen, "metrics": records,
@@ -150,7 +162,9 @@ class Trainer:
             if first_eval:
                 emit({"step": 0, "split": "validation", **first_eval})
 
-        bar = tqdm(total=self.total_steps, initial=step, disable=not self.progress, unit="step",
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        skipped_steps = 0
+        bar = tqdm(total=self.total_steps, initial=step, disable=not (self.progress and main), unit="step",
                    dynamic_ncols=True, file=sys.stderr, mininterval=0.5)
         win_loss = win_n = win_correct = win_tokens = 0.0
         win_t0 = time.perf_counter()
@@ -158,27 +172,49 @@ class Trainer:
         last_saved = step
         try:
             while step < self.total_steps:
+                bad = False
                 for _ in range(cfg.grad_accum):
                     batches = self._batches(epoch)
                     if pos >= len(batches):
                         epoch, pos = epoch + 1, 0
                         batches = self._batches(epoch)
-                    batch = self._to_device(self.data.collate(batches[pos]))
+                    rows = batches[pos]
+                    if self.world > 1:
+                        rows = dist.shard(rows, self.rank, self.world)
+                    batch = self._to_device(self.data.collate(rows))
                     pos += 1
                     with autocast(self.device, self.dtype):
                         loss, n, correct = self.loss_fn(model, batch)
+                    if self.world > 1:  # weight by this rank's share of the global real tokens
+                        n_all = dist.sum_all([float(n)])[0]
+                        scaled = loss * (n * self.world / max(n_all, 1.0))
+                    else:
+                        scaled = loss
                     if not torch.isfinite(loss):
-                        raise UserError(
-                            f"loss became {float(loss)} at step {step + 1}; stopped. The last good checkpoint "
-                            f"is kept in {ck_root} (lower train.lr or use precision fp32)")
-                    (loss / cfg.grad_accum).backward()
+                        if cfg.on_nonfinite == "stop":
+                            raise UserError(
+                                f"loss became {float(loss.detach())} at step {step + 1}; stopped. The last good checkpoint "
+                                f"is kept in {ck_root} (lower train.lr, use precision fp32, or set "
+                                f"train.on_nonfinite: skip)")
+                        bad = True
+                        continue
+                    (scaled / (cfg.grad_accum * self.world)).backward()
                     win_loss += float(loss.detach()) * n
                     win_n += n
                     win_correct += int(correct)
                     win_tokens += int(batch["attention_mask"].sum()) if "attention_mask" in batch else n
-                if cfg.grad_clip:
-                    torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], cfg.grad_clip)
-                opt.step()
+                if self.world > 1:
+                    bad = bool(dist.sum_all([float(bad)])[0])
+                    if not bad:
+                        dist.sum_gradients(trainable)
+                if bad:  # on_nonfinite: skip -> drop this update, keep going
+                    skipped_steps += 1
+                    self.log(f"warning: non-finite loss at step {step + 1}; update skipped")
+                    opt.zero_grad(set_to_none=True)
+                else:
+                    if cfg.grad_clip:
+                        torch.nn.utils.clip_grad_norm_(trainable, cfg.grad_clip)
+                    opt.step()
                 sched.step()
                 opt.zero_grad(set_to_none=True)
                 step += 1
@@ -186,6 +222,8 @@ class Trainer:
 
                 if step % cfg.log_every == 0 or step == self.total_steps:
                     dt = time.perf_counter() - win_t0
+                    if self.world > 1:
+                        win_loss, win_n, win_correct, win_tokens = dist.sum_all([win_loss, win_n, win_correct, win_tokens])
                     tokens_seen += int(win_tokens)
                     rec = {"step": step, "split": "train", "epoch": round(epoch + pos / max(1, len(self._batches(epoch))), 4),
                            "loss": win_loss / max(win_n, 1), "accuracy": win_correct / max(win_n, 1),
@@ -200,24 +238,28 @@ class Trainer:
                     if ev:
                         emit({"step": step, "split": "validation", **ev})
                 if cfg.save_every and step % cfg.save_every == 0:
-                    ckpt.save_checkpoint(ck_root, step, model, opt, sched, state(), cfg.keep_checkpoints)
+                    save()
                     last_saved = step
         except KeyboardInterrupt:
             bar.close()
-            if step > last_saved:
+            if step > last_saved and main:
                 ckpt.save_checkpoint(ck_root, step, model, opt, sched, state(), cfg.keep_checkpoints)
-            mfile.close()
+            if mfile is not None:
+                mfile.close()
             raise TrainingInterrupted(f"interrupted at step {step}; checkpoint saved in {ck_root}; "
                                       f"continue with --resume") from None
         except BaseException:
             bar.close()
-            mfile.close()
+            if mfile is not None:
+                mfile.close()
             raise
         bar.close()
         final = self.evaluate()
         if final:
             emit({"step": step, "split": "validation", **final})
-        mfile.close()
+        if mfile is not None:
+            mfile.close()
         seconds = time.perf_counter() - t_start
-        plot_training(records, self.run_dir / "plots")
+        if main:
+            plot_training(records, self.run_dir / "plots")
         return Result(step, final, first_eval, tokens_seen, seconds, records)
