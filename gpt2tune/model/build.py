@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pickle
 from pathlib import Path
 from typing import Optional
 
@@ -89,7 +90,10 @@ def load_pretrained(folder: str | Path, framing: Framing, vocab_len: int, dropou
                 "they do not belong together (choose the model's own tokenizer)")
         try:
             model = AutoModelForCausalLM.from_pretrained(str(folder), config=config, attn_implementation=attn)
-        except (OSError, ValueError) as err:
+        except pickle.UnpicklingError:
+            raise UserError(f"refused to load {folder}: its legacy .bin weights hold more than tensors "
+                            "(a pickle that could run code); use safetensors weights") from None
+        except (OSError, ValueError, RuntimeError) as err:
             raise UserError(f"could not load the model in {folder}: {str(err).splitlines()[0]}") from None
     set_special_ids(model, framing)
     return model
