@@ -1,12 +1,11 @@
-"""Decoding with a KV cache: greedy, or sampling with temperature / top-k / top-p.
+"""Decoding options (`Sampling`) and the logits filters of sampling: temperature, top-k, top-p.
 
-Special tokens other than the end marker are never generated; a sequence ends at the
-end marker (`<|endoftext|>` or `[SEP]`) or after `max_new_tokens`.
+`generate_ids` continues one prompt; `decode.decode` is the batched engine behind it.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Iterable, Optional
 
 import torch
@@ -21,10 +20,37 @@ class Sampling:
     top_p: float = 1.0
     num_return_sequences: int = 1
     seed: Optional[int] = None
+    min_new_tokens: int = 0
+    repetition_penalty: float = 1.0
+    no_repeat_ngram_size: int = 0
+    num_beams: int = 1
+    length_penalty: float = 1.0
+    stop: list[str] = field(default_factory=list)
+
+    def check(self) -> Optional[str]:
+        """A message saying what is wrong with these options, or None."""
+        if self.max_new_tokens < 1 or self.num_return_sequences < 1:
+            return "max_new_tokens and num_return_sequences must be at least 1"
+        if self.min_new_tokens < 0 or self.min_new_tokens > self.max_new_tokens:
+            return "min_new_tokens must be between 0 and max_new_tokens"
+        if self.temperature <= 0 or not 0 < self.top_p <= 1 or self.top_k < 0:
+            return "temperature must be > 0, top_p in (0, 1] and top_k >= 0"
+        if self.repetition_penalty <= 0:
+            return "repetition_penalty must be > 0 (1.0: off)"
+        if self.no_repeat_ngram_size < 0:
+            return "no_repeat_ngram_size must be >= 0 (0: off)"
+        if self.num_beams < 1:
+            return "num_beams must be at least 1"
+        if self.num_beams > 1 and self.num_return_sequences > self.num_beams:
+            return "beam search returns at most num_beams sequences per prompt"
+        if any(not s for s in self.stop):
+            return "stop strings must not be empty"
+        return None
 
 
 def filter_logits(logits: torch.Tensor, temperature: float, top_k: int, top_p: float) -> torch.Tensor:
-    logits = logits / max(temperature, 1e-6)
+    if temperature != 1.0:
+        logits = logits / max(temperature, 1e-6)
     if top_k and top_k < logits.size(-1):
         kth = torch.topk(logits, top_k, dim=-1).values[..., -1, None]
         logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -38,53 +64,12 @@ def filter_logits(logits: torch.Tensor, temperature: float, top_k: int, top_p: f
     return logits
 
 
-@torch.inference_mode()
 def generate_ids(model, prompt_ids: list[int], eos_id: Optional[int], s: Sampling,
                  suppress_ids: Iterable[int] = ()) -> list[list[int]]:
     """Continue one prompt `num_return_sequences` times; return only the new ids (eos excluded)."""
-    device = next(model.parameters()).device
-    n = s.num_return_sequences
-    n_pos = getattr(model.config, "n_positions", None) or 1024
+    from gpt2tune.generate.decode import decode
+
     if not prompt_ids:
         raise ValueError("empty prompt: start with the tokenizer's begin marker")
-    budget = min(s.max_new_tokens, n_pos - len(prompt_ids))
-    if budget <= 0:
-        raise ValueError(f"the prompt ({len(prompt_ids)} tokens) fills the model's context of {n_pos}")
-    gen = torch.Generator(device="cpu")
-    if s.seed is not None:
-        gen.manual_seed(s.seed)
-    else:
-        gen.seed()
-    suppress = torch.tensor(sorted(set(suppress_ids) - {eos_id}), dtype=torch.long, device=device)
-
-    was_training = model.training
-    model.eval()
-    inp = torch.tensor([prompt_ids] * n, dtype=torch.long, device=device)
-    past = None
-    out_ids = torch.empty((n, 0), dtype=torch.long, device=device)
-    done = torch.zeros(n, dtype=torch.bool, device=device)
-    for _ in range(budget):
-        out = model(input_ids=inp, past_key_values=past, use_cache=True)
-        past = out.past_key_values
-        logits = out.logits[:, -1, :].float()
-        if suppress.numel():
-            logits[:, suppress] = float("-inf")
-        if s.greedy:
-            nxt = logits.argmax(-1)
-        else:
-            probs = filter_logits(logits, s.temperature, s.top_k, s.top_p).softmax(-1)
-            nxt = torch.multinomial(probs.cpu(), 1, generator=gen).squeeze(-1).to(device)
-        if eos_id is not None:
-            nxt = torch.where(done, torch.full_like(nxt, eos_id), nxt)
-            done |= nxt == eos_id
-        out_ids = torch.cat([out_ids, nxt[:, None]], dim=1)
-        inp = nxt[:, None]
-        if bool(done.all()):
-            break
-    model.train(was_training)
-    result = []
-    for row in out_ids.tolist():
-        if eos_id is not None and eos_id in row:
-            row = row[: row.index(eos_id)]
-        result.append(row)
-    return result
+    res = decode(model, [prompt_ids], eos_id, s, suppress_ids=suppress_ids)
+    return [r.ids for r in res]

@@ -1,18 +1,205 @@
-"""Text in, text out: frame the prompt like a training sample, decode without specials."""
+"""Text in, text out: frame prompts like training samples, decode many at once, stream, stop strings.
+
+- `generate_texts` continues a list of prompts (batched, left-padded) and returns `Sample`s.
+- `stream_texts` does the same as an iterator of events: `{"type": "delta", "sample", "prompt_index",
+  "text"}` while decoding, then one `{"type": "done", "samples", "stats"}` (what `--stream` and the
+  HTTP server use).
+- `complete(model, tok, framing, prompt, s)` is the one-prompt shortcut returning texts.
+Special tokens (other than the end marker, which ends a sample) are never generated, and ids
+beyond the tokenizer's vocabulary neither. With a `FormSpec` the output is an exact verse form
+(`generate.forms`).
+"""
 
 from __future__ import annotations
 
+import time
+from dataclasses import dataclass
+from typing import Iterator, Optional
+
+from gpt2tune.data.poetry import is_cjk
 from gpt2tune.errors import UserError
-from gpt2tune.generate.sampling import Sampling, generate_ids
-from gpt2tune.model.tokenizer import decode
+from gpt2tune.generate.decode import Decoder, Result, decode
+from gpt2tune.generate.loops import find_loop
+from gpt2tune.generate.sampling import Sampling
+from gpt2tune.model.tokenizer import decode as detok
+
+_BOUNDARY = set("，。！？；：、「」『』\n")
+
+
+@dataclass
+class Sample:
+    prompt_index: int
+    prompt: str
+    text: str  # the prompt (for verse forms: as a poem prefix) followed by the completion
+    completion: str
+    tokens: int  # new tokens, end marker excluded
+    finish: str  # "eos", "length" or "stop"
+    loop: Optional[dict] = None  # a repetition loop at the end (see generate.loops)
+    score: Optional[float] = None
+
+    def as_dict(self) -> dict:
+        d = {"prompt": self.prompt, "text": self.text, "completion": self.completion, "tokens": self.tokens,
+             "finish_reason": self.finish, "repetition_loop": self.loop}
+        if self.score is not None:
+            d["score"] = round(self.score, 4)
+        return d
+
+
+def suppressed_ids(tok, model) -> list[int]:
+    vocab = model.get_output_embeddings().weight.shape[0] if model.get_output_embeddings() is not None else len(tok)
+    return sorted(set(tok.all_special_ids) | set(range(len(tok), vocab)))
+
+
+def model_vocab(model, tok) -> int:
+    emb = model.get_output_embeddings()
+    return emb.weight.shape[0] if emb is not None and hasattr(emb, "weight") else len(tok)
+
+
+class Prepared:
+    """Prompt ids (and the verse-form constraint) for a list of prompts."""
+
+    def __init__(self, model, tok, framing, prompts: list[str], form=None):
+        self.prompts = list(prompts)
+        self.constraint = None
+        bos = [framing.bos] if framing.bos is not None else []
+        if form is not None:
+            from gpt2tune.generate.forms import FormConstraint
+
+            self.constraint = FormConstraint(tok, model_vocab(model, tok), form, self.prompts, framing.eos)
+            self.heads = list(self.constraint.prefixes)
+            self.ids = [bos + self.constraint.prompt_ids(i) for i in range(len(self.prompts))]
+        else:
+            self.heads = list(self.prompts)
+            self.ids = [bos + tok(p, add_special_tokens=False)["input_ids"] if p else list(bos) for p in self.prompts]
+        for p, ids in zip(self.prompts, self.ids):
+            if not ids:
+                raise UserError(f"empty prompt {p!r} and the tokenizer has no begin marker to start from")
+
+
+class Detokenizer:
+    """Incremental decoding for streaming: text so far after each pushed token, re-decoding only
+    the tokens since the last safe boundary (a Chinese character, punctuation, whitespace; any
+    complete character for byte-level BPE)."""
+
+    def __init__(self, tok):
+        self.tok = tok
+        self.byte_level = getattr(tok, "cls_token_id", None) is None
+        self.ids: list[int] = []
+        self.start = 0
+        self.fixed = ""
+        self.text = ""
+
+    def push(self, token: int) -> str:
+        self.ids.append(token)
+        piece = detok(self.tok, self.ids[self.start:])
+        if piece.endswith("\ufffd"):
+            return self.text
+        self.text = self.fixed + piece
+        last = piece[-1:]
+        if last and (self.byte_level or last.isspace() or is_cjk(last) or last in _BOUNDARY):
+            self.fixed, self.start = self.text, len(self.ids)
+        return self.text
+
+
+def _cut_at_stop(text: str, stops: list[str]) -> tuple[str, bool]:
+    cut = min((i for i in (text.find(s) for s in stops) if i >= 0), default=-1)
+    return (text[:cut], True) if cut >= 0 else (text, False)
+
+
+def _sample(tok, prep: Prepared, r: Result, stops: list[str]) -> Sample:
+    completion = detok(tok, r.ids)
+    finish = r.finish
+    if stops:
+        completion, hit = _cut_at_stop(completion, stops)
+        finish = "stop" if hit else finish
+    loop = find_loop(r.ids)
+    loop_d = None
+    if loop is not None:
+        loop_d = loop.as_dict()
+        loop_d["unit"] = detok(tok, r.ids[loop.start:loop.start + loop.period])
+    p = r.prompt_index
+    return Sample(p, prep.prompts[p], prep.heads[p] + completion, completion, len(r.ids), finish, loop_d, r.score)
+
+
+def stream_texts(model, tok, framing, prompts: list[str], s: Sampling, form=None) -> Iterator[dict]:
+    """Decode all prompts in one batch, yielding text deltas as tokens come, then the samples.
+
+    Deltas of one sample concatenate to its completion (text held back while it could still be
+    the start of a stop string is released at the end, cut before the stop string)."""
+    if s.num_beams > 1:
+        raise UserError("streaming does not work with beam search (num_beams > 1)")
+    prep = Prepared(model, tok, framing, prompts, form)
+    try:
+        dec = Decoder(model, prep.ids, framing.eos, s, suppressed_ids(tok, model), prep.constraint, framing.pad)
+    except ValueError as err:
+        raise UserError(str(err)) from None
+    n = len(dec.results)
+    detoks = [Detokenizer(tok) for _ in range(n)]
+    sent = [0] * n
+    hold = max((len(x) for x in s.stop), default=1) - 1
+    t0 = time.perf_counter()
+    for ev in dec:
+        for r, t in zip(ev.rows, ev.tokens):
+            if r in ev.finished:
+                continue
+            text = detoks[r].push(t)
+            if s.stop:
+                cut, hit = _cut_at_stop(text, s.stop)
+                if hit:
+                    dec.finish(r, "stop")
+                    text = cut
+                else:
+                    text = text[:max(sent[r], len(text) - hold)]
+            if len(text) > sent[r]:
+                yield {"type": "delta", "sample": r, "prompt_index": dec.results[r].prompt_index, "text": text[sent[r]:]}
+                sent[r] = len(text)
+    dt = time.perf_counter() - t0
+    samples = [_sample(tok, prep, r, s.stop) for r in dec.results]
+    for i, smp in enumerate(samples):
+        if len(smp.completion) > sent[i]:
+            yield {"type": "delta", "sample": i, "prompt_index": smp.prompt_index, "text": smp.completion[sent[i]:]}
+    yield {"type": "done", "samples": samples, "stats": _stats(dec.tokens, dt)}
+
+
+def _stats(tokens: int, seconds: float) -> dict:
+    return {"new_tokens": tokens, "seconds": round(seconds, 4), "tokens_per_s": round(tokens / max(seconds, 1e-9), 1)}
+
+
+def generate_texts(model, tok, framing, prompts: list[str], s: Sampling, form=None,
+                   batch_size: int = 16) -> tuple[list[Sample], dict]:
+    """Continue every prompt `s.num_return_sequences` times, `batch_size` prompts per batch.
+
+    Returns the samples (prompt-major) and {"new_tokens", "seconds", "tokens_per_s"}."""
+    if not prompts:
+        raise UserError("no prompts to continue")
+    samples: list[Sample] = []
+    tokens, seconds = 0, 0.0
+    for lo in range(0, len(prompts), max(1, batch_size)):
+        chunk = prompts[lo:lo + batch_size]
+        prep = Prepared(model, tok, framing, chunk, form)
+        t0 = time.perf_counter()
+        if s.stop and s.num_beams == 1:
+            done = None
+            for ev in stream_texts(model, tok, framing, chunk, s, form):
+                if ev["type"] == "done":
+                    done = ev
+            got = done["samples"]
+            tokens += done["stats"]["new_tokens"]
+        else:
+            try:
+                results = decode(model, prep.ids, framing.eos, s, suppressed_ids(tok, model), prep.constraint,
+                                 framing.pad)
+            except ValueError as err:
+                raise UserError(str(err)) from None
+            got = [_sample(tok, prep, r, s.stop) for r in results]
+            tokens += sum(len(r.ids) + (r.finish == "eos") for r in results)
+        seconds += time.perf_counter() - t0
+        for smp in got:
+            smp.prompt_index += lo
+        samples.extend(got)
+    return samples, _stats(tokens, seconds)
 
 
 def complete(model, tok, framing, prompt: str, s: Sampling) -> list[str]:
-    ids = ([framing.bos] if framing.bos is not None else []) + tok(prompt, add_special_tokens=False)["input_ids"]
-    if not ids:
-        raise UserError("empty prompt and the tokenizer has no begin marker to start from")
-    try:
-        outs = generate_ids(model, ids, framing.eos, s, suppress_ids=tok.all_special_ids)
-    except ValueError as err:
-        raise UserError(str(err)) from None
-    return [prompt + decode(tok, o) for o in outs]
+    samples, _ = generate_texts(model, tok, framing, [prompt], s)
+    return [x.text for x in samples]

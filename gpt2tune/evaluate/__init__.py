@@ -1,0 +1,1 @@
+"""Evaluate: metrics over generated text (`poems`: verse-form metrics; `prosody`: rhyme and tone from pinyin)."""

@@ -1,0 +1,205 @@
+"""The batched decoding engine: greedy or sampling over a KV cache, one step at a time.
+
+`Decoder` continues many prompts at once (left-padded, `num_return_sequences` copies of each,
+prompt-major like `transformers`). Iterating it yields one `Event` per step with the token of
+every unfinished row, which is what streaming needs; `decode` runs it to the end. Finished rows
+leave the batch, so a long tail costs only its own rows. A `constraint` (see `generate.forms`)
+may restrict which tokens each row can take next; `finish(row, reason)` ends a row from outside
+(stop strings are matched on text by the caller).
+
+Beam search lives in `generate.beam` and shares the runner and processors.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Iterable, Iterator, Optional
+
+import torch
+
+from gpt2tune.generate.processors import NEG_INF, Processors
+from gpt2tune.generate.runner import make_runner
+from gpt2tune.generate.sampling import Sampling, filter_logits
+
+
+@dataclass
+class Result:
+    prompt_index: int
+    ids: list[int] = field(default_factory=list)  # new ids, end marker excluded
+    finish: str = "length"  # "eos", "length" or "stop"
+    score: Optional[float] = None  # beam search: length-normalised log-probability
+
+
+@dataclass
+class Event:
+    rows: list[int]  # result indices that got a token at this step
+    tokens: list[int]
+    finished: list[int]  # result indices that finished at this step (their token is the end marker or last one)
+
+
+def context_size(model) -> int:
+    return getattr(model.config, "n_positions", None) or getattr(model.config, "max_position_embeddings", None) or 1024
+
+
+def left_pad(rows: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        if r:
+            ids[i, width - len(r):] = torch.tensor(r, dtype=torch.long)
+            mask[i, width - len(r):] = 1
+    return ids.to(device), mask.to(device)
+
+
+def make_generator(seed: Optional[int]) -> torch.Generator:
+    gen = torch.Generator(device="cpu")
+    if seed is not None:
+        gen.manual_seed(seed)
+    else:
+        gen.seed()
+    return gen
+
+
+def pick(logits: torch.Tensor, s: Sampling, gen: torch.Generator) -> torch.Tensor:
+    if s.greedy:
+        return logits.argmax(-1)
+    probs = filter_logits(logits, s.temperature, s.top_k, s.top_p).softmax(-1)
+    return torch.multinomial(probs.cpu(), 1, generator=gen).squeeze(-1).to(logits.device)
+
+
+def constrain(logits: torch.Tensor, raw: torch.Tensor, allowed: Optional[torch.Tensor]) -> torch.Tensor:
+    """Apply a constraint's allowed-token mask; where processors left a row nothing, fall back
+    to the constraint alone (the constraint always wins)."""
+    if allowed is not None:
+        allowed = allowed.to(logits.device)
+        logits = logits.masked_fill(~allowed, NEG_INF)
+    dead = torch.isinf(logits).all(-1)
+    if bool(dead.any()):
+        fallback = raw if allowed is None else raw.masked_fill(~allowed, NEG_INF)
+        logits = torch.where(dead[:, None], fallback, logits)
+    return logits
+
+
+class Decoder:
+    def __init__(self, model, prompts: list[list[int]], eos_id: Optional[int], s: Sampling,
+                 suppress_ids: Iterable[int] = (), constraint=None, pad_id: Optional[int] = None, runner=None):
+        if not prompts or any(not p for p in prompts):
+            raise ValueError("every prompt needs at least one token (start with the begin marker)")
+        msg = s.check()
+        if msg:
+            raise ValueError(msg)
+        self.model, self.s, self.eos, self.constraint = model, s, eos_id, constraint
+        self.device = next(model.parameters()).device
+        n = s.num_return_sequences
+        self.rows = [list(p) for p in prompts for _ in range(n)]
+        self.results = [Result(prompt_index=i // n) for i in range(len(self.rows))]
+        width = max(len(r) for r in self.rows)
+        room = context_size(model) - width
+        want = constraint.max_new_tokens if constraint is not None else s.max_new_tokens
+        if room <= 0:
+            raise ValueError(f"the prompt ({width} tokens) fills the model's context of {context_size(model)}")
+        if constraint is not None and want > room:
+            raise ValueError(f"the form needs {want} more tokens but the model's context leaves {room}")
+        self.budget = min(want, room)
+        self.pad = pad_id if pad_id is not None else (eos_id if eos_id is not None else 0)
+        self.suppress = list(suppress_ids)
+        self.runner = runner or make_runner(model)
+        if constraint is not None:
+            constraint.start([r.prompt_index for r in self.results])
+        self.active = list(range(len(self.rows)))  # result index of each batch position
+        self.step_no = 0
+        self.tokens = 0
+        self._stopped: dict[int, str] = {}
+        self.gen = make_generator(s.seed)
+
+    def finish(self, row: int, reason: str = "stop") -> None:
+        """End result `row` before its next step (e.g. a stop string was found in its text)."""
+        if row in self.active:
+            self._stopped[row] = reason
+
+    def __iter__(self) -> Iterator[Event]:
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            logits = self._prefill()
+            while self.active and self.step_no < self.budget:
+                event, logits = self._step(logits)
+                yield event
+        finally:
+            self.model.train(was_training)
+        for r in self.active:
+            self.results[r].finish = self._stopped.get(r, "length")
+        self.active = []
+
+    @torch.inference_mode()
+    def _prefill(self) -> torch.Tensor:
+        ids, mask = left_pad(self.rows, self.pad, self.device)
+        logits = self.runner.prefill(ids, mask)
+        self.proc = Processors(self.s, self.rows, logits.size(-1), self.eos, self.suppress, self.device)
+        return logits
+
+    def _drop(self, keep: list[int]) -> None:
+        index = torch.tensor(keep, dtype=torch.long, device=self.device)
+        self.runner.select(index)
+        self.proc.reorder(keep)
+        if self.constraint is not None:
+            self.constraint.reorder(keep)
+
+    @torch.inference_mode()
+    def _step(self, logits: torch.Tensor):
+        if self._stopped:
+            keep = [i for i, r in enumerate(self.active) if r not in self._stopped]
+            for r in self.active:
+                if r in self._stopped:
+                    self.results[r].finish = self._stopped[r]
+            self._stopped.clear()
+            if len(keep) < len(self.active):
+                self.active = [self.active[i] for i in keep]
+                if not keep:
+                    return Event([], [], []), logits
+                self._drop(keep)
+                logits = logits[torch.tensor(keep, device=self.device)]
+        raw = logits
+        logits = self.proc(logits.clone(), self.step_no)
+        allowed = self.constraint.allowed() if self.constraint is not None else None
+        logits = constrain(logits, raw, allowed)
+        nxt = pick(logits, self.s, self.gen)
+        toks = nxt.tolist()
+        self.step_no += 1
+        self.tokens += len(toks)
+        rows = list(self.active)
+        finished, keep = [], []
+        for i, (r, t) in enumerate(zip(rows, toks)):
+            if t == self.eos:
+                self.results[r].finish = "eos"
+                finished.append(r)
+            else:
+                self.results[r].ids.append(t)
+                keep.append(i)
+        event = Event(rows, toks, finished)
+        if self.step_no >= self.budget:
+            return event, logits
+        self.proc.advance(nxt, toks)
+        if self.constraint is not None:
+            self.constraint.advance(nxt)
+        if len(keep) < len(rows):
+            self.active = [rows[i] for i in keep]
+            if not keep:
+                return event, logits
+            self._drop(keep)
+            nxt = nxt[torch.tensor(keep, device=self.device)]
+        return event, self.runner.step(nxt)
+
+
+def decode(model, prompts: list[list[int]], eos_id: Optional[int], s: Sampling, suppress_ids: Iterable[int] = (),
+           constraint=None, pad_id: Optional[int] = None) -> list[Result]:
+    """Continue every prompt `num_return_sequences` times (beam search when `s.num_beams` > 1)."""
+    if s.num_beams > 1:
+        from gpt2tune.generate.beam import beam_search
+
+        return beam_search(model, prompts, eos_id, s, suppress_ids, constraint, pad_id)
+    dec = Decoder(model, prompts, eos_id, s, suppress_ids, constraint, pad_id)
+    for _ in dec:
+        pass
+    return dec.results

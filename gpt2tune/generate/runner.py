@@ -1,0 +1,51 @@
+"""Incremental forward passes over a KV cache for the decoding loops.
+
+A runner owns the cache of one batch: `prefill` runs the (left-padded) prompts and returns the
+next-token logits of every row; `step` feeds one token per row; `select` keeps/reorders rows
+(finished rows dropped, beams reordered). Position ids count only real tokens, so a left-padded
+row sees exactly the positions it would see alone.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+class HFRunner:
+    """Runs a `transformers` causal LM with its DynamicCache; last-position logits only."""
+
+    def __init__(self, model):
+        self.model = model
+        self.past = None
+        self.mask = None
+        self.pos = None
+
+    def prefill(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        pos = mask.long().cumsum(-1) - 1
+        pos.masked_fill_(mask == 0, 1)
+        padded = not bool(mask.all())
+        self.mask = mask if padded else None
+        out = self.model(input_ids=ids, attention_mask=self.mask, position_ids=pos, use_cache=True,
+                         logits_to_keep=1)
+        self.past = out.past_key_values
+        self.pos = pos[:, -1:] + 1
+        return out.logits[:, -1, :].float()
+
+    def step(self, tokens: torch.Tensor) -> torch.Tensor:
+        if self.mask is not None:
+            self.mask = torch.cat([self.mask, self.mask.new_ones(self.mask.size(0), 1)], dim=1)
+        out = self.model(input_ids=tokens[:, None], attention_mask=self.mask, position_ids=self.pos,
+                         past_key_values=self.past, use_cache=True)
+        self.past = out.past_key_values
+        self.pos = self.pos + 1
+        return out.logits[:, -1, :].float()
+
+    def select(self, index: torch.Tensor) -> None:
+        self.past.reorder_cache(index)
+        if self.mask is not None:
+            self.mask = self.mask[index]
+        self.pos = self.pos[index]
+
+
+def make_runner(model):
+    return HFRunner(model)
