@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 BLOCK_MODULES = ["attention", "mlp", "layernorm"]
 GLOBAL_MODULES = ["embeddings", "final-norm", "head"]
@@ -51,6 +51,94 @@ class PartialMethod(_Method):
         return v
 
 
+# GPT-2 module names that peft methods can target (Conv1D layers; `c_proj` means both
+# `attn.c_proj` and `mlp.c_proj`, write `attn.c_proj` / `mlp.c_proj` to pick one).
+GPT2_LINEAR = ["c_attn", "c_proj", "c_fc", "attn.c_proj", "mlp.c_proj"]
+
+
+def _check_targets(v: list[str]) -> list[str]:
+    if not v:
+        raise ValueError("list at least one module")
+    bad = [t for t in v if t not in GPT2_LINEAR]
+    if bad:
+        raise ValueError(f"unknown GPT-2 module {bad[0]!r}; valid: {', '.join(GPT2_LINEAR)}")
+    return v
+
+
+class LoraMethod(_Method):
+    """LoRA through peft: W + (alpha / rank) * B A on the target Conv1D layers (B starts at zero)."""
+
+    name: Literal["lora"] = "lora"
+    rank: int = Field(8, gt=0)
+    alpha: float = Field(16.0, gt=0)
+    dropout: float = Field(0.05, ge=0, lt=1)
+    target_modules: list[str] = Field(default_factory=lambda: ["c_attn"])
+
+    @field_validator("target_modules")
+    @classmethod
+    def _targets(cls, v):
+        return _check_targets(v)
+
+
+class PromptTuningMethod(_Method):
+    """A soft prompt of `num_virtual_tokens` learned embeddings before every sample (peft).
+
+    Initialised from the embeddings of `init_text` (repeated to fill the prompt) or, without
+    it, of tokens sampled from the vocabulary. They use `num_virtual_tokens` positions of
+    the model's context.
+    """
+
+    name: Literal["prompt-tuning"] = "prompt-tuning"
+    num_virtual_tokens: int = Field(20, gt=0)
+    init_text: Optional[str] = None
+
+
+class PrefixTuningMethod(_Method):
+    """Learned key/value prefixes of `num_virtual_tokens` in every attention layer (peft).
+    `projection: true` reparametrises them through a 2-layer MLP of `projection_size`."""
+
+    name: Literal["prefix-tuning"] = "prefix-tuning"
+    num_virtual_tokens: int = Field(20, gt=0)
+    projection: bool = False
+    projection_size: int = Field(256, gt=0)
+
+
+class IA3Method(_Method):
+    """(IA)^3 through peft: learned per-channel scales on attention and feed-forward activations."""
+
+    name: Literal["ia3"] = "ia3"
+    target_modules: list[str] = Field(default_factory=lambda: ["c_attn", "mlp.c_proj"])
+    feedforward_modules: list[str] = Field(default_factory=lambda: ["mlp.c_proj"])
+
+    @field_validator("target_modules")
+    @classmethod
+    def _targets(cls, v):
+        return _check_targets(v)
+
+    @model_validator(mode="after")
+    def _ff_among_targets(self):
+        bad = [m for m in self.feedforward_modules if m not in self.target_modules]
+        if bad:
+            raise ValueError(f"feedforward_modules: {bad[0]!r} is not among target_modules")
+        return self
+
+
+class AdapterMethod(_Method):
+    """Bottleneck adapters (gpt2tune's own): h + up(act(down(h))) on the output of a block's
+    attention and/or MLP projection, before the residual add; `up` starts at zero so the
+    model starts unchanged. Houlsby: placement [attention, mlp]; Pfeiffer: [mlp]."""
+
+    name: Literal["adapter"] = "adapter"
+    bottleneck: int = Field(32, gt=0, description="width of the adapter's hidden layer")
+    placement: list[Literal["attention", "mlp"]] = Field(default_factory=lambda: ["attention", "mlp"], min_length=1)
+    activation: Literal["gelu", "relu", "tanh"] = "gelu"
+    train_layernorm: bool = Field(False, description="also train the blocks' layer norms (as Houlsby et al.)")
+
+
 # The union grows as methods are added; `name` is the discriminator.
-MethodConfig = Union[FullMethod, PartialMethod]
-METHODS = {"full": FullMethod, "partial": PartialMethod}
+MethodConfig = Union[FullMethod, PartialMethod, LoraMethod, PromptTuningMethod, PrefixTuningMethod, IA3Method,
+                     AdapterMethod]
+METHODS = {"full": FullMethod, "partial": PartialMethod, "lora": LoraMethod, "prompt-tuning": PromptTuningMethod,
+           "prefix-tuning": PrefixTuningMethod, "ia3": IA3Method, "adapter": AdapterMethod}
+# methods that save only what they trained (RUN/adapter/) on top of a frozen base
+PEFT_METHODS = {"lora", "prompt-tuning", "prefix-tuning", "ia3", "adapter"}

@@ -31,7 +31,7 @@ def run(recipe: Recipe, resume: bool = False, overwrite: bool = False, progress:
     if stats.get("skipped_records"):
         log(f"note: skipped {stats['skipped_records']} malformed records")
 
-    model = apply_method(base.model, recipe.method)
+    model = apply_method(base.model, recipe.method, tokenizer=base.tokenizer, seed=recipe.train.seed)
     params = describe_params(model)
     log(f"model {base.source}: {params['total']:,} parameters, {params['trainable']:,} trainable "
         f"({params['percent']:.2f}%); {len(train_ids):,} training samples, {len(val_ids):,} validation")
