@@ -1,51 +1,172 @@
-"""`gpt2tune generate RUN_OR_MODEL`."""
+"""`gpt2tune generate RUN_OR_MODEL`: sample, decode greedily or by beam search, stream, verse forms."""
 
 from __future__ import annotations
 
 import json
 import sys
-import time
+from pathlib import Path
 
 from gpt2tune.errors import UserError
 
 NAME = "generate"
 
 
+def add_decoding_args(p, default_top_k: int = 40) -> None:
+    """Decoding options shared by the commands that generate (generate, eval-poems)."""
+    g = p.add_argument_group("decoding")
+    g.add_argument("--max-new-tokens", type=int, default=64, help="at most this many new tokens (default 64)")
+    g.add_argument("--min-new-tokens", type=int, default=0, help="no end marker before this many tokens")
+    g.add_argument("--greedy", action="store_true", help="greedy decoding instead of sampling")
+    g.add_argument("--temperature", type=float, default=1.0)
+    g.add_argument("--top-k", type=int, default=default_top_k,
+                   help=f"sample among the k most likely tokens (default {default_top_k}; 0: all)")
+    g.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1.0: off)")
+    g.add_argument("--num-beams", type=int, default=1, help="beam search with this many beams (deterministic)")
+    g.add_argument("--length-penalty", type=float, default=1.0, help="beam scores are divided by length**this")
+    g.add_argument("--repetition-penalty", type=float, default=1.0, help="> 1 discourages seen tokens (1.0: off)")
+    g.add_argument("--no-repeat-ngram-size", type=int, default=0, help="never repeat an n-gram of this size (0: off)")
+    g.add_argument("--stop", action="append", default=[], metavar="TEXT",
+                   help="end a sample where this text appears (repeatable; the text is not kept)")
+    g.add_argument("--seed", type=int, default=None, help="make sampling reproducible")
+    f = p.add_argument_group("verse forms (character-level Chinese tokenizers)")
+    f.add_argument("--form", choices=["wuyan-jueju", "qiyan-jueju", "wuyan-lvshi", "qiyan-lvshi"],
+                   help="exact classical form: lines x characters, '，' after odd lines, '。' after even ones")
+    f.add_argument("--rows", type=int, help="custom form: number of lines (with --cols)")
+    f.add_argument("--cols", type=int, help="custom form: characters per line (with --rows)")
+    f.add_argument("--acrostic", help="line i starts with the i-th of these characters (藏頭詩)")
+    f.add_argument("--rhyme", action="store_true", help="even lines end on the rhyme of line 2 (pypinyin finals)")
+    f.add_argument("--no-repeat-chars", action="store_true", help="no character twice in a poem")
+
+
+def sampling_from_args(a, num_return_sequences: int):
+    from gpt2tune.generate.sampling import Sampling
+
+    s = Sampling(max_new_tokens=a.max_new_tokens, min_new_tokens=a.min_new_tokens, greedy=a.greedy,
+                 temperature=a.temperature, top_k=a.top_k, top_p=a.top_p, num_return_sequences=num_return_sequences,
+                 seed=a.seed, repetition_penalty=a.repetition_penalty, no_repeat_ngram_size=a.no_repeat_ngram_size,
+                 num_beams=a.num_beams, length_penalty=a.length_penalty, stop=list(a.stop))
+    msg = s.check()
+    if msg:
+        raise UserError(msg.replace("_", "-"))
+    return s
+
+
+def form_from_args(a):
+    from gpt2tune.generate.forms import form_spec
+
+    return form_spec(a.form, a.rows, a.cols, a.acrostic, a.rhyme, a.no_repeat_chars)
+
+
 def add_parser(sub):
     p = sub.add_parser("generate", help="generate text from a run or a model",
                        description="Generate from RUN (a run folder; means RUN/model) or a model folder / hub id.",
-                       epilog="Example: gpt2tune generate runs/quickstart --prompt 白日 --num-return-sequences 3")
+                       epilog="Examples: gpt2tune generate runs/quickstart --prompt 白日 -n 3 | "
+                              "gpt2tune generate runs/quickstart --form qiyan-lvshi --acrostic 春夏秋冬 --rhyme")
     p.add_argument("model", metavar="RUN_OR_MODEL")
-    p.add_argument("--prompt", default="", help="text to continue (default: empty, start a new sample)")
-    p.add_argument("--max-new-tokens", type=int, default=64)
-    p.add_argument("--greedy", action="store_true", help="greedy decoding instead of sampling")
-    p.add_argument("--temperature", type=float, default=1.0)
-    p.add_argument("--top-k", type=int, default=40, help="sample among the k most likely tokens (0: all)")
-    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1.0: off)")
-    p.add_argument("--num-return-sequences", "-n", type=int, default=1)
-    p.add_argument("--seed", type=int, default=None, help="make sampling reproducible")
+    p.add_argument("--prompt", default=None, help="text to continue (default: empty, start a new sample)")
+    p.add_argument("--prompts-file", help="one prompt per line, decoded in batches (left-padded)")
+    p.add_argument("--batch-size", type=int, default=16, help="prompts per forward batch with --prompts-file")
+    p.add_argument("--num-return-sequences", "-n", type=int, default=1, help="samples per prompt")
+    add_decoding_args(p)
+    p.add_argument("--stream", action="store_true",
+                   help="print text as it is generated (one sample; with --json: JSON lines of deltas, then the samples)")
     p.add_argument("--json", action="store_true", help="print a JSON list of samples, each with 'text'")
+    p.add_argument("--quantize", choices=["int8"], help="dynamic int8 linear layers (CPU); reports logits drift")
+
+
+def read_prompts(a) -> list[str]:
+    if a.prompts_file and a.prompt is not None:
+        raise UserError("give --prompt or --prompts-file, not both")
+    if a.prompts_file:
+        p = Path(a.prompts_file)
+        if not p.is_file():
+            raise UserError(f"prompts file not found: {p}")
+        try:
+            lines = [line.strip() for line in p.read_text(encoding="utf-8-sig").splitlines()]
+        except UnicodeDecodeError:
+            raise UserError(f"{p} is not UTF-8 text") from None
+        prompts = [line for line in lines if line]
+        if not prompts:
+            raise UserError(f"{p} holds no prompts (one per line)")
+        return prompts
+    return [a.prompt or ""]
 
 
 def run(a) -> int:
-    from gpt2tune.generate.sampling import Sampling
-    from gpt2tune.generate.text import complete
+    from gpt2tune.generate.text import generate_texts, stream_texts
     from gpt2tune.method.io import load_run
 
-    if a.num_return_sequences < 1 or a.max_new_tokens < 1:
-        raise UserError("--num-return-sequences and --max-new-tokens must be at least 1")
-    if a.temperature <= 0 or not 0 < a.top_p <= 1:
-        raise UserError("--temperature must be > 0 and --top-p in (0, 1]")
+    s = sampling_from_args(a, a.num_return_sequences)
+    form = form_from_args(a)
+    prompts = read_prompts(a)
+    if a.batch_size < 1:
+        raise UserError("--batch-size must be at least 1")
+    if a.stream and s.num_beams > 1:
+        raise UserError("--stream does not work with beam search (--num-beams > 1)")
+    if a.stream and not a.json and len(prompts) * s.num_return_sequences > 1:
+        raise UserError("--stream prints one sample as it is written; for several samples add --json (JSON lines)")
     model, tok, framing = load_run(a.model)
-    s = Sampling(max_new_tokens=a.max_new_tokens, greedy=a.greedy, temperature=a.temperature, top_k=a.top_k,
-                 top_p=a.top_p, num_return_sequences=a.num_return_sequences, seed=a.seed)
-    t0 = time.perf_counter()
-    texts = complete(model, tok, framing, a.prompt, s)
-    dt = time.perf_counter() - t0
+    if a.quantize == "int8":
+        model = _quantized(model, tok, framing, prompts[0])
+    if a.stream:
+        return _stream(model, tok, framing, prompts, s, form, a.json)
+    samples, stats = generate_texts(model, tok, framing, prompts, s, form=form, batch_size=a.batch_size)
     if a.json:
-        print(json.dumps([{"prompt": a.prompt, "text": t} for t in texts], ensure_ascii=False))
+        print(json.dumps([dict(x.as_dict(), tokens_per_s=stats["tokens_per_s"]) for x in samples], ensure_ascii=False))
     else:
-        for t in texts:
-            print(t)
-        print(f"({dt:.2f}s)", file=sys.stderr)
+        for x in samples:
+            print(x.text)
+    _report(samples, stats)
+    return 0
+
+
+def _quantized(model, tok, framing, prompt: str):
+    import torch
+
+    from gpt2tune.generate.quantize import logits_drift, quantize_int8
+
+    if next(model.parameters()).device.type != "cpu":
+        raise UserError("--quantize int8 is for CPU inference")
+    q = quantize_int8(model)
+    bos = [framing.bos] if framing.bos is not None else []
+    ids = bos + tok(prompt or "", add_special_tokens=False)["input_ids"]
+    if len(ids) < 2:  # measure the drift over a short greedy continuation when the prompt is tiny
+        from gpt2tune.generate.decode import decode
+        from gpt2tune.generate.sampling import Sampling
+
+        ids = ids + decode(model, [ids], framing.eos, Sampling(max_new_tokens=16, greedy=True))[0].ids
+    d = logits_drift(model, q, torch.tensor([ids]))
+    print(f"int8: logits drift vs fp32 on {len(ids)} tokens: max |diff| {d['max_abs_logit_diff']}, mean |diff| "
+          f"{d['mean_abs_logit_diff']}, top-1 agreement {d['top1_agreement']:.0%}, mean KL {d['mean_kl']}",
+          file=sys.stderr)
+    return q
+
+
+def _report(samples, stats) -> None:
+    loops = [i for i, x in enumerate(samples) if x.loop]
+    msg = (f"{len(samples)} sample(s), {stats['new_tokens']} new tokens in {stats['seconds']:.2f}s "
+           f"({stats['tokens_per_s']} tokens/s)")
+    if loops:
+        msg += f"; repetition loop in sample(s) {', '.join(str(i + 1) for i in loops)}"
+    print(msg, file=sys.stderr)
+
+
+def _stream(model, tok, framing, prompts, s, form, as_json: bool) -> int:
+    from gpt2tune.generate.text import stream_texts
+
+    for ev in stream_texts(model, tok, framing, prompts, s, form):
+        if ev["type"] in ("start", "delta"):
+            if as_json:
+                print(json.dumps(ev, ensure_ascii=False), flush=True)
+            else:
+                sys.stdout.write(ev["heads"][0] if ev["type"] == "start" else ev["text"])
+                sys.stdout.flush()
+        else:
+            samples, stats = ev["samples"], ev["stats"]
+            if as_json:
+                print(json.dumps({"type": "done", "samples": [x.as_dict() for x in samples], "stats": stats},
+                                 ensure_ascii=False), flush=True)
+            else:
+                sys.stdout.write("\n")
+            _report(samples, stats)
     return 0

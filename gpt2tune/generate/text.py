@@ -1,9 +1,10 @@
 """Text in, text out: frame prompts like training samples, decode many at once, stream, stop strings.
 
 - `generate_texts` continues a list of prompts (batched, left-padded) and returns `Sample`s.
-- `stream_texts` does the same as an iterator of events: `{"type": "delta", "sample", "prompt_index",
-  "text"}` while decoding, then one `{"type": "done", "samples", "stats"}` (what `--stream` and the
-  HTTP server use).
+- `stream_texts` does the same as an iterator of events: first `{"type": "start", "heads"}` (each
+  prompt as it starts its samples' text), then `{"type": "delta", "sample", "prompt_index", "text"}`
+  while decoding, then one `{"type": "done", "samples", "stats"}` (what `--stream` and the HTTP
+  server use).
 - `complete(model, tok, framing, prompt, s)` is the one-prompt shortcut returning texts.
 Special tokens (other than the end marker, which ends a sample) are never generated, and ids
 beyond the tokenizer's vocabulary neither. With a `FormSpec` the output is an exact verse form
@@ -45,14 +46,14 @@ class Sample:
         return d
 
 
-def suppressed_ids(tok, model) -> list[int]:
-    vocab = model.get_output_embeddings().weight.shape[0] if model.get_output_embeddings() is not None else len(tok)
-    return sorted(set(tok.all_special_ids) | set(range(len(tok), vocab)))
-
-
 def model_vocab(model, tok) -> int:
-    emb = model.get_output_embeddings()
-    return emb.weight.shape[0] if emb is not None and hasattr(emb, "weight") else len(tok)
+    return max(getattr(model.config, "vocab_size", 0) or 0, len(tok))
+
+
+def suppressed_ids(tok, model) -> list[int]:
+    """Never generated: special tokens (the end marker is let through by the decoder) and ids the
+    tokenizer does not have."""
+    return sorted(set(tok.all_special_ids) | set(range(len(tok), model_vocab(model, tok))))
 
 
 class Prepared:
@@ -137,6 +138,7 @@ def stream_texts(model, tok, framing, prompts: list[str], s: Sampling, form=None
     detoks = [Detokenizer(tok) for _ in range(n)]
     sent = [0] * n
     hold = max((len(x) for x in s.stop), default=1) - 1
+    yield {"type": "start", "heads": list(prep.heads)}
     t0 = time.perf_counter()
     for ev in dec:
         for r, t in zip(ev.rows, ev.tokens):
