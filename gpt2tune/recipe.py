@@ -60,6 +60,11 @@ class DataSection(_Section):
     limit: Optional[int] = Field(None, gt=0, description="use at most this many samples (after cleaning)")
     seed: int = 1234
     poetry: PoetrySection = PoetrySection()
+    # classification
+    label_field: str = Field("label", description="classification: jsonl field / csv column holding the label")
+    balance: Literal["none", "undersample"] = Field("none", description="classification: undersample every class to the rarest (seeded by data.seed)")
+    split: Optional[list[float]] = Field(None, description="classification: train/validation/test fractions, stratified by label (default [0.7, 0.1, 0.2])")
+    test: Optional[str] = Field(None, description="classification: a separate test source (else a split)")
 
 
 class TrainSection(_Section):
@@ -84,6 +89,8 @@ class TrainSection(_Section):
     log_every: int = Field(10, ge=1)
     on_nonfinite: Literal["stop", "skip"] = Field("stop", description="a NaN/inf loss stops the run, or skips that update")
     num_threads: Optional[int] = Field(None, gt=0)
+    pretrain_steps: int = Field(0, ge=0, description="classification: language-model steps on the training texts before fine-tuning")
+    pretrain_lr: Optional[float] = Field(None, gt=0, description="learning rate of the pretraining steps (default: lr)")
 
     @field_validator("lr")
     @classmethod
@@ -107,7 +114,7 @@ class OutputSection(_Section):
 
 
 class Recipe(_Section):
-    task: Literal["causal-lm"] = "causal-lm"
+    task: Literal["causal-lm", "classification"] = "causal-lm"
     model: ModelSection = ModelSection()
     data: DataSection
     method: MethodConfig = Field(default_factory=FullMethod, discriminator="name")

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import importlib
 
-TASKS = {"causal-lm": "gpt2tune.tasks.causal_lm"}
+TASKS = {"causal-lm": "gpt2tune.tasks.causal_lm", "classification": "gpt2tune.tasks.classification"}
 
 
 def run_recipe(recipe, resume: bool = False, overwrite: bool = False, progress: bool = True) -> dict:
