@@ -113,6 +113,19 @@ class OutputSection(_Section):
     dir: str = "runs/run"
 
 
+class CompareSection(_Section):
+    """`gpt2tune compare`: which methods (and their settings), per-method learning rates, and
+    the reference text whose perplexity before/after fine-tuning measures forgetting."""
+
+    methods: list[typing.Annotated[MethodConfig, Field(discriminator="name")]] = Field(
+        default_factory=list, description="methods to compare, with their settings (a method named by --methods "
+                                          "but not listed here uses its defaults)")
+    lr: dict[str, typing.Annotated[float, Field(gt=0)]] = Field(
+        default_factory=dict, description="learning rate per method name, e.g. {full: 1e-4, lora: 2e-3} (others: train.lr)")
+    reference: Optional[str] = Field(None, description="forgetting: a data source (KIND:PATH) scored before and after")
+    reference_limit: int = Field(200, gt=0, description="score at most this many reference samples")
+
+
 class Recipe(_Section):
     task: Literal["causal-lm", "classification"] = "causal-lm"
     model: ModelSection = ModelSection()
@@ -121,6 +134,7 @@ class Recipe(_Section):
     train: TrainSection = TrainSection()
     sample: SampleSection = SampleSection()
     output: OutputSection = OutputSection()
+    compare: CompareSection = CompareSection()
 
 
 # ---------------------------------------------------------------------------
