@@ -126,14 +126,29 @@ class CompareSection(_Section):
     reference_limit: int = Field(200, gt=0, description="score at most this many reference samples")
 
 
+class ChatSection(_Section):
+    """task: chat. Conversations under `field`, rendered by a chat template (gpt2tune/chat/template.py)."""
+
+    template: Literal["plain", "special"] = Field("plain", description="plain: 'User: ...' / 'Assistant: ...' lines with the tokenizer's end marker; special: adds <|system|> <|user|> <|assistant|> <|end|> tokens")
+    field: str = Field("messages", description="jsonl field holding the list of {role, content} messages")
+
+
+class CompletionSection(_Section):
+    """task: completion. The last {placeholder} is the completion (trained), the rest the prompt."""
+
+    template: str = Field("{prompt}{completion}", description="e.g. \"{document}\\nTL;DR: {title}\"; placeholders name fields/columns")
+
+
 class Recipe(_Section):
-    task: Literal["causal-lm", "classification"] = "causal-lm"
+    task: Literal["causal-lm", "classification", "chat", "completion"] = "causal-lm"
     model: ModelSection = ModelSection()
     data: DataSection
     method: MethodConfig = Field(default_factory=FullMethod, discriminator="name")
     train: TrainSection = TrainSection()
     sample: SampleSection = SampleSection()
     output: OutputSection = OutputSection()
+    chat: ChatSection = ChatSection()
+    completion: CompletionSection = CompletionSection()
     compare: CompareSection = CompareSection()
 
 

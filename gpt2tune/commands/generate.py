@@ -72,6 +72,8 @@ def add_parser(sub):
                    help="print text as it is generated (one sample; with --json: JSON lines of deltas, then the samples)")
     p.add_argument("--json", action="store_true", help="print a JSON list of samples, each with 'text'")
     p.add_argument("--quantize", choices=["int8"], help="dynamic int8 linear layers (CPU); reports logits drift")
+    p.add_argument("--template", action="store_true",
+                   help="completion runs: put each prompt into the run's saved template (e.g. '{document}\\nTL;DR:')")
 
 
 def read_prompts(a) -> list[str]:
@@ -99,6 +101,11 @@ def run(a) -> int:
     s = sampling_from_args(a, a.num_return_sequences)
     form = form_from_args(a)
     prompts = read_prompts(a)
+    if a.template:
+        from gpt2tune.chat.prompt import find_prompt_template
+
+        pt = find_prompt_template(a.model)
+        prompts = [pt.prompt_for(x) for x in prompts]
     if a.batch_size < 1:
         raise UserError("--batch-size must be at least 1")
     if a.stream and s.num_beams > 1:

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import importlib
 
-TASKS = {"causal-lm": "gpt2tune.tasks.causal_lm", "classification": "gpt2tune.tasks.classification"}
+TASKS = {"causal-lm": "gpt2tune.tasks.causal_lm", "chat": "gpt2tune.tasks.chat", "completion": "gpt2tune.tasks.completion",
+         "classification": "gpt2tune.tasks.classification"}
 
 
 def run_recipe(recipe, resume: bool = False, overwrite: bool = False, progress: bool = True) -> dict:

@@ -1,0 +1,160 @@
+"""Token rows with a loss mask: only answers are trained.
+
+A row is `Masked(ids, labels)`: `labels[i]` is `ids[i]` where the loss applies and -100
+elsewhere (system/user turns, role prefixes, prompts, padding). The text is tokenized in
+one piece (so the ids are exactly those of the rendered string) and the trained
+character spans are mapped onto tokens with the tokenizer's offsets; a token that
+straddles a boundary counts as trained.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from gpt2tune.chat.history import fit_messages
+from gpt2tune.chat.template import ChatTemplate
+from gpt2tune.data.dataset import IGNORE
+
+
+@dataclass
+class Masked:
+    ids: list[int]
+    labels: list[int]
+
+    def __len__(self) -> int:  # batching groups rows by length
+        return len(self.ids)
+
+    @property
+    def trained(self) -> int:
+        return sum(1 for l in self.labels if l != IGNORE)
+
+
+def collate_masked(rows: list[Masked], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad rows to the longest; padding gets attention 0 and label -100."""
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(rows), width), IGNORE, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        n = len(r.ids)
+        ids[i, :n] = torch.tensor(r.ids, dtype=torch.long)
+        labels[i, :n] = torch.tensor(r.labels, dtype=torch.long)
+        mask[i, :n] = 1
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+def encode_segments(tok, segments: list[tuple[str, bool]]) -> Masked:
+    """Tokenize the concatenated segments; label the tokens that overlap trained segments."""
+    text = "".join(t for t, _ in segments)
+    spans, pos = [], 0
+    for t, trained in segments:
+        if trained:
+            spans.append((pos, pos + len(t)))
+        pos += len(t)
+    if getattr(tok, "is_fast", False):
+        enc = tok(text, add_special_tokens=False, return_offsets_mapping=True)
+        ids = list(enc["input_ids"])
+        labels = []
+        for i, (a, b) in zip(ids, enc["offset_mapping"]):
+            hit = any(a < e and b > s for s, e in spans) if b > a else any(s <= a < e for s, e in spans)
+            labels.append(i if hit else IGNORE)
+        return Masked(ids, labels)
+    ids, labels = [], []  # slow tokenizers: no offsets, tokenize piece by piece
+    for t, trained in segments:
+        piece = list(tok(t, add_special_tokens=False)["input_ids"])
+        ids += piece
+        labels += piece if trained else [IGNORE] * len(piece)
+    return Masked(ids, labels)
+
+
+@dataclass
+class FitStats:
+    samples: int = 0
+    dropped_turns: int = 0  # messages dropped from the front of long conversations
+    shortened: int = 0  # conversations that lost turns
+    prompt_cut: int = 0  # a last question cut from its start to keep the whole answer
+    answer_cut: int = 0  # an answer longer than max_length, cut at its end
+    skipped_no_answer: int = 0  # nothing trainable: no assistant turn
+    skipped_too_long: int = 0  # nothing trainable left after truncation
+    trained_tokens: int = 0
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def skipped(self) -> int:
+        return self.skipped_no_answer + self.skipped_too_long
+
+    def as_dict(self) -> dict:
+        d = {k: v for k, v in self.__dict__.items() if k != "extra"}
+        return {**d, **self.extra}
+
+
+def cut_to_fit(m: Masked, bos_len: int, max_length: int, st: FitStats) -> Masked:
+    """Fit one too-long exchange: keep the whole answer and the end of the question; if even
+    the answer does not fit, cut it at the end."""
+    first = next((i for i, l in enumerate(m.labels) if l != IGNORE), len(m.ids))
+    answer = len(m.ids) - first
+    room = max_length - bos_len - answer
+    if room >= 1:
+        st.prompt_cut += 1
+        keep = slice(first - room, None)
+        return Masked(m.ids[:bos_len] + m.ids[keep], m.labels[:bos_len] + m.labels[keep])
+    st.answer_cut += 1
+    return Masked(m.ids[:max_length], m.labels[:max_length])
+
+
+def encode_conversation(tok, template: ChatTemplate, messages: list[dict], max_length: int,
+                        st: FitStats | None = None) -> Masked | None:
+    """One training row for a conversation, or None when nothing trainable is left.
+
+    Trailing non-assistant turns are dropped; a conversation longer than `max_length` loses
+    whole earliest turns (the system prompt stays while it fits) rather than any part of
+    its last answer.
+    """
+    st = st if st is not None else FitStats()
+    last = max((i for i, m in enumerate(messages) if m["role"] == "assistant"), default=None)
+    if last is None:
+        st.skipped_no_answer += 1
+        return None
+    messages = messages[: last + 1]
+    cache: dict[tuple, Masked] = {}
+
+    def enc(msgs: list[dict]) -> Masked:
+        key = (len(msgs), id(msgs[0]) if msgs else 0)  # suffixes differ in length or first message
+        if key not in cache:
+            cache[key] = encode_segments(tok, template.segments(msgs))
+        return cache[key]
+
+    full = enc(messages)
+    if len(full) <= max_length:
+        row = full
+    else:
+        kept, dropped = fit_messages(messages, lambda ms: len(enc(ms)) <= max_length, must_keep=last)
+        if kept is not None:
+            row = enc(kept)
+            st.shortened += 1
+            st.dropped_turns += dropped
+        else:
+            start = last - 1 if last >= 1 and messages[last - 1]["role"] == "user" else last
+            bos_len = len(tok(template.bos, add_special_tokens=False)["input_ids"]) if template.bos else 0
+            row = cut_to_fit(enc(messages[start:]), bos_len, max_length, st)
+            st.shortened += 1
+            st.dropped_turns += start
+    if row.trained == 0:
+        st.skipped_too_long += 1
+        return None
+    st.samples += 1
+    st.trained_tokens += row.trained
+    return row
+
+
+def encode_conversations(tok, template: ChatTemplate, conversations: list[list[dict]],
+                         max_length: int) -> tuple[list[Masked], FitStats]:
+    st = FitStats()
+    rows = []
+    for conv in conversations:
+        r = encode_conversation(tok, template, conv, max_length, st)
+        if r is not None:
+            rows.append(r)
+    return rows, st
