@@ -17,7 +17,7 @@ install: $(STAMP)
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install -q -c constraints.txt -e ".[builtin,dev]"
+	$(BIN)/python -m pip install -q -c constraints.txt -e ".[builtin,dev,serve]"
 	touch $(STAMP)
 
 test: $(STAMP)

@@ -1,0 +1,244 @@
+"""The run being served and how a request becomes a job for the batching worker.
+
+`load_engine(RUN)` loads a run folder, model folder (or an adapter run) once:
+- a GPT-2 classifier (`task: classification`) serves `/v1/classify`;
+- a model whose tokenizer has a chat template (`task: chat`; any Hugging Face chat model)
+  serves `/v1/chat/completions` (the prompt is `tokenizer.apply_chat_template`) and
+  `/v1/completions`;
+- any other causal LM serves `/v1/completions`.
+
+`completion_job`, `chat_job` and `classify_job` validate a request against the run (task,
+`max_tokens` cap, context window, verse form) and tokenize it; they raise `APIError` (4xx).
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+from gpt2tune.errors import UserError
+from gpt2tune.generate.decode import context_size
+from gpt2tune.generate.sampling import Sampling
+from gpt2tune.serve.batching import ClassifyJob, GenJob
+from gpt2tune.serve.schemas import APIError, ChatRequest, ClassifyRequest, CompletionRequest, bad_request
+
+TASKS = ("causal-lm", "chat", "classification")
+MAX_ROWS = 64  # prompts x n in one request
+ENDPOINT = {"causal-lm": "/v1/completions", "chat": "/v1/chat/completions", "classification": "/v1/classify"}
+
+
+@dataclass
+class Engine:
+    model: object
+    tok: object
+    framing: object
+    task: str  # one of TASKS
+    name: str  # the model id clients give
+    max_tokens_cap: int = 256
+    chat_end: Optional[int] = None  # the token that ends a chat reply
+    forms: bool = False  # verse forms can be enforced with this tokenizer
+    labels: list = field(default_factory=list)
+    created: int = field(default_factory=lambda: int(time.time()))
+    tok_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    @property
+    def context(self) -> int:
+        return context_size(self.model)
+
+    def info(self) -> dict:
+        """The OpenAI model object, with this server's extensions."""
+        return {"id": self.name, "object": "model", "created": self.created, "owned_by": "gpt2tune",
+                "task": self.task, "context_length": self.context, "max_tokens_cap": self.max_tokens_cap,
+                "verse_forms": self.forms, "labels": self.labels or None}
+
+    # -- checks shared by the endpoints ---------------------------------------
+    def check_model(self, name: Optional[str]) -> None:
+        if name is not None and name != self.name:
+            raise APIError(404, f"The model {name!r} does not exist; this server serves {self.name!r}",
+                           "invalid_request_error", "model", "model_not_found")
+
+    def check_task(self, endpoint: str, *ok: str) -> None:
+        if self.task not in ok:
+            raise bad_request(f"{endpoint} is not available for this run: {self.name!r} is a {self.task} run "
+                              f"(use {ENDPOINT[self.task]})", None, "wrong_task")
+
+    def encode(self, text: str) -> list[int]:
+        with self.tok_lock:
+            return list(self.tok(text, add_special_tokens=False)["input_ids"])
+
+    def _max_tokens(self, asked: Optional[int], default: int) -> int:
+        if asked is not None and asked > self.max_tokens_cap:
+            raise bad_request(f"max_tokens is {asked} but this server allows at most {self.max_tokens_cap} "
+                              "(gpt2tune serve --max-tokens-cap)", "max_tokens", "max_tokens_too_large")
+        return asked if asked is not None else max(1, min(default, self.max_tokens_cap))
+
+    def _fits(self, prompt_tokens: int, max_tokens: int, param: str) -> None:
+        if prompt_tokens >= self.context or prompt_tokens + max_tokens > self.context:
+            raise bad_request(f"This model's maximum context length is {self.context} tokens, however you requested "
+                              f"{prompt_tokens + max_tokens} tokens ({prompt_tokens} in your prompt; {max_tokens} for "
+                              "the completion). Please reduce your prompt or max_tokens.", param,
+                              "context_length_exceeded")
+
+    def _sampling(self, req, stops: list[str]) -> Sampling:
+        temperature = 1.0 if req.temperature is None else req.temperature
+        s = Sampling(greedy=temperature == 0, temperature=temperature or 1.0,
+                     top_p=1.0 if req.top_p is None else req.top_p, top_k=req.top_k or 0,
+                     repetition_penalty=1.0 if req.repetition_penalty is None else req.repetition_penalty,
+                     seed=req.seed, stop=stops)
+        msg = s.check()
+        if msg:
+            raise bad_request(msg)
+        return s
+
+    # -- jobs -----------------------------------------------------------------
+    def completion_job(self, req: CompletionRequest) -> GenJob:
+        self.check_model(req.model)
+        self.check_task("/v1/completions", "causal-lm", "chat")
+        req.unsupported()
+        prompts, stops, n = req.prompts(), req.stops(), req.n or 1
+        if len(prompts) * n > MAX_ROWS:
+            raise bad_request(f"at most {MAX_ROWS} completions per request (prompts x n)", "n")
+        s = self._sampling(req, stops)
+        form = self._form(req)
+        if form is not None:
+            if req.max_tokens is not None:
+                self._max_tokens(req.max_tokens, 0)
+            return self._form_job(req, prompts, form, s, n)
+        max_tokens = self._max_tokens(req.max_tokens, 16)
+        bos = [self.framing.bos] if self.framing.bos is not None else []
+        ids = []
+        for i, p in enumerate(prompts):
+            row = bos + (self.encode(p) if p else [])
+            if not row:
+                raise bad_request(f"prompt {i} is empty and the tokenizer has no begin marker to start from", "prompt")
+            self._fits(len(row), max_tokens, "prompt")
+            ids.append(row)
+        return GenJob(prompts=prompts, heads=list(prompts), ids=ids, n=n, max_tokens=max_tokens, sampling=s,
+                      eos=self.framing.eos, echo=bool(req.echo))
+
+    def _form(self, req: CompletionRequest):
+        if req.form is None and not req.acrostic and not req.rhyme and not req.no_repeat_chars:
+            return None
+        from gpt2tune.generate.forms import form_spec
+
+        try:
+            spec = form_spec(req.form, None, None, req.acrostic, bool(req.rhyme), bool(req.no_repeat_chars))
+        except UserError as err:
+            raise bad_request(str(err).replace("--no-repeat-chars", "no_repeat_chars").replace("--", ""), "form",
+                              "invalid_form") from None
+        if not self.forms:
+            raise bad_request("verse forms need a tokenizer that writes every Chinese character as one token; "
+                              f"{self.name!r} does not have one", "form", "invalid_form")
+        return spec
+
+    def _form_job(self, req, prompts, form, s, n) -> GenJob:
+        from gpt2tune.generate.text import Prepared
+
+        try:
+            with self.tok_lock:
+                prep = Prepared(self.model, self.tok, self.framing, prompts, form)
+        except UserError as err:
+            raise bad_request(str(err).replace("--", ""), "prompt", "invalid_form") from None
+        need = prep.constraint.max_new_tokens
+        for row in prep.ids:
+            self._fits(len(row), need, "prompt")
+        return GenJob(prompts=prompts, heads=prep.heads, ids=prep.ids, n=n, max_tokens=need, sampling=s,
+                      eos=self.framing.eos, form=form, echo=bool(req.echo))
+
+    def chat_job(self, req: ChatRequest) -> GenJob:
+        self.check_model(req.model)
+        self.check_task("/v1/chat/completions", "chat")
+        req.unsupported()
+        stops, n = req.stops(), req.n or 1
+        if n > MAX_ROWS:
+            raise bad_request(f"at most {MAX_ROWS} completions per request", "n")
+        s = self._sampling(req, stops)
+        messages = [{"role": m.role, "content": m.content} for m in req.messages]
+        if messages[-1]["role"] == "assistant":
+            raise bad_request("the conversation must end with a user (or system) message to answer", "messages")
+        try:
+            with self.tok_lock:
+                text = self.tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        except Exception as err:  # noqa: BLE001 - a template may raise anything on odd input
+            raise bad_request(f"the chat template could not render these messages: {err}", "messages") from None
+        ids = self.encode(text)
+        if not ids:
+            raise bad_request("the chat template rendered an empty prompt", "messages")
+        limit = req.limit()
+        max_tokens = self._max_tokens(limit, max(1, self.context - len(ids)))
+        self._fits(len(ids), max_tokens, "messages")
+        return GenJob(prompts=[text], heads=[""], ids=[ids], n=n, max_tokens=max_tokens, sampling=s,
+                      eos=self.chat_end if self.chat_end is not None else self.framing.eos, lstrip=True)
+
+    def classify_job(self, req: ClassifyRequest) -> ClassifyJob:
+        self.check_model(req.model)
+        self.check_task("/v1/classify", "classification")
+        texts = req.texts()
+        if len(texts) > 256:
+            raise bad_request("at most 256 texts per request", "input")
+        return ClassifyJob(texts=texts)
+
+
+def _architectures(folder: Path) -> list[str]:
+    try:
+        cfg = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return []
+    return list(cfg.get("architectures") or [])
+
+
+def is_classifier(path: str | Path) -> bool:
+    p = Path(path)
+    return any("SequenceClassification" in a for f in (p / "model", p) for a in _architectures(f))
+
+
+def _chat_end(path: Path, tok, framing) -> int:
+    """The token ending a chat reply: the template's end marker when gpt2tune saved one (chat.json),
+    else the tokenizer's end marker."""
+    try:
+        from gpt2tune.chat.template import end_id, load_template
+        from gpt2tune.method.io import model_folder
+    except ImportError:
+        return framing.eos
+    for folder in (model_folder(path), path):
+        t = load_template(folder) if Path(folder).is_dir() else None
+        if t is not None:
+            return end_id(t, tok, framing)
+    return framing.eos
+
+
+def _forms_ok(model, tok) -> bool:
+    from gpt2tune.generate.forms import char_vocab
+    from gpt2tune.generate.text import model_vocab
+
+    try:
+        char_vocab(tok, model_vocab(model, tok))
+    except UserError:
+        return False
+    return True
+
+
+def load_engine(path: str | Path, name: Optional[str] = None, max_tokens_cap: int = 256) -> Engine:
+    """Load RUN for serving; UserError when it cannot be loaded."""
+    if max_tokens_cap < 1:
+        raise UserError("--max-tokens-cap must be at least 1")
+    p = Path(path)
+    name = name or (p.resolve().name if p.exists() else str(path))
+    if is_classifier(p):
+        from gpt2tune.classify.predict import id2label_of, load_classifier
+        from gpt2tune.model.tokenizer import framing_of
+
+        model, tok = load_classifier(p)
+        labels = [v for _, v in sorted(id2label_of(model).items())]
+        return Engine(model, tok, framing_of(tok), "classification", name, max_tokens_cap, labels=labels)
+    from gpt2tune.method.io import load_run
+
+    model, tok, framing = load_run(p)
+    if getattr(tok, "chat_template", None):
+        return Engine(model, tok, framing, "chat", name, max_tokens_cap, chat_end=_chat_end(p, tok, framing),
+                      forms=_forms_ok(model, tok))
+    return Engine(model, tok, framing, "causal-lm", name, max_tokens_cap, forms=_forms_ok(model, tok))

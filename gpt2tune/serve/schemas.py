@@ -1,0 +1,140 @@
+"""Request bodies of the HTTP API and its OpenAI-style errors.
+
+Bodies are validated strictly (a string where a number belongs is an error, not coerced) and
+unknown fields are refused, so a typo never silently changes what is generated. OpenAI fields
+that this server cannot honour (presence/frequency penalties, logprobs, logit_bias, best_of,
+suffix) are accepted only at their neutral values. Extensions: `top_k`,
+`repetition_penalty`, and the verse-form fields `form`, `acrostic`, `rhyme`, `no_repeat_chars`.
+
+Every error is `{"error": {"message", "type", "param", "code"}}` with a 4xx/5xx status.
+"""
+
+from __future__ import annotations
+
+from typing import Literal, Optional, Union
+
+from pydantic import BaseModel, ConfigDict, Field
+
+MAX_N = 16
+MAX_STOP = 4
+
+
+class APIError(Exception):
+    """An error answered to the client in OpenAI's shape."""
+
+    def __init__(self, status: int, message: str, type: str = "invalid_request_error",
+                 param: Optional[str] = None, code: Optional[str] = None, headers: Optional[dict] = None):
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
+        self.headers = headers or {}
+
+    def body(self) -> dict:
+        return error_body(self.message, self.type, self.param, self.code)
+
+
+def error_body(message: str, type: str = "invalid_request_error", param: Optional[str] = None,
+               code: Optional[str] = None) -> dict:
+    return {"error": {"message": message, "type": type, "param": param, "code": code}}
+
+
+def bad_request(message: str, param: Optional[str] = None, code: Optional[str] = None) -> APIError:
+    return APIError(400, message, "invalid_request_error", param, code)
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(strict=True, extra="forbid")
+
+
+class StreamOptions(_Strict):
+    include_usage: bool = False
+
+
+class _Sampling(_Strict):
+    """Fields shared by completions and chat completions."""
+
+    model: Optional[str] = None
+    max_tokens: Optional[int] = Field(None, ge=1)
+    temperature: Optional[float] = Field(None, ge=0, le=2)  # 0: greedy
+    top_p: Optional[float] = Field(None, gt=0, le=1)
+    top_k: Optional[int] = Field(None, ge=0)  # extension
+    repetition_penalty: Optional[float] = Field(None, gt=0)  # extension
+    n: Optional[int] = Field(None, ge=1, le=MAX_N)
+    stop: Union[str, list[str], None] = None
+    seed: Optional[int] = None
+    stream: Optional[bool] = False
+    stream_options: Optional[StreamOptions] = None
+    user: Optional[str] = None
+    # OpenAI fields accepted at their neutral values only (checked in `unsupported`)
+    presence_penalty: Optional[float] = None
+    frequency_penalty: Optional[float] = None
+    logit_bias: Optional[dict] = None
+    logprobs: Union[bool, int, None] = None
+
+    def stops(self) -> list[str]:
+        stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+        if len(stops) > MAX_STOP:
+            raise bad_request(f"at most {MAX_STOP} stop sequences are allowed", "stop")
+        if any(not s for s in stops):
+            raise bad_request("stop sequences must not be empty", "stop")
+        return stops
+
+    def unsupported(self) -> None:
+        for name in ("presence_penalty", "frequency_penalty"):
+            if getattr(self, name) not in (None, 0):
+                raise bad_request(f"{name} is not supported by this server (use repetition_penalty)", name,
+                                  "unsupported_parameter")
+        if self.logit_bias:
+            raise bad_request("logit_bias is not supported by this server", "logit_bias", "unsupported_parameter")
+        if self.logprobs not in (None, False, 0):
+            raise bad_request("logprobs are not supported by this server", "logprobs", "unsupported_parameter")
+
+
+class CompletionRequest(_Sampling):
+    prompt: Union[str, list[str]] = ""
+    echo: Optional[bool] = False
+    best_of: Optional[int] = None
+    suffix: Optional[str] = None
+    # verse-form extensions (character-level Chinese tokenizers)
+    form: Optional[str] = None
+    acrostic: Optional[str] = None
+    rhyme: Optional[bool] = False
+    no_repeat_chars: Optional[bool] = False
+
+    def prompts(self) -> list[str]:
+        prompts = [self.prompt] if isinstance(self.prompt, str) else list(self.prompt)
+        if not prompts:
+            raise bad_request("prompt must be a string or a non-empty list of strings", "prompt")
+        return prompts
+
+    def unsupported(self) -> None:
+        super().unsupported()
+        if self.best_of not in (None, self.n or 1):
+            raise bad_request("best_of is not supported by this server (leave it out or equal to n)", "best_of",
+                              "unsupported_parameter")
+        if self.suffix:
+            raise bad_request("suffix (insertion) is not supported by this server", "suffix", "unsupported_parameter")
+
+
+class Message(_Strict):
+    role: Literal["system", "user", "assistant"]
+    content: str
+    name: Optional[str] = None
+
+
+class ChatRequest(_Sampling):
+    messages: list[Message] = Field(min_length=1)
+    max_completion_tokens: Optional[int] = Field(None, ge=1)
+
+    def limit(self) -> Optional[int]:
+        return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+
+
+class ClassifyRequest(_Strict):
+    model: Optional[str] = None
+    input: Union[str, list[str]]
+
+    def texts(self) -> list[str]:
+        texts = [self.input] if isinstance(self.input, str) else list(self.input)
+        if not texts:
+            raise bad_request("input must be a string or a non-empty list of strings", "input")
+        return texts
