@@ -80,7 +80,7 @@ class Prepared:
 class Detokenizer:
     """Incremental decoding for streaming: text so far after each pushed token, re-decoding only
     the tokens since the last safe boundary (a Chinese character, punctuation, whitespace; any
-    complete character for byte-level BPE)."""
+    complete character for byte-level BPE), with one token of context before it."""
 
     def __init__(self, tok):
         self.tok = tok
@@ -92,9 +92,12 @@ class Detokenizer:
 
     def push(self, token: int) -> str:
         self.ids.append(token)
-        piece = detok(self.tok, self.ids[self.start:])
-        if piece.endswith("\ufffd"):
+        ctx = self.ids[max(0, self.start - 1):self.start]  # one token of context: "##" pieces join onto it
+        full = detok(self.tok, ctx + self.ids[self.start:])
+        if full.endswith("\ufffd"):
             return self.text
+        head = detok(self.tok, ctx) if ctx else ""
+        piece = full[len(head):] if full.startswith(head) else detok(self.tok, self.ids[self.start:])
         self.text = self.fixed + piece
         last = piece[-1:]
         if last and (self.byte_level or last.isspace() or is_cjk(last) or last in _BOUNDARY):

@@ -1,0 +1,240 @@
+import json
+
+import pytest
+import torch
+
+from conftest import TANG_MINI, need
+from gpt2tune.errors import UserError
+from gpt2tune.generate.decode import Decoder, decode
+from gpt2tune.generate.loops import find_loop
+from gpt2tune.generate.sampling import Sampling, generate_ids
+from gpt2tune.generate.text import generate_texts, stream_texts, suppressed_ids
+
+SPECIALS = ["[UNK]", "[CLS]", "[SEP]", "[PAD]", "[MASK]"]
+
+
+def _cjk_gap(text: str) -> bool:
+    """A space next to a Chinese character or full-width punctuation (Latin words may keep theirs)."""
+    from gpt2tune.data.poetry import is_cjk
+
+    wide = lambda ch: is_cjk(ch) or ch in "，。！？；："  # noqa: E731
+    return any(ch == " " and (wide(text[i - 1]) or wide(text[i + 1])) for i, ch in enumerate(text[1:-1], 1))
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_zh_model):
+    from gpt2tune.method.io import load_run
+
+    return load_run(tiny_zh_model)
+
+
+def _hf(model, prompts, pad, **kw):
+    width = max(map(len, prompts))
+    ids = torch.full((len(prompts), width), pad)
+    mask = torch.zeros_like(ids)
+    for i, p in enumerate(prompts):
+        ids[i, width - len(p):] = torch.tensor(p)
+        mask[i, width - len(p):] = 1
+    out = model.generate(ids, attention_mask=mask, pad_token_id=pad, **kw)
+    return [row[width:].tolist() for row in out]
+
+
+def _strip(row, eos, pad):
+    return row[: row.index(eos)] if eos in row else row
+
+
+def _prompts(tok, fr, texts):
+    return [[fr.bos] + tok(t, add_special_tokens=False)["input_ids"] for t in texts]
+
+
+def test_greedy_equals_transformers_generate_token_for_token(tiny):
+    model, tok, fr = tiny
+    prompts = _prompts(tok, fr, ["白日", "床前明月光，疑", "春"])
+    ours = decode(model, prompts, fr.eos, Sampling(max_new_tokens=30, greedy=True))
+    # batched with left padding, and one at a time: the same tokens as transformers
+    hf = _hf(model, prompts, fr.pad, do_sample=False, max_new_tokens=30, eos_token_id=fr.eos)
+    for r, h in zip(ours, hf):
+        assert r.ids == _strip(h, fr.eos, fr.pad)
+    for p, r in zip(prompts, ours):
+        assert r.ids == _strip(_hf(model, [p], fr.pad, do_sample=False, max_new_tokens=30, eos_token_id=fr.eos)[0],
+                               fr.eos, fr.pad)
+    # our default never emits special tokens: the same as transformers with suppress_tokens
+    sup = suppressed_ids(tok, model)
+    ours = decode(model, prompts, fr.eos, Sampling(max_new_tokens=30, greedy=True), suppress_ids=sup)
+    hf = _hf(model, prompts, fr.pad, do_sample=False, max_new_tokens=30, eos_token_id=fr.eos,
+             suppress_tokens=[i for i in sup if i != fr.eos])
+    assert [r.ids for r in ours] == [_strip(h, fr.eos, fr.pad) for h in hf]
+
+
+def test_greedy_equals_transformers_on_the_pretrained_tang_model():
+    from gpt2tune.method.io import load_run
+
+    model, tok, fr = load_run(need(TANG_MINI))
+    prompts = _prompts(tok, fr, ["白日", "月落烏啼霜滿天，"])
+    ours = decode(model, prompts, fr.eos, Sampling(max_new_tokens=40, greedy=True))
+    hf = _hf(model, prompts, fr.pad, do_sample=False, max_new_tokens=40, eos_token_id=fr.eos)
+    assert [r.ids for r in ours] == [_strip(h, fr.eos, fr.pad) for h in hf]
+    assert all(r.finish == "eos" for r in ours)
+
+
+def test_penalties_and_beam_search_match_transformers(tiny):
+    model, tok, fr = tiny
+    p = _prompts(tok, fr, ["白日依"])
+    for kw in [dict(repetition_penalty=1.5), dict(no_repeat_ngram_size=2), dict(repetition_penalty=1.2, no_repeat_ngram_size=3)]:
+        ours = decode(model, p, fr.eos, Sampling(max_new_tokens=25, greedy=True, **kw))
+        hf = _hf(model, p, fr.pad, do_sample=False, max_new_tokens=25, eos_token_id=fr.eos, **kw)
+        assert ours[0].ids == _strip(hf[0], fr.eos, fr.pad), kw
+    ngram = decode(model, p, fr.eos, Sampling(max_new_tokens=40, greedy=True, no_repeat_ngram_size=2))[0].ids
+    seq = p[0] + ngram
+    pairs = [tuple(seq[i:i + 2]) for i in range(len(seq) - 1)]
+    assert len(pairs) == len(set(pairs))
+    for k, n, lp in [(3, 2, 1.0), (4, 1, 0.0)]:
+        ours = decode(model, p, fr.eos, Sampling(max_new_tokens=20, num_beams=k, num_return_sequences=n, length_penalty=lp))
+        hf = model.generate(torch.tensor(p), do_sample=False, num_beams=k, num_return_sequences=n, max_new_tokens=20,
+                            eos_token_id=fr.eos, pad_token_id=fr.pad, length_penalty=lp, output_scores=True,
+                            return_dict_in_generate=True)
+        for r, row, sc in zip(ours, hf.sequences.tolist(), hf.sequences_scores.tolist()):
+            assert r.ids == _strip(row[len(p[0]):], fr.eos, fr.pad)
+            assert r.score == pytest.approx(sc, abs=1e-4)
+
+
+def test_sampling_options_seed_and_lengths(tiny):
+    model, tok, fr = tiny
+    p = _prompts(tok, fr, ["白日", "春"])
+    s = Sampling(max_new_tokens=12, top_k=20, top_p=0.9, temperature=0.8, seed=7, num_return_sequences=3)
+    a, b = decode(model, p, fr.eos, s), decode(model, p, fr.eos, s)
+    assert [r.ids for r in a] == [r.ids for r in b] and len(a) == 6
+    assert [r.prompt_index for r in a] == [0, 0, 0, 1, 1, 1]
+    c = decode(model, p, fr.eos, Sampling(max_new_tokens=12, top_k=20, seed=8, num_return_sequences=3))
+    assert [r.ids for r in a] != [r.ids for r in c]
+    top1 = decode(model, p, fr.eos, Sampling(max_new_tokens=12, top_k=1, seed=1))
+    greedy = decode(model, p, fr.eos, Sampling(max_new_tokens=12, greedy=True))
+    assert [r.ids for r in top1] == [r.ids for r in greedy]
+    assert all(len(r.ids) <= 12 for r in a)
+    # min_new_tokens: the end marker is masked until then
+    long = decode(model, p, fr.eos, Sampling(max_new_tokens=15, min_new_tokens=15, temperature=5.0, seed=0,
+                                              num_return_sequences=4))
+    assert all(len(r.ids) == 15 and r.finish == "length" for r in long)
+    # the old one-prompt API still works
+    assert generate_ids(model, p[0], fr.eos, Sampling(max_new_tokens=12, greedy=True)) == [greedy[0].ids]
+    for bad in [dict(max_new_tokens=0), dict(temperature=0), dict(top_p=1.5), dict(num_beams=2, num_return_sequences=3),
+                dict(min_new_tokens=99), dict(stop=[""])]:
+        with pytest.raises(ValueError):
+            decode(model, p, fr.eos, Sampling(**bad))
+
+
+def test_texts_have_no_spaces_or_specials_and_stop_strings_cut(tiny):
+    model, tok, fr = tiny
+    samples, stats = generate_texts(model, tok, fr, ["白日", "", "床前"], Sampling(max_new_tokens=40, seed=3,
+                                                                                   num_return_sequences=5))
+    assert len(samples) == 15 and stats["tokens_per_s"] > 0 and stats["new_tokens"] > 0
+    for x in samples:
+        assert x.text == x.prompt + x.completion
+        assert not _cjk_gap(x.text) and not any(sp in x.text for sp in SPECIALS)
+    stopped, _ = generate_texts(model, tok, fr, ["白日"], Sampling(max_new_tokens=60, min_new_tokens=60, seed=1,
+                                                                 num_return_sequences=6, stop=["，", "。"]))
+    for x in stopped:
+        assert "，" not in x.completion and "。" not in x.completion
+    assert any(x.finish == "stop" for x in stopped)
+    with pytest.raises(UserError):
+        generate_texts(model, tok, fr, ["白" * 200], Sampling())  # longer than the context (128)
+
+
+def test_stream_deltas_build_the_same_samples(tiny):
+    model, tok, fr = tiny
+    s = Sampling(max_new_tokens=30, seed=4, num_return_sequences=2, stop=["。"])
+    events = list(stream_texts(model, tok, fr, ["白日", "春"], s))
+    assert events[0] == {"type": "start", "heads": ["白日", "春"]}
+    done = events[-1]
+    assert done["type"] == "done" and len(done["samples"]) == 4
+    for i, smp in enumerate(done["samples"]):
+        text = "".join(e["text"] for e in events if e["type"] == "delta" and e["sample"] == i)
+        assert text == smp.completion and "。" not in text
+    batch, _ = generate_texts(model, tok, fr, ["白日", "春"], s)
+    assert [x.text for x in batch] == [x.text for x in done["samples"]]
+
+
+def test_prompts_in_one_left_padded_batch_equal_one_at_a_time(tiny):
+    model, tok, fr = tiny
+    prompts = ["白日依山盡，黃河", "春", "", "千山鳥飛絕"]
+    s = Sampling(max_new_tokens=20, greedy=True, repetition_penalty=1.3)
+    together, _ = generate_texts(model, tok, fr, prompts, s, batch_size=4)
+    alone = [generate_texts(model, tok, fr, [p], s)[0][0] for p in prompts]
+    assert [x.text for x in together] == [x.text for x in alone]
+    assert [x.prompt_index for x in generate_texts(model, tok, fr, prompts, s, batch_size=3)[0]] == [0, 1, 2, 3]
+
+
+def test_find_loop():
+    assert find_loop([1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13]) is None
+    loop = find_loop([9, 8] + [1, 2, 3, 4] * 5)
+    assert (loop.period, loop.start, loop.span, loop.repeats) == (4, 2, 20, 5.0)
+    assert find_loop([5] * 20).period == 1
+    assert find_loop([1, 2, 3] * 2) is None  # too short to call a loop
+    assert find_loop([7, 1, 2, 3, 1, 2, 3, 1, 2, 3, 1, 2, 3, 1]).period == 3
+
+
+def test_cli_generate_json_stream_prompts_file_and_loops(tiny_zh_model, run_cli, tmp_path):
+    code, out, err = run_cli("generate", tiny_zh_model, "--prompt", "白日", "-n", "3", "--seed", "1", "--json")
+    assert code == 0, err
+    samples = json.loads(out)
+    assert len(samples) == 3 and all(x["text"].startswith("白日") and not _cjk_gap(x["text"]) for x in samples)
+    assert "tokens/s" in err
+    # a random model decoded greedily for long repeats itself: the loop is reported
+    code, out, err = run_cli("generate", tiny_zh_model, "--prompt", "白日", "--greedy", "--max-new-tokens", "80", "--json")
+    (x,) = json.loads(out)
+    loop = x["repetition_loop"]
+    assert loop and loop["repeats"] >= 3 and loop["unit"] and "repetition loop" in err
+    assert x["text"].endswith(loop["unit"] * 2) or loop["period"] > 1
+    pf = tmp_path / "prompts.txt"
+    pf.write_text("白日\n\n春風\n床前明月光，\n", encoding="utf-8")
+    code, out, err = run_cli("generate", tiny_zh_model, "--prompts-file", pf, "--greedy", "--json", "--batch-size", "2")
+    assert code == 0, err
+    assert [x["prompt"] for x in json.loads(out)] == ["白日", "春風", "床前明月光，"]
+    code, out, err = run_cli("generate", tiny_zh_model, "--prompt", "白日", "--stream", "--seed", "2",
+                             "--max-new-tokens", "10")
+    assert code == 0 and out.startswith("白日") and not _cjk_gap(out.strip())
+    code, out, err = run_cli("generate", tiny_zh_model, "--prompt", "白日", "--stream", "--json", "-n", "2",
+                             "--seed", "2", "--max-new-tokens", "10")
+    lines = [json.loads(l) for l in out.splitlines()]
+    assert lines[0]["type"] == "start" and lines[-1]["type"] == "done" and len(lines[-1]["samples"]) == 2
+    code, out, err = run_cli("generate", tiny_zh_model, "--prompt", "白日", "--num-beams", "3", "-n", "2", "--json")
+    assert code == 0 and len(json.loads(out)) == 2
+    for bad, msg in [(["--stream", "-n", "2"], "--json"), (["--num-beams", "2", "--stream"], "beam"),
+                     (["--top-p", "0"], "top"), (["--prompts-file", tmp_path / "none.txt"], "not found"),
+                     (["--rhyme"], "verse form")]:
+        code, out, err = run_cli("generate", tiny_zh_model, *bad)
+        assert code == 2 and msg in err, (bad, err)
+
+
+def test_int8_quantization_keeps_logits_close(tiny_zh_model, run_cli):
+    from transformers.pytorch_utils import Conv1D
+
+    from gpt2tune.generate.quantize import conv1d_to_linear, logits_drift, quantize_int8
+    from gpt2tune.method.io import load_run
+
+    model, tok, fr = load_run(tiny_zh_model)
+    ids = torch.tensor(_prompts(tok, fr, ["白日依山盡，黃河入海流。"]))
+    import copy
+
+    lin = copy.deepcopy(model)
+    assert conv1d_to_linear(lin) == 4 * model.config.n_layer
+    assert not any(isinstance(m, Conv1D) for m in lin.modules())
+    with torch.no_grad():
+        assert torch.allclose(lin(ids).logits, model(ids).logits, atol=1e-5)
+    q = quantize_int8(model)
+    assert any("quantized" in type(m).__module__ for m in q.modules())
+    d = logits_drift(model, q, ids)
+    assert 0 < d["max_abs_logit_diff"] < 0.5 and d["top1_agreement"] >= 0.9
+    code, out, err = run_cli("generate", tiny_zh_model, "--prompt", "白日", "--quantize", "int8", "--greedy")
+    assert code == 0 and "int8: logits drift" in err and out.startswith("白日")
+
+
+def test_decoder_can_be_iterated_and_stopped(tiny):
+    model, tok, fr = tiny
+    p = _prompts(tok, fr, ["白日"])
+    dec = Decoder(model, p, fr.eos, Sampling(max_new_tokens=50, min_new_tokens=50, seed=0, num_return_sequences=2))
+    for i, ev in enumerate(dec):
+        assert ev.rows == ([0, 1] if i < 5 else [1])
+        if i == 4:
+            dec.finish(0)
+    assert dec.results[0].finish == "stop" and len(dec.results[0].ids) == 5 and len(dec.results[1].ids) == 50
