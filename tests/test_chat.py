@@ -128,6 +128,26 @@ def test_label_mask_covers_exactly_the_assistant_spans(tmp_path, name):
         assert "<|assistant|>" in tok.all_special_tokens
 
 
+@pytest.mark.parametrize("name", ["plain", "special"])
+def test_masks_with_a_chinese_character_vocabulary(zh_tokenizer_dir, name):
+    from gpt2tune.model.tokenizer import framing_of, load_tokenizer
+
+    tok = load_tokenizer(zh_tokenizer_dir)
+    fr = framing_of(tok)
+    t = make_template(name, tok, fr)
+    install(t, tok)
+    conv = [{"role": "user", "content": "白日依山盡"}, {"role": "assistant", "content": "黃河入海流"},
+            {"role": "user", "content": "床前"}, {"role": "assistant", "content": "明月光"}]
+    row = encode_segments(tok, t.segments(conv))
+    end = "[SEP]" if name == "plain" else "<|end|>"
+    assert tok.convert_ids_to_tokens([i for i, l in zip(row.ids, row.labels) if l != IGNORE]) == \
+        list("黃河入海流") + [end] + list("明月光") + [end]
+    assert t.render(conv).startswith("[CLS]") and ("Assistant: 黃河入海流[SEP]" in t.render(conv)) == (name == "plain")
+    enc = tok.apply_chat_template(conv, tokenize=True, return_dict=True, return_assistant_tokens_mask=True)
+    assert list(enc["input_ids"]) == row.ids
+    assert [bool(m) for m in enc["assistant_masks"]] == [l != IGNORE for l in row.labels]
+
+
 def test_plain_template_is_the_documented_format(tmp_path):
     from gpt2tune.model.tokenizer import framing_of
 
@@ -310,6 +330,31 @@ def test_chat_terminal_answers_keeps_history_resets_and_exits(addition_run):
     finally:
         c.close()
     assert c.exitstatus == 0 and c.signalstatus is None
+
+
+def test_special_template_run_saves_its_tokens(tmp_path, run_cli):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from gpt2tune.chat.reply import load_chat_model, reply
+    from gpt2tune.generate.sampling import Sampling
+
+    src = write_jsonl(tmp_path / "c.jsonl", addition_conversations(60, 3))
+    r = write_recipe(tmp_path / "r.yaml", RECIPE.format(template="special", src=src, max_length=96, steps=20,
+                                                         out=tmp_path / "run"))
+    code, _, err = run_cli("train", r, "--no-progress")
+    assert code == 0, err
+    assert "added 4 chat tokens" in err
+    plain_tok = AutoTokenizer.from_pretrained(str(tmp_path / "run" / "model"))
+    plain = AutoModelForCausalLM.from_pretrained(str(tmp_path / "run" / "model"))
+    assert plain.config.vocab_size == len(plain_tok) and "<|assistant|>" in plain_tok.all_special_tokens
+    text = plain_tok.apply_chat_template(CONV[:2], tokenize=False, add_generation_prompt=True)
+    assert text == "<|endoftext|><|system|>\nYou add numbers.<|end|>\n<|user|>\nadd 2 and 3<|end|>\n<|assistant|>\n"
+    chat = load_chat_model(tmp_path / "run")
+    assert chat.end_id == plain_tok.convert_tokens_to_ids("<|end|>")
+    assert isinstance(reply(chat, CONV[:2], Sampling(max_new_tokens=3, greedy=True)), str)
+    # peft-style methods freeze the embeddings the new tokens need
+    code, _, err = run_cli("train", r, "--overwrite", "--set", "method.name=lora")
+    assert code == 2 and "chat.template: special" in err
 
 
 def test_chat_recipe_errors(tmp_path, run_cli):

@@ -31,7 +31,8 @@ The template is saved with the model as a Jinja chat template (`chat_template` i
 `tokenizer_config.json`, and `chat_template.jinja`), so `tokenizer.apply_chat_template`
 in plain `transformers` renders exactly the string gpt2tune trains on; the assistant
 parts are inside `{% generation %}` blocks, so `return_assistant_tokens_mask=True` gives
-the same loss mask. The template's fields are also saved as `chat.json`.
+the same loss mask. (BERT-style vocabularies drop spaces, so there the space after
+`Assistant:` belongs to the prompt: same text, same tokens, same mask.) The template's fields are also saved as `chat.json`.
 """
 
 from __future__ import annotations
@@ -154,8 +155,11 @@ def make_template(name: str, tok, framing) -> ChatTemplate:
     """The built-in template `name` for this tokenizer (its begin/end markers)."""
     bos = marker_text(tok, framing.bos)
     if name == "plain":
-        return ChatTemplate("plain", bos, {"system": "System: ", "user": "User: ", "assistant": "Assistant:"},
-                            tail="\n", lead=" ", end=marker_text(tok, framing.eos), sep="\n")
+        # GPT-2 BPE glues a space to the next word: the answer's first token is " 5", so the
+        # space is generated (and trained); WordPiece drops spaces, so there it ends the prompt.
+        head, lead = ("Assistant: ", "") if framing.bert_style else ("Assistant:", " ")
+        return ChatTemplate("plain", bos, {"system": "System: ", "user": "User: ", "assistant": head},
+                            tail="\n", lead=lead, end=marker_text(tok, framing.eos), sep="\n")
     if name == "special":
         heads = {r: f"<|{r}|>\n" for r in ROLES}
         return ChatTemplate("special", bos, heads, tail="<|end|>\n", lead="", end="<|end|>", sep="\n",
