@@ -394,3 +394,38 @@ def test_serve_command_bad_input(run_cli, tmp_path):
     assert code == 2 and "error" in err
     code, _, err = run_cli("serve", tmp_path, "--port", "0")
     assert code == 2 and "--port" in err
+
+
+# -- never crash on input -----------------------------------------------------------------------
+
+def _bodies():
+    from hypothesis import strategies as st
+
+    scalars = st.one_of(st.none(), st.booleans(), st.integers(-2 ** 70, 2 ** 70), st.floats(allow_nan=False),
+                        st.text(max_size=12), st.sampled_from(["白日", "wuyan-jueju", "白黃", "", "\ud800"]))
+    values = st.one_of(scalars, st.lists(scalars, max_size=5), st.dictionaries(st.text(max_size=5), scalars, max_size=3))
+    keys = st.sampled_from(["prompt", "max_tokens", "temperature", "top_p", "top_k", "n", "stop", "seed", "stream",
+                            "echo", "form", "acrostic", "rhyme", "no_repeat_chars", "repetition_penalty", "logprobs",
+                            "best_of", "model", "stream_options", "messages", "input", "bogus"])
+    return st.one_of(st.dictionaries(keys, values, max_size=6), values)
+
+
+def test_random_bodies_never_crash_the_server(server):
+    from hypothesis import HealthCheck, given, settings
+
+    seen = set()
+
+    @settings(max_examples=80, deadline=None, suppress_health_check=list(HealthCheck))
+    @given(body=_bodies(), path=__import__("hypothesis").strategies.sampled_from(
+        ["/v1/completions", "/v1/chat/completions", "/v1/classify"]))
+    def check(body, path):
+        r = httpx.post(server.url + path, content=json.dumps(body).encode(), timeout=30,
+                       headers={"content-type": "application/json"})
+        seen.add(r.status_code)
+        assert r.status_code in (200, 400, 404), (body, r.status_code, r.text)
+        if r.status_code != 200:
+            assert set(r.json()["error"]) == {"message", "type", "param", "code"}
+
+    check()
+    assert 400 in seen
+    assert httpx.get(server.url + "/health", timeout=10).json()["status"] == "ok"

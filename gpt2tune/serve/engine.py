@@ -24,7 +24,7 @@ from gpt2tune.errors import UserError
 from gpt2tune.generate.decode import context_size
 from gpt2tune.generate.sampling import Sampling
 from gpt2tune.serve.batching import ClassifyJob, GenJob
-from gpt2tune.serve.schemas import APIError, ChatRequest, ClassifyRequest, CompletionRequest, bad_request
+from gpt2tune.serve.schemas import APIError, ChatRequest, ClassifyRequest, CompletionRequest, bad_request, utf8
 
 TASKS = ("causal-lm", "chat", "classification")
 MAX_ROWS = 64  # prompts x n in one request
@@ -66,9 +66,12 @@ class Engine:
             raise bad_request(f"{endpoint} is not available for this run: {self.name!r} is a {self.task} run "
                               f"(use {ENDPOINT[self.task]})", None, "wrong_task")
 
-    def encode(self, text: str) -> list[int]:
-        with self.tok_lock:
-            return list(self.tok(text, add_special_tokens=False)["input_ids"])
+    def encode(self, text: str, param: str = "prompt") -> list[int]:
+        try:
+            with self.tok_lock:
+                return list(self.tok(text, add_special_tokens=False)["input_ids"])
+        except Exception as err:  # noqa: BLE001 - odd text must not become a 500
+            raise bad_request(f"the {param} could not be tokenized: {err}", param) from None
 
     def _max_tokens(self, asked: Optional[int], default: int) -> int:
         if asked is not None and asked > self.max_tokens_cap:
@@ -143,6 +146,8 @@ class Engine:
                 prep = Prepared(self.model, self.tok, self.framing, prompts, form)
         except UserError as err:
             raise bad_request(str(err).replace("--", ""), "prompt", "invalid_form") from None
+        except Exception as err:  # noqa: BLE001
+            raise bad_request(f"the prompt could not be prepared for the verse form: {err}", "prompt") from None
         need = prep.constraint.max_new_tokens
         for row in prep.ids:
             self._fits(len(row), need, "prompt")
@@ -158,6 +163,7 @@ class Engine:
             raise bad_request(f"at most {MAX_ROWS} completions per request", "n")
         s = self._sampling(req, stops)
         messages = [{"role": m.role, "content": m.content} for m in req.messages]
+        utf8([m["content"] for m in messages], "messages")
         if messages[-1]["role"] == "assistant":
             raise bad_request("the conversation must end with a user (or system) message to answer", "messages")
         try:
@@ -165,7 +171,7 @@ class Engine:
                 text = self.tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
         except Exception as err:  # noqa: BLE001 - a template may raise anything on odd input
             raise bad_request(f"the chat template could not render these messages: {err}", "messages") from None
-        ids = self.encode(text)
+        ids = self.encode(text, "messages")
         if not ids:
             raise bad_request("the chat template rendered an empty prompt", "messages")
         limit = req.limit()
@@ -204,7 +210,11 @@ def _chat_end(path: Path, tok, framing) -> int:
         from gpt2tune.method.io import model_folder
     except ImportError:
         return framing.eos
-    for folder in (model_folder(path), path):
+    try:
+        folders = [model_folder(path), path]
+    except UserError:
+        folders = [path]
+    for folder in folders:
         t = load_template(folder) if Path(folder).is_dir() else None
         if t is not None:
             return end_id(t, tok, framing)

@@ -37,12 +37,22 @@ def error_body(message: str, type: str = "invalid_request_error", param: Optiona
     return {"error": {"message": message, "type": type, "param": param, "code": code}}
 
 
+def utf8(texts: list[str], param: str) -> list[str]:
+    """The texts, or a 400 when one cannot be written as UTF-8 (lone surrogates from JSON escapes)."""
+    for t in texts:
+        try:
+            t.encode("utf-8")
+        except UnicodeEncodeError:
+            raise bad_request(f"{param} holds text that is not valid Unicode (a lone surrogate)", param) from None
+    return texts
+
+
 def bad_request(message: str, param: Optional[str] = None, code: Optional[str] = None) -> APIError:
     return APIError(400, message, "invalid_request_error", param, code)
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(strict=True, extra="forbid")
+    model_config = ConfigDict(strict=True, extra="forbid", allow_inf_nan=False)
 
 
 class StreamOptions(_Strict):
@@ -60,7 +70,7 @@ class _Sampling(_Strict):
     repetition_penalty: Optional[float] = Field(None, gt=0)  # extension
     n: Optional[int] = Field(None, ge=1, le=MAX_N)
     stop: Union[str, list[str], None] = None
-    seed: Optional[int] = None
+    seed: Optional[int] = Field(None, ge=-(2 ** 63), le=2 ** 64 - 1)
     stream: Optional[bool] = False
     stream_options: Optional[StreamOptions] = None
     user: Optional[str] = None
@@ -71,7 +81,7 @@ class _Sampling(_Strict):
     logprobs: Union[bool, int, None] = None
 
     def stops(self) -> list[str]:
-        stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+        stops = utf8([self.stop] if isinstance(self.stop, str) else list(self.stop or []), "stop")
         if len(stops) > MAX_STOP:
             raise bad_request(f"at most {MAX_STOP} stop sequences are allowed", "stop")
         if any(not s for s in stops):
@@ -101,7 +111,7 @@ class CompletionRequest(_Sampling):
     no_repeat_chars: Optional[bool] = False
 
     def prompts(self) -> list[str]:
-        prompts = [self.prompt] if isinstance(self.prompt, str) else list(self.prompt)
+        prompts = utf8([self.prompt] if isinstance(self.prompt, str) else list(self.prompt), "prompt")
         if not prompts:
             raise bad_request("prompt must be a string or a non-empty list of strings", "prompt")
         return prompts
@@ -134,7 +144,7 @@ class ClassifyRequest(_Strict):
     input: Union[str, list[str]]
 
     def texts(self) -> list[str]:
-        texts = [self.input] if isinstance(self.input, str) else list(self.input)
+        texts = utf8([self.input] if isinstance(self.input, str) else list(self.input), "input")
         if not texts:
             raise bad_request("input must be a string or a non-empty list of strings", "input")
         return texts
