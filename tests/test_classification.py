@@ -81,6 +81,9 @@ def test_last_token_index_left_and_right_padding():
     assert last_token_index(left).tolist() == [4, 4, 4]
     # virtual tokens prepended to the hidden states (prompt tuning) shift the index
     assert last_token_index(right, length=8).tolist() == [5, 7, 3]
+    # prefix tuning: the mask also covers prefix positions that are not among the hidden states
+    prefixed = torch.cat([torch.ones(3, 4, dtype=torch.long), right], dim=1)
+    assert last_token_index(prefixed, length=5).tolist() == [2, 4, 0]
 
 
 def test_pooling_uses_the_last_real_token_with_left_or_right_padding():
@@ -309,3 +312,25 @@ def test_default_method_is_last_block_norm_and_head(tmp_path, run_cli):
     names = {n for n, p in m.named_parameters() if p.requires_grad}
     assert "score.weight" in names and "transformer.ln_f.weight" in names
     assert all(n.startswith(("transformer.h.1.", "transformer.ln_f.", "score.")) for n in names)
+
+
+@pytest.mark.parametrize("method", ["lora", "ia3", "prompt-tuning", "prefix-tuning", "adapter", "partial"])
+def test_every_method_trains_a_classifier_that_classify_loads(tmp_path, run_cli, method):
+    from gpt2tune.classify.predict import load_classifier, predict
+
+    src = write_tsv(tmp_path / "s.tsv", synthetic(40))
+    recipe = make_recipe(tmp_path, "m", src, epochs=1, method=f"method: {{name: {method}}}")
+    code, _, err = run_cli("train", recipe, "--no-progress")
+    assert code == 0, err
+    ev = json.loads((tmp_path / "m" / "eval.json").read_text())
+    assert ev["method"] == method and ev["test"]["examples"] == 8
+    model, tok = load_classifier(tmp_path / "m")
+    texts = ["a good film", "the film was bad and ugly", "nice"]
+    got = predict(model, tok, texts)
+    # the reloaded run predicts what training measured: same probabilities for the test split
+    code, out, err = run_cli("classify", tmp_path / "m", "--json", "--text", texts[0], "--text", texts[1], "--text", texts[2])
+    assert code == 0, err
+    assert [g["label"] for g in json.loads(out)] == [g["label"] for g in got]
+    # batching with padding gives the single-text probabilities (pooling on the last real token)
+    one = [predict(model, tok, [t])[0]["probability"] for t in texts]
+    assert [g["probability"] for g in got] == pytest.approx(one, abs=1e-5)

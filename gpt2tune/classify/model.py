@@ -36,10 +36,13 @@ HF_ARCHITECTURE = "GPT2ForSequenceClassification"
 def last_token_index(attention_mask: torch.Tensor, length: Optional[int] = None) -> torch.Tensor:
     """Index of the last position with mask 1 in each row (left or right padding).
 
-    If the hidden states are longer than the mask (virtual tokens prepended without
-    extending the mask), the extra positions are on the left and the index is shifted.
+    `length` is the number of hidden states when it may differ from the mask: longer
+    (virtual tokens prepended without extending the mask: the index shifts right) or
+    shorter (prefix tuning: the mask also covers the prefix held in the cache, on the left).
     """
     mask = attention_mask.to(torch.long)
+    if length is not None and mask.size(-1) > length:
+        mask = mask[:, -length:]
     width = mask.size(-1)
     pos = torch.arange(width, device=mask.device, dtype=torch.long)
     idx = (pos * mask).argmax(-1)

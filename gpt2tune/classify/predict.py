@@ -109,37 +109,63 @@ def predict(model, tokenizer, texts: Sequence[str], batch_size: int = 32, max_le
     return out
 
 
-def classifier_folder(path: str | Path) -> Path:
-    """A run folder means RUN/model; otherwise a model folder."""
-    p = Path(path)
-    if (p / "model" / "config.json").is_file():
-        return p / "model"
-    if (p / "config.json").is_file():
-        return p
-    if (p / "adapter").is_dir():
-        raise UserError(f"{p} holds an adapter, not a full classifier; merge it into model/ first")
-    raise UserError(f"{p} is neither a run folder with a finished model/ nor a model folder")
+def _read_config(folder: Path) -> dict:
+    try:
+        return json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as err:
+        raise UserError(f"could not read {folder / 'config.json'}: {err}") from None
+
+
+def _check_classifier(folder: Path) -> None:
+    cfg = _read_config(folder)
+    archs = cfg.get("architectures") or []
+    if cfg.get("model_type") != "gpt2" or not any("SequenceClassification" in a or a == "GPT2Classifier" for a in archs):
+        raise UserError(f"{folder} is not a GPT-2 classifier (architectures: {', '.join(archs) or 'none'}); "
+                        f"train one with a recipe that has task: classification")
+
+
+def _load_base(folder: Path):
+    from gpt2tune.classify.model import GPT2Classifier
+
+    _check_classifier(folder)
+    with quiet_transformers():
+        try:
+            return GPT2Classifier.from_pretrained(str(folder), attn_implementation="sdpa")
+        except (OSError, ValueError) as err:
+            raise UserError(f"could not load the classifier in {folder}: {str(err).splitlines()[0]}") from None
 
 
 def load_classifier(path: str | Path):
-    """(model, tokenizer) of a classification run or folder, in eval mode on the CPU."""
-    from gpt2tune.classify.model import GPT2Classifier
+    """(model, tokenizer) of a classification run (RUN/model, or RUN/adapter on its base) or of a
+    classifier folder, in eval mode on the CPU."""
+    from gpt2tune.method.io import adapter_folder, base_folder, read_rebuild
 
-    folder = classifier_folder(path)
-    try:
-        cfg = json.loads((folder / "config.json").read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as err:
-        raise UserError(f"could not read {folder / 'config.json'}: {err}") from None
-    archs = cfg.get("architectures") or []
-    if cfg.get("model_type") != "gpt2" or not any("SequenceClassification" in a for a in archs):
-        raise UserError(f"{folder} is not a GPT-2 classifier (architectures: {', '.join(archs) or 'none'}); "
-                        f"train one with a recipe that has task: classification")
-    tok = load_tokenizer(folder)
-    framing_of(tok)
-    with quiet_transformers():
-        try:
-            model = GPT2Classifier.from_pretrained(str(folder), attn_implementation="sdpa")
-        except (OSError, ValueError) as err:
-            raise UserError(f"could not load the classifier in {folder}: {str(err).splitlines()[0]}") from None
+    p = Path(path)
+    ad = None if (p / "model" / "config.json").is_file() else adapter_folder(p)
+    if ad is None:
+        folder = p / "model" if (p / "model" / "config.json").is_file() else p
+        if not (folder / "config.json").is_file():
+            raise UserError(f"{p} is neither a classification run folder (with model/ or adapter/) nor a model folder")
+        tok = load_tokenizer(folder)
+        framing_of(tok)
+        model = _load_base(folder)
+    else:
+        info = read_rebuild(ad)
+        base_dir = base_folder(ad, info)
+        tok_dir = (ad / info.get("tokenizer", "../tokenizer")).resolve()
+        tok = load_tokenizer(tok_dir if tok_dir.is_dir() else base_dir)
+        framing_of(tok)
+        model = _load_base(base_dir)
+        fmt, method = info.get("format"), info.get("method", {}).get("name", "")
+        if fmt == "gpt2tune-adapter":
+            from gpt2tune.method.adapter import load_adapters
+
+            model = load_adapters(model, ad)
+        elif fmt == "peft":
+            from gpt2tune.method.via_peft import load_peft
+
+            model = load_peft(model, ad, method)
+        else:
+            raise UserError(f"{ad}: unknown adapter format {fmt!r}")
     model.eval()
     return model, tok

@@ -156,7 +156,7 @@ def run(recipe: Recipe, resume: bool = False, overwrite: bool = False, progress:
     if t.pretrain_steps:
         pre = pretrain_lm(base, splits, recipe, run_dir, resume, progress)
     model = classifier_from_lm(base.model, splits.labels.id2label, base.framing.pad, seed=t.seed)
-    model = apply_method(model, method)
+    model = apply_method(model, method, tokenizer=tok, seed=t.seed)
     params = describe_params(model)
     log(f"model {base.source} + {len(names)}-class head: {params['total']:,} parameters, "
         f"{params['trainable']:,} trainable ({params['percent']:.2f}%), method {method.name}")
@@ -176,7 +176,8 @@ def run(recipe: Recipe, resume: bool = False, overwrite: bool = False, progress:
 
     model = model.float().cpu()
     saved = save_trained(model, tok, run_dir, method)
-    _fix_architecture(run_dir / saved)
+    for folder in (run_dir / saved, run_dir / "base"):  # base: a scratch base saved for adapter methods
+        _fix_architecture(folder)
 
     report: dict = {}
     for name in ("test", "validation", "train"):
