@@ -66,6 +66,10 @@ class Trainer:
         self.cfg = cfg
         self.run_dir = Path(run_dir)
         self.loss_fn = loss_fn
+        if getattr(cfg, "fast", False) and loss_fn is lm_loss:  # train.fast: lean GPT-2 forward, same loss
+            from gpt2tune.model.fast_gpt2 import make_fast_loss
+
+            self.loss_fn = make_fast_loss(model) or lm_loss
         self.log = log or (lambda msg: print(msg, file=sys.stderr))
         self.progress = progress
         self.device = pick_device(cfg.device)
@@ -119,7 +123,7 @@ class Trainer:
         model = self.model.to(self.device)
         model.train()
         torch.manual_seed(cfg.seed)
-        opt = build_optimizer(model, cfg.lr, cfg.weight_decay, cfg.betas, self.device)
+        opt = build_optimizer(model, cfg.lr, cfg.weight_decay, cfg.betas, self.device, fused=getattr(cfg, "fast", False))
         sched = build_scheduler(opt, cfg.schedule, self.warmup, self.total_steps)
         ck_root = self.run_dir / "checkpoints"
         metrics_path = self.run_dir / "metrics.jsonl"

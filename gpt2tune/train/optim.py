@@ -7,13 +7,13 @@ import math
 import torch
 
 
-def build_optimizer(model, lr: float, weight_decay: float, betas, device: torch.device):
+def build_optimizer(model, lr: float, weight_decay: float, betas, device: torch.device, fused: bool = False):
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     decay = [p for n, p in named if p.dim() >= 2]
     no_decay = [p for n, p in named if p.dim() < 2]
     groups = [g for g in ({"params": decay, "weight_decay": weight_decay},
                           {"params": no_decay, "weight_decay": 0.0}) if g["params"]]
-    kw = {"fused": True} if device.type == "cuda" else {"foreach": True}
+    kw = {"fused": True} if device.type == "cuda" or (fused and device.type == "cpu") else {"foreach": True}
     return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), **kw)
 
 

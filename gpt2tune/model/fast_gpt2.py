@@ -1,0 +1,257 @@
+"""A lean GPT-2 forward pass over the parameters of a Hugging Face `GPT2LMHeadModel`.
+
+`FastGPT2(hf_model)` does not copy or rename anything: it reads the very `nn.Parameter`s of the
+HF model (plain or wrapped by peft LoRA), so the optimizer, checkpoints (same state-dict names)
+and `save_pretrained` keep working on the HF model while training runs through this forward:
+
+- fused qkv (`c_attn`, HF Conv1D layout `x @ W + b` through one `addmm`),
+- `F.scaled_dot_product_attention(is_causal=True)` without HF's mask machinery (right-padded and
+  packed batches need no mask: a real token never attends to a later pad; left-padded batches
+  are left to the HF forward),
+- a chunked linear + cross-entropy (`linear_cross_entropy`) that never materialises the full
+  `tokens x vocab` logits in fp32 and computes their gradient chunk by chunk.
+
+Numerics: fp32 gives HF's loss to ~1e-6; under bf16 autocast both run their matmuls in bf16.
+Only GPT-2 configurations HF computes the same way are accepted (`supported` says why not).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+IGNORE = -100
+
+
+def _unwrap(model):
+    """The GPT2LMHeadModel inside a peft wrapper (or the model itself)."""
+    inner = model
+    for _ in range(3):
+        if hasattr(inner, "get_base_model"):
+            inner = inner.get_base_model()
+        elif type(inner).__name__ == "LoraModel" and hasattr(inner, "model"):
+            inner = inner.model
+        else:
+            break
+    return inner
+
+
+def _lora_parts(mod):
+    """(base Conv1D, [(A, B, scaling, dropout)]) for a peft LoRA layer, None for a plain Conv1D,
+    False for anything this forward does not know."""
+    name = type(mod).__name__
+    if name == "Conv1D":
+        return None
+    if hasattr(mod, "base_layer") and hasattr(mod, "lora_A"):
+        if getattr(mod, "merged", False) or getattr(mod, "disable_adapters", False):
+            return False
+        if type(mod.base_layer).__name__ != "Conv1D":
+            return False
+        parts = []
+        for a in mod.active_adapters:
+            if a not in mod.lora_A:
+                continue
+            if getattr(mod, "use_dora", {}).get(a, False):
+                return False
+            parts.append((mod.lora_A[a].weight, mod.lora_B[a].weight, mod.scaling[a], mod.lora_dropout[a]))
+        return mod.base_layer, parts
+    return False
+
+
+def supported(model) -> Optional[str]:
+    """None when `FastGPT2` computes exactly what this model computes; else the reason it does not."""
+    inner = _unwrap(model)
+    if type(inner).__name__ != "GPT2LMHeadModel":
+        return f"{type(inner).__name__} is not a GPT2LMHeadModel"
+    c = inner.config
+    if getattr(c, "add_cross_attention", False) or getattr(c, "scale_attn_by_inverse_layer_idx", False) \
+            or not getattr(c, "scale_attn_weights", True) or getattr(c, "reorder_and_upcast_attn", False):
+        return "unusual GPT-2 attention options"
+    if c.activation_function not in ("gelu_new", "gelu_pytorch_tanh", "gelu"):
+        return f"activation {c.activation_function}"
+    for blk in inner.transformer.h:
+        for mod in (blk.attn.c_attn, blk.attn.c_proj, blk.mlp.c_fc, blk.mlp.c_proj):
+            if _lora_parts(mod) is False:
+                return f"layer type {type(mod).__name__} (only Conv1D and plain LoRA)"
+        if type(blk.ln_1).__name__ != "LayerNorm" or type(blk.ln_2).__name__ != "LayerNorm":
+            return "non-LayerNorm norms"
+    if type(inner.transformer.wte).__name__ != "Embedding" or type(inner.lm_head).__name__ != "Linear":
+        return "embeddings or head replaced (e.g. prompt tuning, adapters on the head)"
+    if getattr(inner.lm_head, "bias", None) is not None:
+        return "lm_head has a bias"
+    return None
+
+
+def right_padded(attention_mask: Optional[torch.Tensor]) -> bool:
+    """True when every row is real tokens then padding: causal attention alone is then exact for
+    the real tokens (none of them sees a later pad), so no mask is needed."""
+    if attention_mask is None:
+        return True
+    m = attention_mask.bool()
+    return bool((m[:, 1:] <= m[:, :-1]).all())
+
+
+def _linear(mod, x: torch.Tensor, training: bool) -> torch.Tensor:
+    parts = _lora_parts(mod)
+    base = mod if parts is None else parts[0]
+    shape = x.shape[:-1] + (base.weight.size(1),)
+    out = torch.addmm(base.bias, x.reshape(-1, x.size(-1)), base.weight).view(shape)
+    if parts is not None:
+        for a, b, scale, drop in parts[1]:
+            xin = drop(x) if training and isinstance(drop, torch.nn.Dropout) else x
+            out = out + F.linear(F.linear(xin, a), b) * scale
+    return out
+
+
+class FastGPT2:
+    """Lean forward of a HF GPT-2 LM (shares its parameters; follows its train/eval mode)."""
+
+    def __init__(self, model):
+        why = supported(model)
+        if why:
+            raise ValueError(f"fast GPT-2 forward not applicable: {why}")
+        self.outer = model
+        self.hf = _unwrap(model)
+        c = self.hf.config
+        self.n_head = c.n_head
+        self.eps = c.layer_norm_epsilon
+        self.gelu = "none" if c.activation_function == "gelu" else "tanh"
+        self.p_embd, self.p_attn, self.p_resid = c.embd_pdrop, c.attn_pdrop, c.resid_pdrop
+
+    @property
+    def training(self) -> bool:
+        return self.hf.training
+
+    def hidden(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Final hidden states [B, T, D] (after ln_f)."""
+        tr = self.hf.transformer
+        training = self.training
+        B, T = input_ids.shape
+        pos = torch.arange(T, device=input_ids.device)
+        x = tr.wte(input_ids) + tr.wpe(pos)
+        if training and self.p_embd:
+            x = F.dropout(x, self.p_embd, True)
+        if not right_padded(attention_mask):
+            raise ValueError("FastGPT2 needs right-padded (or unpadded) rows; use the HF forward for left padding")
+        H = self.n_head
+        p_attn = self.p_attn if training else 0.0
+        for blk in tr.h:
+            h = F.layer_norm(x, (x.size(-1),), blk.ln_1.weight, blk.ln_1.bias, self.eps)
+            qkv = _linear(blk.attn.c_attn, h, training)
+            q, k, v = qkv.view(B, T, 3, H, -1).permute(2, 0, 3, 1, 4).unbind(0)
+            a = F.scaled_dot_product_attention(q, k, v, dropout_p=p_attn, is_causal=True)
+            a = a.transpose(1, 2).reshape(B, T, -1)
+            a = _linear(blk.attn.c_proj, a, training)
+            if training and self.p_resid:
+                a = F.dropout(a, self.p_resid, True)
+            x = x + a
+            h = F.layer_norm(x, (x.size(-1),), blk.ln_2.weight, blk.ln_2.bias, self.eps)
+            h = F.gelu(_linear(blk.mlp.c_fc, h, training), approximate=self.gelu)
+            h = _linear(blk.mlp.c_proj, h, training)
+            if training and self.p_resid:
+                h = F.dropout(h, self.p_resid, True)
+            x = x + h
+        return F.layer_norm(x, (x.size(-1),), tr.ln_f.weight, tr.ln_f.bias, self.eps)
+
+    def logits(self, input_ids, attention_mask=None) -> torch.Tensor:
+        return F.linear(self.hidden(input_ids, attention_mask), self.hf.lm_head.weight)
+
+    def loss(self, batch: dict, chunk: int = 512) -> tuple[torch.Tensor, int, torch.Tensor]:
+        """Same contract as `train.objective.lm_loss`: (mean loss over real tokens, count, #correct)."""
+        h = self.hidden(batch["input_ids"], batch.get("attention_mask"))
+        labels = batch["labels"][:, 1:].reshape(-1)
+        h = h[:, :-1].reshape(-1, h.size(-1))
+        return linear_cross_entropy(h, self.hf.lm_head.weight, labels, chunk)
+
+
+# --------------------------------------------------------------------------- fused head + loss
+
+
+def _compute_dtype(h: torch.Tensor) -> torch.dtype:
+    if torch.is_autocast_enabled(h.device.type):
+        return torch.get_autocast_dtype(h.device.type)
+    return h.dtype
+
+
+class _LinearCE(torch.autograd.Function):
+    """loss = mean CE(h @ W.T, labels) over labels != -100, chunk by chunk; the gradients of h and W
+    are computed in the forward pass (the loss is a scalar, backward only scales them)."""
+
+    @staticmethod
+    def forward(ctx, h, w, labels, chunk, dtype, need_grad):
+        n_valid = int((labels != IGNORE).sum())
+        denom = max(n_valid, 1)
+        hc_all = h.to(dtype)
+        wc = w.to(dtype)
+        total = torch.zeros((), dtype=torch.float32, device=h.device)
+        correct = torch.zeros((), dtype=torch.long, device=h.device)
+        grad_h = torch.empty_like(h) if need_grad else None
+        need_w = need_grad and w.requires_grad
+        grad_w = torch.zeros_like(w, dtype=torch.float32) if need_w else None
+        for s in range(0, h.size(0), chunk):
+            hc = hc_all[s:s + chunk]
+            lab = labels[s:s + chunk]
+            valid = lab != IGNORE
+            logits = (hc @ wc.t()).float()
+            lse = torch.logsumexp(logits, -1)
+            safe = lab.clamp_min(0)
+            tgt = logits.gather(1, safe[:, None]).squeeze(1)
+            total += ((lse - tgt) * valid).sum()
+            correct += ((logits.argmax(-1) == lab) & valid).sum()
+            if need_grad:
+                g = torch.exp_(logits.sub_(lse[:, None]))  # softmax, in place
+                g.scatter_add_(1, safe[:, None], -torch.ones_like(lse)[:, None])
+                g.mul_((valid.float() / denom)[:, None])
+                gc = g.to(dtype)
+                grad_h[s:s + chunk] = (gc @ wc).to(h.dtype)
+                if need_w:
+                    if dtype == torch.float32:
+                        grad_w.addmm_(gc.t(), hc)
+                    else:
+                        grad_w.add_(gc.t() @ hc)
+        ctx.need_w = need_w
+        if need_grad:
+            ctx.save_for_backward(grad_h, grad_w.to(w.dtype) if need_w else None)
+        n = torch.tensor(n_valid)
+        ctx.mark_non_differentiable(correct, n)
+        return total / denom, correct, n
+
+    @staticmethod
+    def backward(ctx, grad_loss, _gc, _gn):
+        grad_h, grad_w = ctx.saved_tensors
+        gw = grad_w * grad_loss.to(grad_w.dtype) if ctx.need_w else None
+        return grad_h * grad_loss.to(grad_h.dtype), gw, None, None, None, None
+
+
+def linear_cross_entropy(h: torch.Tensor, w: torch.Tensor, labels: torch.Tensor, chunk: int = 512):
+    """(mean CE of `h @ w.T` against `labels` over labels != -100, number of such labels, #argmax hits)."""
+    dtype = _compute_dtype(h)
+    need = torch.is_grad_enabled() and (h.requires_grad or w.requires_grad)
+    with torch.autocast(h.device.type, enabled=False):
+        loss, correct, n = _LinearCE.apply(h, w, labels, chunk, dtype, need)
+    return loss, int(n), correct
+
+
+def make_fast_loss(model):
+    """A loss function bound to `model` (what `Trainer(loss_fn=...)` takes), or None when the
+    model is not a plain GPT-2 LM (the caller then keeps `lm_loss`)."""
+    if supported(model):
+        return None
+    fast = FastGPT2(model)
+
+    def loss_fn(m, batch):
+        if m is not model:  # another model (should not happen): the exact HF path
+            from gpt2tune.train.objective import lm_loss
+
+            return lm_loss(m, batch)
+        if not right_padded(batch.get("attention_mask")):
+            from gpt2tune.train.objective import lm_loss
+
+            return lm_loss(m, batch)
+        return fast.loss(batch)
+
+    loss_fn.fast = fast
+    return loss_fn

@@ -1,0 +1,151 @@
+"""The fast training path (train.fast) computes HF's loss: 1e-4 in fp32, 2e-2 under bf16 autocast.
+
+Tiny models only; no timing is asserted (bench/ measures speed)."""
+
+import json
+
+import pytest
+import torch
+
+from gpt2tune.data.dataset import collate, epoch_batches
+from gpt2tune.model.fast_gpt2 import FastGPT2, linear_cross_entropy, make_fast_loss, right_padded, supported
+from gpt2tune.train.objective import lm_loss
+
+
+def tiny(seed=0, dropout=0.0, vocab=300, n_layer=2):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(seed)
+    cfg = GPT2Config(n_layer=n_layer, n_head=4, n_embd=64, vocab_size=vocab, n_positions=64, resid_pdrop=dropout,
+                     embd_pdrop=dropout, attn_pdrop=dropout, bos_token_id=1, eos_token_id=2, pad_token_id=0,
+                     initializer_range=0.1)
+    return GPT2LMHeadModel._from_config(cfg, attn_implementation="sdpa")
+
+
+def batch(lengths=(20, 13, 7, 31), vocab=300, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    rows = [torch.randint(3, vocab, (n,), generator=g).tolist() for n in lengths]
+    return collate(rows, 0)
+
+
+def losses_and_grads(model, loss_fn, b, dtype=None):
+    model.zero_grad(set_to_none=True)
+    ctx = torch.autocast("cpu", dtype=dtype) if dtype else torch.autocast("cpu", enabled=False)
+    with ctx:
+        loss, n, correct = loss_fn(model, b)
+    loss.backward()
+    grads = {k: p.grad.detach().clone() for k, p in model.named_parameters() if p.grad is not None}
+    return float(loss.detach()), n, int(correct), grads
+
+
+@pytest.mark.parametrize("dtype,tol", [(None, 1e-4), (torch.bfloat16, 2e-2)])
+def test_fast_loss_equals_hf_full_model(dtype, tol):
+    m = tiny()
+    m.train()  # dropout 0: train mode is deterministic
+    b = batch()
+    fast = make_fast_loss(m)
+    l1, n1, c1, g1 = losses_and_grads(m, lm_loss, b, dtype)
+    l2, n2, c2, g2 = losses_and_grads(m, fast, b, dtype)
+    assert abs(l1 - l2) <= tol
+    assert n1 == n2 == sum((20, 13, 7, 31)) - 4
+    if dtype is None:
+        assert c1 == c2
+    assert g1.keys() == g2.keys()
+    for k in g1:  # gradients agree too (relative to their scale)
+        scale = float(g1[k].abs().max()) + 1e-8
+        assert float((g1[k] - g2[k]).abs().max()) / scale < (1e-3 if dtype is None else 0.1), k
+
+
+def test_fast_loss_on_packed_and_unpadded_rows():
+    m = tiny(seed=3).eval()
+    rows = epoch_batches([list(range(3, 3 + n)) for n in (5, 9, 30, 12, 17)], 2, "pack", 0, 0, 16)[0]
+    b = collate(rows, 0)
+    with torch.no_grad():
+        assert float(lm_loss(m, b)[0]) == pytest.approx(float(make_fast_loss(m)(m, b)[0]), abs=1e-4)
+
+
+def test_left_padding_falls_back_to_hf():
+    m = tiny().eval()
+    rows = [[5, 6, 7, 8], [9, 10]]
+    b = collate(rows, 0, left=True)
+    assert not right_padded(b["attention_mask"])
+    with torch.no_grad():
+        assert float(make_fast_loss(m)(m, b)[0]) == float(lm_loss(m, b)[0])
+
+
+def test_fast_loss_equals_hf_lora():
+    peft = pytest.importorskip("peft")
+    m = tiny()
+    cfg = peft.LoraConfig(task_type="CAUSAL_LM", r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["c_attn"],
+                          fan_in_fan_out=True, bias="none")
+    pm = peft.get_peft_model(m, cfg)
+    with torch.no_grad():  # B starts at zero: make the adapters do something
+        for n, p in pm.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.05)
+    pm.train()
+    assert supported(pm) is None
+    b = batch()
+    fast = make_fast_loss(pm)
+    l1, _, _, g1 = losses_and_grads(pm, lm_loss, b)
+    l2, _, _, g2 = losses_and_grads(pm, fast, b)
+    assert abs(l1 - l2) <= 1e-4
+    assert g1.keys() == g2.keys() and all("lora_" in k for k in g1)
+    for k in g1:
+        assert torch.allclose(g1[k], g2[k], atol=1e-5, rtol=1e-3), k
+
+
+def test_linear_cross_entropy_chunks_and_ignore():
+    torch.manual_seed(0)
+    h = torch.randn(37, 16, requires_grad=True)
+    w = torch.randn(50, 16, requires_grad=True)
+    labels = torch.randint(0, 50, (37,))
+    labels[::5] = -100
+    ref = torch.nn.functional.cross_entropy(h @ w.t(), labels, ignore_index=-100)
+    ref.backward()
+    gh, gw = h.grad.clone(), w.grad.clone()
+    h.grad = w.grad = None
+    loss, n, correct = linear_cross_entropy(h, w, labels, chunk=8)
+    (loss * 2).backward()
+    assert n == int((labels != -100).sum())
+    assert float(loss) == pytest.approx(float(ref), abs=1e-5)
+    assert torch.allclose(h.grad, 2 * gh, atol=1e-5) and torch.allclose(w.grad, 2 * gw, atol=1e-5)
+
+
+def test_unsupported_models_keep_the_hf_path():
+    m = tiny()
+    m.config.scale_attn_by_inverse_layer_idx = True
+    assert supported(m) and make_fast_loss(m) is None
+    with pytest.raises(ValueError):
+        FastGPT2(m)
+
+
+def test_trainer_fast_matches_reference_and_saves_hf_names(tmp_path):
+    """Two identical runs through the Trainer, train.fast off and on: same losses (fp32), the same
+    parameter names in checkpoints, and the fast run resumes."""
+    from gpt2tune.recipe import TrainSection
+    from gpt2tune.train import checkpoint as ckpt
+    from gpt2tune.train.loop import Data, Trainer
+
+    g = torch.Generator().manual_seed(5)
+    seqs = [torch.randint(3, 300, (int(n),), generator=g).tolist() for n in torch.randint(4, 40, (40,), generator=g)]
+    out = {}
+    for fast in (False, True):
+        (tmp_path / str(fast)).mkdir()
+        cfg = TrainSection(precision="fp32", device="cpu", batch_size=4, max_steps=6, log_every=1, save_every=3,
+                           lr=1e-3, seed=3, fast=fast)
+        tr = Trainer(tiny(), Data(seqs[:32], seqs[32:], 0, "group", 40), cfg, tmp_path / str(fast), progress=False,
+                     log=lambda *_: None)
+        assert (tr.loss_fn is lm_loss) != fast
+        res = tr.fit()
+        out[fast] = [r["loss"] for r in res.records if r["split"] == "train"]
+        names = json.loads((ckpt.latest_checkpoint(tmp_path / str(fast) / "checkpoints") / "state.json").read_text())
+        out[f"names{fast}"] = sorted(tr.model.state_dict())
+    assert out[False] == pytest.approx(out[True], abs=2e-4)  # AdamW foreach vs fused: tiny drift
+    assert out["namesFalse"] == out["namesTrue"]
+    cfg = TrainSection(precision="fp32", device="cpu", batch_size=4, max_steps=6, log_every=1, save_every=3,
+                       lr=1e-3, seed=3, fast=True)
+    tr = Trainer(tiny(), Data(seqs[:32], seqs[32:], 0, "group", 40), cfg, tmp_path / "True", progress=False,
+                 log=lambda *_: None)
+    res = tr.fit(resume=True)
+    assert res.steps == 6
