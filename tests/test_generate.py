@@ -50,11 +50,13 @@ def _prompts(tok, fr, texts):
 def test_greedy_equals_transformers_generate_token_for_token(tiny):
     model, tok, fr = tiny
     prompts = _prompts(tok, fr, ["白日", "床前明月光，疑", "春"])
-    ours = decode(model, prompts, fr.eos, Sampling(max_new_tokens=30, greedy=True))
-    # batched with left padding, and one at a time: the same tokens as transformers
+    # batched with left padding, and one at a time: the same tokens as transformers, with our
+    # static-cache forward ("auto") and with transformers' own forward ("hf")
     hf = _hf(model, prompts, fr.pad, do_sample=False, max_new_tokens=30, eos_token_id=fr.eos)
-    for r, h in zip(ours, hf):
-        assert r.ids == _strip(h, fr.eos, fr.pad)
+    for runner in ("auto", "hf"):
+        ours = decode(model, prompts, fr.eos, Sampling(max_new_tokens=30, greedy=True), runner=runner)
+        for r, h in zip(ours, hf):
+            assert r.ids == _strip(h, fr.eos, fr.pad), runner
     for p, r in zip(prompts, ours):
         assert r.ids == _strip(_hf(model, [p], fr.pad, do_sample=False, max_new_tokens=30, eos_token_id=fr.eos)[0],
                                fr.eos, fr.pad)
@@ -227,6 +229,26 @@ def test_int8_quantization_keeps_logits_close(tiny_zh_model, run_cli):
     assert 0 < d["max_abs_logit_diff"] < 0.5 and d["top1_agreement"] >= 0.9
     code, out, err = run_cli("generate", tiny_zh_model, "--prompt", "白日", "--quantize", "int8", "--greedy")
     assert code == 0 and "int8: logits drift" in err and out.startswith("白日")
+
+
+def test_static_cache_runner_gives_the_same_logits_as_transformers(tiny):
+    from gpt2tune.generate.decode import left_pad
+    from gpt2tune.generate.runner import HFRunner, StaticGPT2Runner
+
+    model, tok, fr = tiny
+    assert StaticGPT2Runner.supports(model)
+    ids, mask = left_pad(_prompts(tok, fr, ["白日依山", "春", "床前明月光"]), fr.pad, "cpu")
+    a, b = HFRunner(model), StaticGPT2Runner(model, ids.size(1) + 8)
+    with torch.inference_mode():
+        la, lb = a.prefill(ids, mask), b.prefill(ids, mask)
+        for step in range(6):
+            assert torch.allclose(la, lb, atol=1e-4), step
+            nxt = la.argmax(-1)
+            if step == 3:  # drop a row, as the decoder does when a sample ends
+                keep = torch.tensor([0, 2])
+                a.select(keep), b.select(keep)
+                nxt = nxt[keep]
+            la, lb = a.step(nxt), b.step(nxt)
 
 
 def test_decoder_can_be_iterated_and_stopped(tiny):

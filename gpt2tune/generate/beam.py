@@ -22,7 +22,7 @@ from gpt2tune.generate.sampling import Sampling
 
 @torch.inference_mode()
 def beam_search(model, prompts: list[list[int]], eos_id: Optional[int], s: Sampling, suppress_ids: Iterable[int] = (),
-                constraint=None, pad_id: Optional[int] = None) -> list[Result]:
+                constraint=None, pad_id: Optional[int] = None, runner: str = "auto") -> list[Result]:
     msg = s.check()
     if msg:
         raise ValueError(msg)
@@ -41,7 +41,7 @@ def beam_search(model, prompts: list[list[int]], eos_id: Optional[int], s: Sampl
     budget = min(want, room)
     was_training = model.training
     model.eval()
-    runner = make_runner(model)
+    runner = make_runner(model, width + budget, runner)
     pad = pad_id if pad_id is not None else (eos_id if eos_id is not None else 0)
     ids, mask = left_pad(rows, pad, device)
     logits = runner.prefill(ids, mask)

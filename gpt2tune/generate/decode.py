@@ -95,7 +95,7 @@ def constrain(logits: torch.Tensor, raw: torch.Tensor, allowed: Optional[torch.T
 
 class Decoder:
     def __init__(self, model, prompts: list[list[int]], eos_id: Optional[int], s: Sampling,
-                 suppress_ids: Iterable[int] = (), constraint=None, pad_id: Optional[int] = None, runner=None):
+                 suppress_ids: Iterable[int] = (), constraint=None, pad_id: Optional[int] = None, runner="auto"):
         if not prompts or any(not p for p in prompts):
             raise ValueError("every prompt needs at least one token (start with the begin marker)")
         msg = s.check()
@@ -116,7 +116,9 @@ class Decoder:
         self.budget = min(want, room)
         self.pad = pad_id if pad_id is not None else (eos_id if eos_id is not None else 0)
         self.suppress = list(suppress_ids)
-        self.runner = runner or make_runner(model)
+        self.runner_kind = runner if isinstance(runner, str) or runner is None else None
+        self.runner = None if self.runner_kind is not None or runner is None else runner
+        self.width = width
         if constraint is not None:
             constraint.start([r.prompt_index for r in self.results])
         self.active = list(range(len(self.rows)))  # result index of each batch position
@@ -147,6 +149,8 @@ class Decoder:
     @torch.inference_mode()
     def _prefill(self) -> torch.Tensor:
         ids, mask = left_pad(self.rows, self.pad, self.device)
+        if self.runner is None:
+            self.runner = make_runner(self.model, self.width + self.budget, self.runner_kind or "auto")
         logits = self.runner.prefill(ids, mask)
         self.proc = Processors(self.s, self.rows, logits.size(-1), self.eos, self.suppress, self.device)
         return logits
@@ -206,13 +210,15 @@ class Decoder:
 
 
 def decode(model, prompts: list[list[int]], eos_id: Optional[int], s: Sampling, suppress_ids: Iterable[int] = (),
-           constraint=None, pad_id: Optional[int] = None) -> list[Result]:
-    """Continue every prompt `num_return_sequences` times (beam search when `s.num_beams` > 1)."""
+           constraint=None, pad_id: Optional[int] = None, runner: str = "auto") -> list[Result]:
+    """Continue every prompt `num_return_sequences` times (beam search when `s.num_beams` > 1).
+
+    `runner`: "auto" (static-cache GPT-2 forward where supported) or "hf" (`transformers`' forward)."""
     if s.num_beams > 1:
         from gpt2tune.generate.beam import beam_search
 
-        return beam_search(model, prompts, eos_id, s, suppress_ids, constraint, pad_id)
-    dec = Decoder(model, prompts, eos_id, s, suppress_ids, constraint, pad_id)
+        return beam_search(model, prompts, eos_id, s, suppress_ids, constraint, pad_id, runner)
+    dec = Decoder(model, prompts, eos_id, s, suppress_ids, constraint, pad_id, runner)
     for _ in dec:
         pass
     return dec.results
