@@ -197,9 +197,28 @@ def _architectures(folder: Path) -> list[str]:
     return list(cfg.get("architectures") or [])
 
 
+def _is_classifier_arch(folder: Path) -> bool:
+    return any("SequenceClassification" in a or a == "GPT2Classifier" for a in _architectures(folder))
+
+
 def is_classifier(path: str | Path) -> bool:
+    """A classification run: its model/ (or the folder) is a GPT-2 classifier, or its adapter/ sits on one."""
     p = Path(path)
-    return any("SequenceClassification" in a for f in (p / "model", p) for a in _architectures(f))
+    if (p / "model" / "config.json").is_file() or (p / "config.json").is_file():
+        return _is_classifier_arch(p / "model") or _is_classifier_arch(p)
+    from gpt2tune.method.io import adapter_folder, base_folder, read_rebuild
+
+    ad = adapter_folder(p)
+    if ad is None:
+        return False
+    info = read_rebuild(ad)
+    base = (info.get("base") or {}).get("folder")
+    if base:
+        return _is_classifier_arch((ad / base).resolve())
+    try:
+        return _is_classifier_arch(base_folder(ad, info))
+    except UserError:
+        return False
 
 
 def _chat_end(path: Path, tok, framing) -> int:
