@@ -1,7 +1,6 @@
 import json
 
 import pytest
-import torch
 
 from conftest import BERT_ZH, GPT2_BPE, POEMS, TANG_MINI, need, write_recipe
 from gpt2tune.data.poetry import FORMS

@@ -95,7 +95,7 @@ def read_prompts(a) -> list[str]:
 
 
 def run(a) -> int:
-    from gpt2tune.generate.text import generate_texts, stream_texts
+    from gpt2tune.generate.text import generate_texts
     from gpt2tune.method.io import load_run
 
     s = sampling_from_args(a, a.num_return_sequences)
