@@ -149,3 +149,18 @@ def test_trainer_fast_matches_reference_and_saves_hf_names(tmp_path):
                  log=lambda *_: None)
     res = tr.fit(resume=True)
     assert res.steps == 6
+
+
+def test_accumulated_scaled_gradients_match():
+    """grad_accum: (loss / 2).backward() twice, gradients accumulate into the tied embedding."""
+    m = tiny(seed=4)
+    m.train()
+    b1, b2 = batch(seed=1), batch(lengths=(9, 30, 12, 5), seed=2)
+    grads = []
+    for fn in (lm_loss, make_fast_loss(m, tune_malloc=False)):
+        m.zero_grad(set_to_none=True)
+        for b in (b1, b2):
+            (fn(m, b)[0] / 2).backward()
+        grads.append({k: p.grad.clone() for k, p in m.named_parameters()})
+    for k in grads[0]:
+        assert torch.allclose(grads[0][k], grads[1][k], atol=1e-6, rtol=1e-3), k

@@ -1,0 +1,400 @@
+"""gpt2tune vs plain Hugging Face, side by side in one process (`make bench`).
+
+Every workload runs the HF baseline and gpt2tune's path on the same model weights and the same
+batches, interleaved step by step (so background load hits both alike), and prints
+
+    name | HF figure | gpt2tune figure | ratio
+
+plus the machine's own ceilings (bf16 / fp32 matmul GFLOP/s, memory bandwidth) and the model FLOP
+utilisation (MFU) of every training run against the matching matmul ceiling.
+
+    .venv/bin/python bench/run.py                 # GPT-2 124M (GPT2Config()), ~10-25 minutes
+    .venv/bin/python bench/run.py --size mini     # a small model: a smoke test in about a minute
+    .venv/bin/python bench/run.py --only decode --steps 5 --json out.json
+
+Peak memory is the resident-set peak of one training step above the resident set before it
+(sampled every 2 ms); parameters, gradients and AdamW state are the same for both sides.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import random
+import sys
+import threading
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from gpt2tune.data.dataset import collate, epoch_batches  # noqa: E402
+from gpt2tune.model.fast_gpt2 import make_fast_loss  # noqa: E402
+from gpt2tune.train.objective import lm_loss  # noqa: E402
+
+POEMS = ROOT.parent / "shared" / "data" / "chinese-poetry" / "全唐诗"
+BERT_ZH = ROOT.parent / "shared" / "data" / "tokenizers" / "bert-base-chinese"
+LINES: list[str] = []
+
+
+def out(line: str) -> None:
+    LINES.append(line)
+    print(line, flush=True)
+
+
+# --------------------------------------------------------------------------- machine ceilings
+
+
+def matmul_gflops(dtype, n=2048, reps=6) -> float:
+    a = torch.randn(n, n).to(dtype)
+    b = torch.randn(n, n).to(dtype)
+    a @ b
+    best = float("inf")
+    for _ in range(reps):
+        t = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - t)
+    return 2 * n ** 3 / best / 1e9
+
+
+def bandwidth_gbs(mb=512, reps=5) -> float:
+    src = torch.ones(mb * 2 ** 20 // 4)
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    best = float("inf")
+    for _ in range(reps):
+        t = time.perf_counter()
+        dst.copy_(src)
+        best = min(best, time.perf_counter() - t)
+    return 2 * src.numel() * 4 / best / 1e9  # read + write
+
+
+# --------------------------------------------------------------------------- memory sampler
+
+
+def rss() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+class PeakRSS:
+    def __enter__(self):
+        gc.collect()
+        self.base = self.peak = rss()
+        self.stop = False
+        self.th = threading.Thread(target=self._run, daemon=True)
+        self.th.start()
+        return self
+
+    def _run(self):
+        while not self.stop:
+            self.peak = max(self.peak, rss())
+            time.sleep(0.002)
+
+    def __exit__(self, *a):
+        self.stop = True
+        self.th.join()
+        self.peak = max(self.peak, rss())
+        self.delta = self.peak - self.base
+
+
+# --------------------------------------------------------------------------- models and steps
+
+
+def gpt2(size: str, vocab: int = 50257, seed: int = 0):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(seed)
+    if size == "small":
+        cfg = GPT2Config(vocab_size=vocab)  # GPT-2 124M
+    else:
+        cfg = GPT2Config(vocab_size=vocab, n_layer=4, n_head=4, n_embd=256)
+    cfg.resid_pdrop = cfg.embd_pdrop = cfg.attn_pdrop = 0.1  # as GPT2Config(): dropout stays on while training
+    return GPT2LMHeadModel._from_config(cfg, attn_implementation="sdpa")
+
+
+def flops_per_token(model, T: int, trainable_all: bool = True) -> float:
+    """Matmul FLOPs per trained token: 6N (forward + backward) + attention 12*L*T*D (nanoGPT/PaLM
+    estimate); N counts every matmul weight once (the tied head included, position table excluded).
+    With frozen weights (LoRA) the weight-gradient third is skipped: 4N."""
+    c = model.config
+    n = sum(p.numel() for n_, p in model.named_parameters() if "wpe" not in n_ and "lora_" not in n_)
+    n = n if hasattr(model, "lm_head") else n
+    mult = 6 if trainable_all else 4
+    return mult * n + 12 * c.n_layer * T * c.n_embd
+
+
+class Side:
+    """One training configuration: a loss function, an optimizer, a precision."""
+
+    def __init__(self, name, model, loss_fn, dtype, fused: bool):
+        from gpt2tune.train.optim import build_optimizer
+
+        self.name, self.model, self.loss_fn, self.dtype = name, model, loss_fn, dtype
+        self.opt = build_optimizer(model, 1e-5, 0.01, (0.9, 0.999), torch.device("cpu"), fused=fused)
+        self.times, self.tokens, self.useful, self.mem = [], 0, 0, 0
+
+    def step(self, batch: dict, timed: bool) -> None:
+        ctx = torch.autocast("cpu", dtype=self.dtype) if self.dtype != torch.float32 else torch.autocast("cpu", enabled=False)
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        with PeakRSS() as mem:
+            t = time.perf_counter()
+            with ctx:
+                loss, n, _ = self.loss_fn(self.model, batch)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            self.opt.step()
+            self.opt.zero_grad(set_to_none=True)
+            dt = time.perf_counter() - t
+        if timed:
+            self.times.append(dt)
+            self.tokens += batch["input_ids"].numel()
+            self.useful += int(batch["attention_mask"].sum())
+            self.mem = max(self.mem, mem.delta)
+
+    @property
+    def tps(self) -> float:
+        return self.tokens / sum(self.times)
+
+    @property
+    def useful_tps(self) -> float:
+        return self.useful / sum(self.times)
+
+
+def run_sides(sides, batches_of, steps: int, warmup: int) -> None:
+    """Interleave the sides step by step; `batches_of(side)` gives the batch list of a side."""
+    for i in range(warmup + steps):
+        for s in sides:
+            bl = batches_of(s)
+            s.step(bl[i % len(bl)], timed=i >= warmup)
+
+
+def ratio(a: float, b: float) -> str:
+    return f"{b / a:.2f}x"
+
+
+def row(name: str, hf: str, ours: str, r: str, note: str = "") -> None:
+    out(f"{name:<48} | HF {hf:>11} | gpt2tune {ours:>8} | {r:>6}" + (f"  ({note})" if note else ""))
+
+
+# --------------------------------------------------------------------------- workloads
+
+
+def bench_full(args, ceil) -> dict:
+    m = gpt2(args.size)
+    m.train()
+    g = torch.Generator().manual_seed(0)
+    V = m.config.vocab_size
+    batches = []
+    for _ in range(4):
+        ids = torch.randint(0, V, (4, 128), generator=g)
+        batches.append({"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()})
+    fast = make_fast_loss(m, tune_malloc=False)
+    hf32 = Side("HF fp32", m, lm_loss, torch.float32, fused=False)
+    hfbf = Side("HF bf16 autocast", m, lm_loss, torch.bfloat16, fused=False)
+    ours = Side("gpt2tune fast bf16", m, fast, torch.bfloat16, fused=True)
+    sides = [hf32, hfbf, ours]
+    if args.all:
+        sides.append(Side("gpt2tune fast fp32", m, fast, torch.float32, fused=True))
+    run_sides(sides, lambda s: batches, args.steps, args.warmup)
+    fpt = flops_per_token(m, 128)
+    mfu = lambda s, c: s.tps * fpt / (c * 1e9)  # noqa: E731
+    row("full fine-tuning vs HF fp32 (tok/s)", f"{hf32.tps:.1f}", f"{ours.tps:.1f}", ratio(hf32.tps, ours.tps),
+        "ours: train.fast + precision bf16")
+    row("full fine-tuning vs HF bf16 autocast (tok/s)", f"{hfbf.tps:.1f}", f"{ours.tps:.1f}", ratio(hfbf.tps, ours.tps))
+    if args.all:
+        f32 = sides[3]
+        row("full fine-tuning fp32 vs HF fp32 (tok/s)", f"{hf32.tps:.1f}", f"{f32.tps:.1f}", ratio(hf32.tps, f32.tps),
+            "same precision")
+    row("full fine-tuning peak step memory (MiB)", f"{hf32.mem / 2**20:.0f} / {hfbf.mem / 2**20:.0f}",
+        f"{ours.mem / 2**20:.0f}", ratio(ours.mem, hfbf.mem), "HF fp32 / bf16; ratio: HF bf16 / ours, >1 = ours smaller")
+    out(f"  MFU: HF fp32 {100 * mfu(hf32, ceil['fp32']):.1f}% of fp32 ceiling, HF bf16 {100 * mfu(hfbf, ceil['bf16']):.1f}%"
+        f" and gpt2tune {100 * mfu(ours, ceil['bf16']):.1f}% of bf16 ceiling ({fpt / 1e6:.0f} MFLOP/token)")
+    return {"hf_fp32": hf32.tps, "hf_bf16": hfbf.tps, "ours_bf16": ours.tps,
+            "mem_mib": {"hf_fp32": hf32.mem / 2**20, "hf_bf16": hfbf.mem / 2**20, "ours": ours.mem / 2**20},
+            **({"ours_fp32": sides[3].tps} if args.all else {})}
+
+
+def bench_lora(args, ceil) -> dict:
+    import peft
+
+    res = {}
+    g = torch.Generator().manual_seed(1)
+    batches = []
+    for _ in range(4):
+        ids = torch.randint(0, 50257, (4, 128), generator=g)
+        batches.append({"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()})
+    cfg = dict(task_type="CAUSAL_LM", r=8, lora_alpha=16, lora_dropout=0.05, target_modules=["c_attn"],
+               fan_in_fan_out=True, bias="none")
+    pm = peft.get_peft_model(gpt2(args.size), peft.LoraConfig(**cfg))
+    pm.train()
+    hf = Side("HF+peft fp32", pm, lm_loss, torch.float32, fused=False)
+    ours = Side("gpt2tune fast bf16", pm, make_fast_loss(pm, tune_malloc=False), torch.bfloat16, fused=True)
+    run_sides([hf, ours], lambda s: batches, args.steps, args.warmup)
+    fpt = flops_per_token(pm.get_base_model(), 128, trainable_all=False)
+    row("LoRA r=8 c_attn vs HF+peft fp32 (tok/s)", f"{hf.tps:.1f}", f"{ours.tps:.1f}", ratio(hf.tps, ours.tps),
+        "ours: train.fast + precision bf16")
+    out(f"  MFU: HF+peft fp32 {100 * hf.tps * fpt / (ceil['fp32'] * 1e9):.1f}% of fp32 ceiling, "
+        f"gpt2tune {100 * ours.tps * fpt / (ceil['bf16'] * 1e9):.1f}% of bf16 ceiling")
+    res.update(hf=hf.tps, ours=ours.tps)
+    return res
+
+
+def tang_texts(limit: int) -> list[str]:
+    from gpt2tune.data.sources import SourceOptions, load_source
+
+    recs = load_source(f"chinese-poetry:{POEMS}", SourceOptions()).records
+    random.Random(0).shuffle(recs)
+    return [r["text"] for r in recs[:limit]]
+
+
+def bench_tang(args, ceil) -> dict:
+    from gpt2tune.data.dataset import tokenize_texts
+    from gpt2tune.model.tokenizer import framing_of, load_tokenizer
+
+    if not POEMS.exists() or not BERT_ZH.exists():
+        out("tang poems: ../shared data absent, skipped")
+        return {}
+    tok = load_tokenizer(BERT_ZH)
+    fr = framing_of(tok)
+    texts = tang_texts(4000)
+    seqs, _ = tokenize_texts(tok, texts, fr.bos, fr.eos, 256, split_long=True)
+    lens = sorted(len(s) for s in seqs)
+    m = gpt2(args.size, vocab=len(tok))
+    m.train()
+    bs = 8
+    seed_b = [collate(r, fr.pad) for r in epoch_batches(seqs, bs, "pad", 0, 0, 256)]
+    group_b = [collate(r, fr.pad) for r in epoch_batches(seqs, bs, "group", 0, 0, 256)]
+    pack_b = [collate(r, fr.pad) for r in epoch_batches(seqs, bs, "pack", 0, 0, 128)]
+    fill = lambda bl: sum(int(b["attention_mask"].sum()) for b in bl) / sum(b["input_ids"].numel() for b in bl)  # noqa
+    out(f"  tang poems: {len(seqs)} samples, tokens per sample median {lens[len(lens) // 2]}, "
+        f"p10 {lens[len(lens) // 10]}, p90 {lens[9 * len(lens) // 10]}, max {lens[-1]}; "
+        f"non-pad share: pad {100 * fill(seed_b):.0f}%, group {100 * fill(group_b):.0f}%, pack {100 * fill(pack_b):.0f}%")
+    fast = make_fast_loss(m, tune_malloc=False)
+    seed = Side("seed loop (pad, HF fp32)", m, lm_loss, torch.float32, fused=False)
+    hfgroup = Side("HF fp32 + group", m, lm_loss, torch.float32, fused=False)
+    ours_p = Side("gpt2tune pack + fast bf16", m, fast, torch.bfloat16, fused=True)
+    ours_g = Side("gpt2tune group + fast bf16", m, fast, torch.bfloat16, fused=True)
+    sides = [seed, hfgroup, ours_p, ours_g]
+    bmap = {id(seed): seed_b, id(hfgroup): group_b, id(ours_p): pack_b, id(ours_g): group_b}
+    # the same number of samples' worth of batches for everyone: step i takes batch i of its own list
+    run_sides(sides, lambda s: bmap[id(s)], args.steps + 1, args.warmup)
+    row("tang poems useful tok/s: pack+fast vs seed pad", f"{seed.useful_tps:.1f}", f"{ours_p.useful_tps:.1f}",
+        ratio(seed.useful_tps, ours_p.useful_tps), "non-pad tokens only")
+    row("tang poems useful tok/s: group+fast vs seed pad", f"{seed.useful_tps:.1f}", f"{ours_g.useful_tps:.1f}",
+        ratio(seed.useful_tps, ours_g.useful_tps))
+    row("tang poems useful tok/s: HF fp32 group vs pad", f"{seed.useful_tps:.1f}", f"{hfgroup.useful_tps:.1f}",
+        ratio(seed.useful_tps, hfgroup.useful_tps), "batching alone")
+    return {"seed": seed.useful_tps, "hf_group": hfgroup.useful_tps, "pack_fast": ours_p.useful_tps,
+            "group_fast": ours_g.useful_tps}
+
+
+def bench_decode(args, ceil) -> dict:
+    from gpt2tune.generate.fast import generate_ids_fast
+    from gpt2tune.generate.sampling import Sampling
+
+    m = gpt2(args.size).eval()
+    new = args.new_tokens
+    prompt = [50256, 464, 3290, 318]
+    res = {}
+
+    def hf_gen(bs, sample):
+        torch.manual_seed(0)
+        t = time.perf_counter()
+        with torch.inference_mode():
+            o = m.generate(torch.tensor([prompt]), max_new_tokens=new, min_new_tokens=new, do_sample=sample,
+                           top_k=50 if sample else None, num_return_sequences=bs, eos_token_id=None, pad_token_id=0)
+        dt = time.perf_counter() - t
+        return o[:, len(prompt):].tolist(), bs * new / dt
+
+    def ours(bs, sample, dtype=None):
+        s = Sampling(max_new_tokens=new, greedy=not sample, top_k=50 if sample else 0, num_return_sequences=bs, seed=0)
+        t = time.perf_counter()
+        ids = generate_ids_fast(m, prompt, None, s, dtype=dtype)
+        dt = time.perf_counter() - t
+        return ids, sum(map(len, ids)) / dt
+
+    # warm-up (and the greedy equality check)
+    hf_gen(1, False)
+    ours(1, False)
+    ours(1, False, torch.bfloat16)
+    reps = max(1, args.decode_reps)
+    hf1, o1, o1b, hf8, o8, o8b = [], [], [], [], [], []
+    same = True
+    for _ in range(reps):
+        a, x = hf_gen(1, False)
+        hf1.append(x)
+        b, y = ours(1, False)
+        o1.append(y)
+        same &= a[0] == b[0]
+        o1b.append(ours(1, False, torch.bfloat16)[1])
+        hf8.append(hf_gen(8, True)[1])
+        o8.append(ours(8, True)[1])
+        o8b.append(ours(8, True, torch.bfloat16)[1])
+    med = lambda v: sorted(v)[len(v) // 2]  # noqa: E731
+    row(f"greedy decode bs1 {new} tokens (tok/s)", f"{med(hf1):.1f}", f"{med(o1):.1f}", ratio(med(hf1), med(o1)),
+        f"fp32, same tokens as HF: {same}")
+    row(f"greedy decode bs1 bf16 weights (tok/s)", f"{med(hf1):.1f}", f"{med(o1b):.1f}", ratio(med(hf1), med(o1b)),
+        "vs HF fp32; option dtype=bf16")
+    row(f"sampling bs8 top-k 50 {new} tokens (tok/s)", f"{med(hf8):.1f}", f"{med(o8):.1f}", ratio(med(hf8), med(o8)),
+        "fp32")
+    row(f"sampling bs8 bf16 weights (tok/s)", f"{med(hf8):.1f}", f"{med(o8b):.1f}", ratio(med(hf8), med(o8b)),
+        "vs HF fp32; option dtype=bf16")
+    weights = sum(p.numel() for n, p in m.named_parameters() if "wpe" not in n) * 4
+    out(f"  decode floor from bandwidth: fp32 weights {weights / 1e6:.0f} MB per token -> at most "
+        f"{ceil['bw'] * 1e9 / weights:.0f} tok/s at bs1 (bf16: {2 * ceil['bw'] * 1e9 / weights:.0f})")
+    res.update(greedy_hf=med(hf1), greedy_ours=med(o1), greedy_ours_bf16=med(o1b), greedy_same=same,
+               sample_hf=med(hf8), sample_ours=med(o8), sample_ours_bf16=med(o8b))
+    return res
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--size", choices=["small", "mini"], default="small", help="small: GPT-2 124M")
+    ap.add_argument("--steps", type=int, default=3, help="timed training steps per side")
+    ap.add_argument("--warmup", type=int, default=1)
+    ap.add_argument("--new-tokens", type=int, default=128)
+    ap.add_argument("--decode-reps", type=int, default=1)
+    ap.add_argument("--only", default="full,lora,decode,tang")
+    ap.add_argument("--all", action="store_true", help="also time the fast path in fp32")
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--malloc", choices=["plain", "tuned"], default="plain",
+                    help="tuned: glibc keeps big buffers (what train.fast does in a real run); process-wide, so "
+                         "the HF baseline gets it too. plain (default): neither side")
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    if args.malloc == "tuned":
+        from gpt2tune.model.fast_gpt2 import tune_allocator
+
+        tune_allocator()
+    t0 = time.perf_counter()
+    out(f"gpt2tune bench: torch {torch.__version__}, transformers {transformers.__version__}, "
+        f"{torch.get_num_threads()} threads, model {'GPT-2 124M' if args.size == 'small' else 'mini'}, "
+        f"malloc {args.malloc}, load average {os.getloadavg()[0]:.1f}")
+    ceil = {"bf16": matmul_gflops(torch.bfloat16), "fp32": matmul_gflops(torch.float32), "bw": bandwidth_gbs()}
+    out(f"ceilings: bf16 matmul {ceil['bf16']:.0f} GFLOP/s, fp32 matmul {ceil['fp32']:.0f} GFLOP/s, "
+        f"memory bandwidth {ceil['bw']:.1f} GB/s")
+    res = {"ceilings": ceil}
+    for name in args.only.split(","):
+        t = time.perf_counter()
+        res[name] = {"full": bench_full, "lora": bench_lora, "decode": bench_decode, "tang": bench_tang}[name](args, ceil)
+        out(f"  ({name}: {time.perf_counter() - t:.0f} s)")
+    out(f"total {time.perf_counter() - t0:.0f} s; load average at the end {os.getloadavg()[0]:.1f}")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"lines": LINES, "results": res}, indent=1), encoding="utf-8")
+
+
+if __name__ == "__main__":
+    main()
