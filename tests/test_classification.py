@@ -334,3 +334,16 @@ def test_every_method_trains_a_classifier_that_classify_loads(tmp_path, run_cli,
     # batching with padding gives the single-text probabilities (pooling on the last real token)
     one = [predict(model, tok, [t])[0]["probability"] for t in texts]
     assert [g["probability"] for g in got] == pytest.approx(one, abs=1e-5)
+
+
+def test_sms_spam_recipe_is_valid_and_its_source_replaceable():
+    from conftest import ROOT
+
+    from gpt2tune.recipe import load_recipe
+
+    r = load_recipe(ROOT / "recipes" / "sms-spam.yaml")
+    assert r.task == "classification" and r.data.source.startswith("tsv:") and r.data.columns == ["label", "text"]
+    assert r.data.balance == "undersample" and r.data.split == [0.7, 0.1, 0.2] and r.data.seed == 123
+    assert r.model.init == "scratch" and r.method.name == "full"
+    r = load_recipe(ROOT / "recipes" / "sms-spam.yaml", ["data.source=csv:other.csv", "data.balance=none"])
+    assert r.data.source == "csv:other.csv" and r.data.balance == "none"

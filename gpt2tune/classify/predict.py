@@ -146,6 +146,7 @@ def load_classifier(path: str | Path):
         folder = p / "model" if (p / "model" / "config.json").is_file() else p
         if not (folder / "config.json").is_file():
             raise UserError(f"{p} is neither a classification run folder (with model/ or adapter/) nor a model folder")
+        _check_classifier(folder)
         tok = load_tokenizer(folder)
         framing_of(tok)
         model = _load_base(folder)
