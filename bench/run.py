@@ -139,22 +139,23 @@ class Side:
 
         self.name, self.model, self.loss_fn, self.dtype = name, model, loss_fn, dtype
         self.opt = build_optimizer(model, 1e-5, 0.01, (0.9, 0.999), torch.device("cpu"), fused=fused)
-        self.times, self.tokens, self.useful, self.mem = [], 0, 0, 0
+        self.times, self.cpu, self.tokens, self.useful, self.mem = [], [], 0, 0, 0
 
     def step(self, batch: dict, timed: bool) -> None:
         ctx = torch.autocast("cpu", dtype=self.dtype) if self.dtype != torch.float32 else torch.autocast("cpu", enabled=False)
         params = [p for p in self.model.parameters() if p.requires_grad]
         with PeakRSS() as mem:
-            t = time.perf_counter()
+            t, c = time.perf_counter(), time.process_time()
             with ctx:
                 loss, n, _ = self.loss_fn(self.model, batch)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)
             self.opt.step()
             self.opt.zero_grad(set_to_none=True)
-            dt = time.perf_counter() - t
+            dt, dc = time.perf_counter() - t, time.process_time() - c
         if timed:
             self.times.append(dt)
+            self.cpu.append(dc)
             self.tokens += batch["input_ids"].numel()
             self.useful += int(batch["attention_mask"].sum())
             self.mem = max(self.mem, mem.delta)
@@ -166,6 +167,15 @@ class Side:
     @property
     def useful_tps(self) -> float:
         return self.useful / sum(self.times)
+
+    @property
+    def cpu_tps(self) -> float:
+        """Tokens per CPU-second of this process (all threads): robust to other processes' load."""
+        return self.tokens / sum(self.cpu)
+
+    @property
+    def useful_cpu_tps(self) -> float:
+        return self.useful / sum(self.cpu)
 
 
 def run_sides(sides, batches_of, steps: int, warmup: int) -> None:
@@ -209,15 +219,22 @@ def bench_full(args, ceil) -> dict:
     row("full fine-tuning vs HF fp32 (tok/s)", f"{hf32.tps:.1f}", f"{ours.tps:.1f}", ratio(hf32.tps, ours.tps),
         "ours: train.fast + precision bf16")
     row("full fine-tuning vs HF bf16 autocast (tok/s)", f"{hfbf.tps:.1f}", f"{ours.tps:.1f}", ratio(hfbf.tps, ours.tps))
+    row("full fine-tuning vs HF fp32 (tok/CPU-s)", f"{hf32.cpu_tps:.1f}", f"{ours.cpu_tps:.1f}",
+        ratio(hf32.cpu_tps, ours.cpu_tps), "per CPU-second: robust to load")
+    row("full fine-tuning vs HF bf16 autocast (tok/CPU-s)", f"{hfbf.cpu_tps:.1f}", f"{ours.cpu_tps:.1f}",
+        ratio(hfbf.cpu_tps, ours.cpu_tps))
     if args.all:
         f32 = sides[3]
         row("full fine-tuning fp32 vs HF fp32 (tok/s)", f"{hf32.tps:.1f}", f"{f32.tps:.1f}", ratio(hf32.tps, f32.tps),
             "same precision")
+        row("full fine-tuning fp32 vs HF fp32 (tok/CPU-s)", f"{hf32.cpu_tps:.1f}", f"{f32.cpu_tps:.1f}",
+            ratio(hf32.cpu_tps, f32.cpu_tps), "same precision")
     row("full fine-tuning peak step memory (MiB)", f"{hf32.mem / 2**20:.0f} / {hfbf.mem / 2**20:.0f}",
         f"{ours.mem / 2**20:.0f}", ratio(ours.mem, hfbf.mem), "HF fp32 / bf16; ratio: HF bf16 / ours, >1 = ours smaller")
     out(f"  MFU: HF fp32 {100 * mfu(hf32, ceil['fp32']):.1f}% of fp32 ceiling, HF bf16 {100 * mfu(hfbf, ceil['bf16']):.1f}%"
         f" and gpt2tune {100 * mfu(ours, ceil['bf16']):.1f}% of bf16 ceiling ({fpt / 1e6:.0f} MFLOP/token)")
     return {"hf_fp32": hf32.tps, "hf_bf16": hfbf.tps, "ours_bf16": ours.tps,
+            "cpu": {"hf_fp32": hf32.cpu_tps, "hf_bf16": hfbf.cpu_tps, "ours_bf16": ours.cpu_tps},
             "mem_mib": {"hf_fp32": hf32.mem / 2**20, "hf_bf16": hfbf.mem / 2**20, "ours": ours.mem / 2**20},
             **({"ours_fp32": sides[3].tps} if args.all else {})}
 
@@ -241,9 +258,11 @@ def bench_lora(args, ceil) -> dict:
     fpt = flops_per_token(pm.get_base_model(), 128, trainable_all=False)
     row("LoRA r=8 c_attn vs HF+peft fp32 (tok/s)", f"{hf.tps:.1f}", f"{ours.tps:.1f}", ratio(hf.tps, ours.tps),
         "ours: train.fast + precision bf16")
+    row("LoRA r=8 c_attn vs HF+peft fp32 (tok/CPU-s)", f"{hf.cpu_tps:.1f}", f"{ours.cpu_tps:.1f}",
+        ratio(hf.cpu_tps, ours.cpu_tps), "per CPU-second")
     out(f"  MFU: HF+peft fp32 {100 * hf.tps * fpt / (ceil['fp32'] * 1e9):.1f}% of fp32 ceiling, "
         f"gpt2tune {100 * ours.tps * fpt / (ceil['bf16'] * 1e9):.1f}% of bf16 ceiling")
-    res.update(hf=hf.tps, ours=ours.tps)
+    res.update(hf=hf.tps, ours=ours.tps, hf_cpu=hf.cpu_tps, ours_cpu=ours.cpu_tps)
     return res
 
 
@@ -288,12 +307,14 @@ def bench_tang(args, ceil) -> dict:
     run_sides(sides, lambda s: bmap[id(s)], args.steps + 1, args.warmup)
     row("tang poems useful tok/s: pack+fast vs seed pad", f"{seed.useful_tps:.1f}", f"{ours_p.useful_tps:.1f}",
         ratio(seed.useful_tps, ours_p.useful_tps), "non-pad tokens only")
+    row("tang poems useful tok/CPU-s: pack+fast vs seed pad", f"{seed.useful_cpu_tps:.1f}",
+        f"{ours_p.useful_cpu_tps:.1f}", ratio(seed.useful_cpu_tps, ours_p.useful_cpu_tps), "per CPU-second")
     row("tang poems useful tok/s: group+fast vs seed pad", f"{seed.useful_tps:.1f}", f"{ours_g.useful_tps:.1f}",
         ratio(seed.useful_tps, ours_g.useful_tps))
     row("tang poems useful tok/s: HF fp32 group vs pad", f"{seed.useful_tps:.1f}", f"{hfgroup.useful_tps:.1f}",
         ratio(seed.useful_tps, hfgroup.useful_tps), "batching alone")
     return {"seed": seed.useful_tps, "hf_group": hfgroup.useful_tps, "pack_fast": ours_p.useful_tps,
-            "group_fast": ours_g.useful_tps}
+            "group_fast": ours_g.useful_tps, "cpu": {"seed": seed.useful_cpu_tps, "pack_fast": ours_p.useful_cpu_tps}}
 
 
 def bench_decode(args, ceil) -> dict:
@@ -307,19 +328,20 @@ def bench_decode(args, ceil) -> dict:
 
     def hf_gen(bs, sample):
         torch.manual_seed(0)
-        t = time.perf_counter()
+        t, c = time.perf_counter(), time.process_time()
         with torch.inference_mode():
             o = m.generate(torch.tensor([prompt]), max_new_tokens=new, min_new_tokens=new, do_sample=sample,
                            top_k=50 if sample else None, num_return_sequences=bs, eos_token_id=None, pad_token_id=0)
-        dt = time.perf_counter() - t
-        return o[:, len(prompt):].tolist(), bs * new / dt
+        dt, dc = time.perf_counter() - t, time.process_time() - c
+        return o[:, len(prompt):].tolist(), (bs * new / dt, bs * new / dc)
 
     def ours(bs, sample, dtype=None):
         s = Sampling(max_new_tokens=new, greedy=not sample, top_k=50 if sample else 0, num_return_sequences=bs, seed=0)
-        t = time.perf_counter()
+        t, c = time.perf_counter(), time.process_time()
         ids = generate_ids_fast(m, prompt, None, s, dtype=dtype)
-        dt = time.perf_counter() - t
-        return ids, sum(map(len, ids)) / dt
+        dt, dc = time.perf_counter() - t, time.process_time() - c
+        n = sum(map(len, ids))
+        return ids, (n / dt, n / dc)
 
     # warm-up (and the greedy equality check)
     hf_gen(1, False)
@@ -338,7 +360,8 @@ def bench_decode(args, ceil) -> dict:
         hf8.append(hf_gen(8, True)[1])
         o8.append(ours(8, True)[1])
         o8b.append(ours(8, True, torch.bfloat16)[1])
-    med = lambda v: sorted(v)[len(v) // 2]  # noqa: E731
+    med = lambda v: sorted(x[0] for x in v)[len(v) // 2]  # noqa: E731
+    cmed = lambda v: sorted(x[1] for x in v)[len(v) // 2]  # noqa: E731
     row(f"greedy decode bs1 {new} tokens (tok/s)", f"{med(hf1):.1f}", f"{med(o1):.1f}", ratio(med(hf1), med(o1)),
         f"fp32, same tokens as HF: {same}")
     row(f"greedy decode bs1 bf16 weights (tok/s)", f"{med(hf1):.1f}", f"{med(o1b):.1f}", ratio(med(hf1), med(o1b)),
@@ -347,6 +370,11 @@ def bench_decode(args, ceil) -> dict:
         "fp32")
     row(f"sampling bs8 bf16 weights (tok/s)", f"{med(hf8):.1f}", f"{med(o8b):.1f}", ratio(med(hf8), med(o8b)),
         "vs HF fp32; option dtype=bf16")
+    row(f"greedy decode bs1 (tok/CPU-s)", f"{cmed(hf1):.1f}", f"{cmed(o1):.1f}", ratio(cmed(hf1), cmed(o1)),
+        "fp32, per CPU-second")
+    row(f"greedy decode bs1 bf16 weights (tok/CPU-s)", f"{cmed(hf1):.1f}", f"{cmed(o1b):.1f}", ratio(cmed(hf1), cmed(o1b)))
+    row(f"sampling bs8 (tok/CPU-s)", f"{cmed(hf8):.1f}", f"{cmed(o8):.1f}", ratio(cmed(hf8), cmed(o8)), "fp32")
+    row(f"sampling bs8 bf16 weights (tok/CPU-s)", f"{cmed(hf8):.1f}", f"{cmed(o8b):.1f}", ratio(cmed(hf8), cmed(o8b)))
     weights = sum(p.numel() for n, p in m.named_parameters() if "wpe" not in n) * 4
     out(f"  decode floor from bandwidth: fp32 weights {weights / 1e6:.0f} MB per token -> at most "
         f"{ceil['bw'] * 1e9 / weights:.0f} tok/s at bs1 (bf16: {2 * ceil['bw'] * 1e9 / weights:.0f})")

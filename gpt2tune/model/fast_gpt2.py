@@ -101,11 +101,35 @@ def _scatter_grad(w: torch.Tensor, ids: torch.Tensor, g: torch.Tensor) -> None:
     w.grad.index_add_(0, ids.reshape(-1), g.reshape(-1, g.size(-1)).to(w.grad.dtype))
 
 
-def _linear(mod, x: torch.Tensor, training: bool) -> torch.Tensor:
+class FrozenCast:
+    """Low-precision copies of frozen weights (LoRA's base), made once instead of at every forward
+    under autocast. Keyed by the tensor's storage and version counter, so an in-place change
+    (loading a state dict, merging adapters) makes a fresh copy; trainable weights are never cached
+    (fused AdamW updates them without bumping the version counter)."""
+
+    def __init__(self):
+        self.cache: dict[int, tuple] = {}
+
+    def __call__(self, w: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        if w.requires_grad or w.dtype == dtype or dtype == torch.float32:
+            return w
+        key = (w.data_ptr(), w._version, dtype)
+        hit = self.cache.get(id(w))
+        if hit is None or hit[0] != key:
+            hit = (key, w.detach().to(dtype))
+            self.cache[id(w)] = hit
+        return hit[1]
+
+
+def _linear(mod, x: torch.Tensor, training: bool, cast=None) -> torch.Tensor:
     parts = _lora_parts(mod)
     base = mod if parts is None else parts[0]
     shape = x.shape[:-1] + (base.weight.size(1),)
-    out = torch.addmm(base.bias, x.reshape(-1, x.size(-1)), base.weight).view(shape)
+    w, b = base.weight, base.bias
+    if cast is not None and not w.requires_grad and torch.is_autocast_enabled(x.device.type):
+        dt = torch.get_autocast_dtype(x.device.type)
+        w, b = cast(w, dt), cast(b, dt) if b is not None and not b.requires_grad else b
+    out = torch.addmm(b, x.reshape(-1, x.size(-1)), w).view(shape)
     if parts is not None:
         for a, b, scale, drop in parts[1]:
             xin = drop(x) if training and isinstance(drop, torch.nn.Dropout) else x
@@ -127,6 +151,7 @@ class FastGPT2:
         self.eps = c.layer_norm_epsilon
         self.gelu = "none" if c.activation_function == "gelu" else "tanh"
         self.p_embd, self.p_attn, self.p_resid = c.embd_pdrop, c.attn_pdrop, c.resid_pdrop
+        self.cast = FrozenCast()
 
     @property
     def training(self) -> bool:
@@ -155,17 +180,17 @@ class FastGPT2:
         p_attn = self.p_attn if training else 0.0
         for blk in tr.h:
             h = F.layer_norm(x, (x.size(-1),), blk.ln_1.weight, blk.ln_1.bias, self.eps)
-            qkv = _linear(blk.attn.c_attn, h, training)
+            qkv = _linear(blk.attn.c_attn, h, training, self.cast)
             q, k, v = qkv.view(B, T, 3, H, -1).permute(2, 0, 3, 1, 4).unbind(0)
             a = F.scaled_dot_product_attention(q, k, v, dropout_p=p_attn, is_causal=True)
             a = a.transpose(1, 2).reshape(B, T, -1)
-            a = _linear(blk.attn.c_proj, a, training)
+            a = _linear(blk.attn.c_proj, a, training, self.cast)
             if training and self.p_resid:
                 a = F.dropout(a, self.p_resid, True)
             x = x + a
             h = F.layer_norm(x, (x.size(-1),), blk.ln_2.weight, blk.ln_2.bias, self.eps)
-            h = F.gelu(_linear(blk.mlp.c_fc, h, training), approximate=self.gelu)
-            h = _linear(blk.mlp.c_proj, h, training)
+            h = F.gelu(_linear(blk.mlp.c_fc, h, training, self.cast), approximate=self.gelu)
+            h = _linear(blk.mlp.c_proj, h, training, self.cast)
             if training and self.p_resid:
                 h = F.dropout(h, self.p_resid, True)
             x = x + h
@@ -179,7 +204,7 @@ class FastGPT2:
         h = self.hidden(batch["input_ids"], batch.get("attention_mask"))
         labels = batch["labels"][:, 1:].reshape(-1)
         h = h[:, :-1].reshape(-1, h.size(-1))
-        return linear_cross_entropy(h, self.hf.lm_head.weight, labels, chunk)
+        return linear_cross_entropy(h, self.hf.lm_head.weight, labels, chunk, self.cast)
 
 
 # --------------------------------------------------------------------------- fused head + loss
@@ -196,11 +221,12 @@ class _LinearCE(torch.autograd.Function):
     are computed in the forward pass (the loss is a scalar, backward only scales them)."""
 
     @staticmethod
-    def forward(ctx, h, w, labels, chunk, dtype, need_grad):
+    def forward(ctx, h, w, labels, chunk, dtype, need_grad, cast):
         n_valid = int((labels != IGNORE).sum())
         denom = max(n_valid, 1)
         hc_all = h.to(dtype)
-        wc = w.to(dtype)
+        wc = cast(w, dtype) if cast is not None else w
+        wc = wc if wc.dtype == dtype else wc.to(dtype)
         total = torch.zeros((), dtype=torch.float32, device=h.device)
         correct = torch.zeros((), dtype=torch.long, device=h.device)
         grad_h = torch.empty_like(h) if need_grad else None
@@ -242,17 +268,17 @@ class _LinearCE(torch.autograd.Function):
     def backward(ctx, grad_loss, _gc, _gn):
         grad_h, grad_w = ctx.saved_tensors
         if float(grad_loss) == 1.0:  # the usual case: skip two full passes over [V, D] and [N, D]
-            return grad_h, grad_w if ctx.need_w else None, None, None, None, None
+            return grad_h, grad_w if ctx.need_w else None, None, None, None, None, None
         gw = grad_w * grad_loss.to(grad_w.dtype) if ctx.need_w else None
-        return grad_h * grad_loss.to(grad_h.dtype), gw, None, None, None, None
+        return grad_h * grad_loss.to(grad_h.dtype), gw, None, None, None, None, None
 
 
-def linear_cross_entropy(h: torch.Tensor, w: torch.Tensor, labels: torch.Tensor, chunk: int = 512):
+def linear_cross_entropy(h: torch.Tensor, w: torch.Tensor, labels: torch.Tensor, chunk: int = 512, cast=None):
     """(mean CE of `h @ w.T` against `labels` over labels != -100, number of such labels, #argmax hits)."""
     dtype = _compute_dtype(h)
     need = torch.is_grad_enabled() and (h.requires_grad or w.requires_grad)
     with torch.autocast(h.device.type, enabled=False):
-        loss, correct, n = _LinearCE.apply(h, w, labels, chunk, dtype, need)
+        loss, correct, n = _LinearCE.apply(h, w, labels, chunk, dtype, need, cast)
     return loss, int(n), correct
 
 
