@@ -110,13 +110,16 @@ def _jsonl(path: str, opts: SourceOptions) -> Loaded:
 
 
 def _table(path: str, opts: SourceOptions, delimiter: str) -> Loaded:
-    text = read_text_file(path)
+    text = read_text_file(path).replace("\r\n", "\n").replace("\r", "\n")
     if delimiter == "\t":
         # TSV: fields never quoted; a stray quote is part of the text (the UCI SMS file needs this).
         reader = csv.reader(io.StringIO(text), delimiter="\t", quoting=csv.QUOTE_NONE)
     else:
         reader = csv.reader(io.StringIO(text), delimiter=",")
-    rows = [r for r in reader if r and any(c.strip() for c in r)]
+    try:
+        rows = [r for r in reader if r and any(c.strip() for c in r)]
+    except csv.Error as err:
+        raise UserError(f"{path}:{reader.line_num}: malformed CSV ({err})") from None
     if not rows:
         raise UserError(f"{path} has no rows")
     header = opts.header if opts.header is not None else opts.columns is None
