@@ -26,7 +26,7 @@ test: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/gpt2tune train recipes/quickstart.yaml --overwrite
 	$(BIN)/gpt2tune generate runs/quickstart --form qiyan-lvshi --prompt 白日 --num-return-sequences 3 --seed 1
-	$(BIN)/gpt2tune generate runs/quickstart --form qiyan-lvshi --acrostic 春夏秋冬 --rhyme --seed 2
+	$(BIN)/gpt2tune generate runs/quickstart --form qiyan-jueju --acrostic 春夏秋冬 --rhyme --seed 2
 
 bench: $(STAMP)
 	$(BIN)/python bench/run.py
