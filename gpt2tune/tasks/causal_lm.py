@@ -2,18 +2,16 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from gpt2tune.data.dataset import tokenize_texts
 from gpt2tune.generate.sampling import Sampling
 from gpt2tune.generate.text import complete
-from gpt2tune.method import apply_method, save_trained
+from gpt2tune.method import apply_method
 from gpt2tune.recipe import Recipe, dump_recipe
-from gpt2tune.tasks.common import (check_disk, describe_params, load_base, log, prepare_run_dir,
+from gpt2tune.tasks.common import (check_disk, describe_params, fit_and_save, load_base, log, prepare_run_dir,
                                    train_val_texts, write_json)
 from gpt2tune.train import distributed as dist
 from gpt2tune.train.device import pick_device
-from gpt2tune.train.loop import Data, Trainer
+from gpt2tune.train.loop import Data
 
 
 def run(recipe: Recipe, resume: bool = False, overwrite: bool = False, progress: bool = True) -> dict:
@@ -41,28 +39,10 @@ def run(recipe: Recipe, resume: bool = False, overwrite: bool = False, progress:
         write_json(run_dir / "data.json", stats)
 
     data = Data(train_ids, val_ids, base.framing.pad, d.batching, d.max_length)
-    trainer = Trainer(model, data, recipe.train, run_dir, progress=progress, log=log)
-    log(f"training {trainer.total_steps} steps on {trainer.device} ({str(trainer.dtype).replace('torch.', '')})")
-    result = trainer.fit(resume=resume)
-    if not dist.is_main():
+    done = fit_and_save(recipe, run_dir, base, model, data, params, resume, progress)
+    if done is None:  # not rank 0
         return {}
-
-    model = model.float().cpu()
-    saved = save_trained(model, base.tokenizer, run_dir, recipe.method)
-    report = {
-        "validation": result.final_eval,
-        "validation_at_start": result.first_eval,
-        "steps": result.steps,
-        "train_seconds": round(result.seconds, 2),
-        "train_tokens_per_s": round(result.tokens / max(result.seconds, 1e-9), 1),
-        "parameters": params,
-    }
-    write_json(run_dir / "eval.json", report)
-    if result.final_eval:
-        first = result.first_eval.get("perplexity")
-        log(f"validation perplexity {first:.1f} -> {result.final_eval['perplexity']:.1f}" if first else
-            f"validation perplexity {result.final_eval['perplexity']:.1f}")
-    log(f"saved {run_dir / saved}")
+    model, report, _ = done
 
     if recipe.sample.prompts:
         s = Sampling(max_new_tokens=recipe.sample.max_new_tokens, top_k=recipe.sample.top_k,

@@ -67,7 +67,10 @@ def run(recipe: Recipe, resume: bool = False, overwrite: bool = False, progress:
              "chat_template": template.name, "added_tokens": added, "train_fit": st.as_dict(),
              "validation_fit": vst.as_dict(), "trained_tokens": st.trained_tokens}
 
-    model, report, saved = train_masked(recipe, run_dir, base, train_rows, val_rows, stats, resume, progress)
+    done = train_masked(recipe, run_dir, base, train_rows, val_rows, stats, resume, progress)
+    if done is None:  # not rank 0 of a multi-process run
+        return {}
+    model, report, saved = done
     save_template(template, run_dir, jinja=False)  # chat.json: the run folder answers for its model
     for folder in (saved, run_dir / "tokenizer"):
         if (folder / "tokenizer_config.json").is_file():

@@ -153,3 +153,36 @@ def describe_params(model) -> dict:
 
 def write_json(path: Path, obj) -> None:
     path.write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
+def fit_and_save(recipe, run_dir: Path, base: Base, model, data, params: dict, resume: bool, progress: bool,
+                 headline: str = "perplexity", note: str = ""):
+    """Train, save what the method trained, write eval.json; (model, report, saved folder).
+
+    Returns None on ranks other than 0 of a multi-process run: only rank 0 saves.
+    """
+    from gpt2tune.method import save_trained
+    from gpt2tune.train.loop import Trainer
+
+    trainer = Trainer(model, data, recipe.train, run_dir, progress=progress, log=log)
+    log(f"training {trainer.total_steps} steps on {trainer.device} ({str(trainer.dtype).replace('torch.', '')}){note}")
+    result = trainer.fit(resume=resume)
+    if not dist.is_main():
+        return None
+    model = model.float().cpu()
+    saved = run_dir / save_trained(model, base.tokenizer, run_dir, recipe.method)
+    report = {
+        "validation": result.final_eval,
+        "validation_at_start": result.first_eval,
+        "steps": result.steps,
+        "train_seconds": round(result.seconds, 2),
+        "train_tokens_per_s": round(result.tokens / max(result.seconds, 1e-9), 1),
+        "parameters": params,
+    }
+    write_json(run_dir / "eval.json", report)
+    if result.final_eval:
+        first = result.first_eval.get(headline)
+        end = result.final_eval[headline]
+        log(f"validation {headline} {first:.3f} -> {end:.3f}" if first is not None else f"validation {headline} {end:.3f}")
+    log(f"saved {saved}")
+    return model, report, saved

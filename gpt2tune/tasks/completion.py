@@ -48,7 +48,10 @@ def run(recipe: Recipe, resume: bool = False, overwrite: bool = False, progress:
              "template": pt.template, "train_fit": st.as_dict(), "validation_fit": vst.as_dict(),
              "trained_tokens": st.trained_tokens}
 
-    model, report, saved = train_masked(recipe, run_dir, base, train_rows, val_rows, stats, resume, progress)
+    done = train_masked(recipe, run_dir, base, train_rows, val_rows, stats, resume, progress)
+    if done is None:  # not rank 0 of a multi-process run
+        return {}
+    model, report, saved = done
     save_prompt_template(pt, saved)
     save_prompt_template(pt, run_dir)
 

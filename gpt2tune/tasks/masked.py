@@ -10,10 +10,11 @@ from gpt2tune.chat.masking import FitStats, collate_masked
 from gpt2tune.data import sources
 from gpt2tune.data.dataset import split_indices
 from gpt2tune.errors import UserError
-from gpt2tune.method import apply_method, save_trained
+from gpt2tune.method import apply_method
 from gpt2tune.recipe import Recipe, dump_recipe
-from gpt2tune.tasks.common import Base, check_disk, describe_params, log, write_json
-from gpt2tune.train.loop import Data, Trainer
+from gpt2tune.tasks.common import Base, check_disk, describe_params, fit_and_save, log, write_json
+from gpt2tune.train import distributed as dist
+from gpt2tune.train.loop import Data
 
 
 def check_batching(recipe: Recipe) -> None:
@@ -52,7 +53,7 @@ def report_fit(what: str, st: FitStats, max_length: int) -> None:
 
 def train_masked(recipe: Recipe, run_dir: Path, base: Base, train_rows: list, val_rows: list, stats: dict,
                  resume: bool, progress: bool):
-    """Train on masked rows and save the model; returns (trained model, report, saved folder)."""
+    """Train on masked rows and save the model; (trained model, report, saved folder), None off rank 0."""
     d = recipe.data
     if not train_rows:
         raise UserError(f"no training samples left for task {recipe.task} (see the warnings above)")
@@ -62,29 +63,11 @@ def train_masked(recipe: Recipe, run_dir: Path, base: Base, train_rows: list, va
         f"({params['percent']:.2f}%); {len(train_rows):,} training samples, {len(val_rows):,} validation; "
         f"{stats.get('trained_tokens', 0):,} trained (answer) tokens")
     check_disk(run_dir, params["total"], recipe.train.keep_checkpoints, recipe.train.save_every)
-    dump_recipe(recipe, run_dir / "recipe.yaml")
-    write_json(run_dir / "data.json", stats)
+    if dist.is_main():
+        dump_recipe(recipe, run_dir / "recipe.yaml")
+        write_json(run_dir / "data.json", stats)
 
     pad = base.framing.pad
     data = Data(train_rows, val_rows, pad, d.batching, d.max_length, collate=partial(collate_masked, pad_id=pad))
-    trainer = Trainer(model, data, recipe.train, run_dir, progress=progress, log=log)
-    log(f"training {trainer.total_steps} steps on {trainer.device} ({str(trainer.dtype).replace('torch.', '')}); "
-        f"loss on answers only")
-    result = trainer.fit(resume=resume)
-    model = model.float().cpu()
-    saved = save_trained(model, base.tokenizer, run_dir, recipe.method)
-    report = {
-        "validation": result.final_eval,
-        "validation_at_start": result.first_eval,
-        "steps": result.steps,
-        "train_seconds": round(result.seconds, 2),
-        "train_tokens_per_s": round(result.tokens / max(result.seconds, 1e-9), 1),
-        "parameters": params,
-    }
-    write_json(run_dir / "eval.json", report)
-    if result.final_eval:
-        first = result.first_eval.get("loss")
-        log(f"validation loss on answers {first:.3f} -> {result.final_eval['loss']:.3f}" if first is not None else
-            f"validation loss on answers {result.final_eval['loss']:.3f}")
-    log(f"saved {run_dir / saved}")
-    return model, report, run_dir / saved
+    return fit_and_save(recipe, run_dir, base, model, data, params, resume, progress, headline="loss",
+                        note="; loss on answers only")
