@@ -45,20 +45,27 @@ class _Weights:
 
     def __init__(self, model, dtype: torch.dtype):
         tr = model.transformer
+        # fp32: the model's own tensors (no copy), Conv1D layout [in, out] for addmm. Lower precision:
+        # copies in [out, in] layout, where one row (batch 1) runs as a matrix-vector product, the
+        # fastest bf16 kernel at M=1 (a bf16 GEMM with one row is slower than fp32 here)
+        self.transposed = dtype != torch.float32
 
         def cv(t):
             t = t.detach()
             return t if t.dtype == dtype else t.to(dtype)
+
+        def cvw(t):
+            return cv(t).t().contiguous() if self.transposed else cv(t)
 
         self.wte = cv(tr.wte.weight)
         self.wpe = cv(tr.wpe.weight)
         self.head = self.wte if model.lm_head.weight is tr.wte.weight else cv(model.lm_head.weight)
         self.blocks = []
         for b in tr.h:
-            self.blocks.append(tuple(cv(t) for t in (
-                b.ln_1.weight, b.ln_1.bias, b.attn.c_attn.weight, b.attn.c_attn.bias,
-                b.attn.c_proj.weight, b.attn.c_proj.bias, b.ln_2.weight, b.ln_2.bias,
-                b.mlp.c_fc.weight, b.mlp.c_fc.bias, b.mlp.c_proj.weight, b.mlp.c_proj.bias)))
+            self.blocks.append((cv(b.ln_1.weight), cv(b.ln_1.bias), cvw(b.attn.c_attn.weight), cv(b.attn.c_attn.bias),
+                                cvw(b.attn.c_proj.weight), cv(b.attn.c_proj.bias), cv(b.ln_2.weight),
+                                cv(b.ln_2.bias), cvw(b.mlp.c_fc.weight), cv(b.mlp.c_fc.bias),
+                                cvw(b.mlp.c_proj.weight), cv(b.mlp.c_proj.bias)))
         lnf = tr.ln_f
         self.lnf = (cv(lnf.weight), cv(lnf.bias))
 
@@ -86,6 +93,14 @@ class FastRunner:
         self.t = 0  # cache length
         self.pos = None  # [B] position of the next token of every row
 
+    def _lin(self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        """x [M, in] -> [M, out] for this runner's weight layout."""
+        if not self.w.transposed:
+            return torch.addmm(b, x, w)
+        if x.size(0) == 1:
+            return (torch.mv(w, x[0]) + b)[None]
+        return F.linear(x, w, b)
+
     # the block forward over `x` [B, T, D] (fp32 residual stream), writing keys/values at [t0, t0+T)
     def _forward(self, x: torch.Tensor, t0: int, mask: Optional[torch.Tensor], causal: bool) -> torch.Tensor:
         B, T, D = x.shape
@@ -93,7 +108,7 @@ class FastRunner:
         t1 = t0 + T
         for i, (l1w, l1b, aw, ab, pw, pb, l2w, l2b, fw, fb, mw, mb) in enumerate(self.w.blocks):
             h = F.layer_norm(x.to(dt), (D,), l1w, l1b, eps)
-            qkv = torch.addmm(ab, h.view(B * T, D), aw).view(B, T, 3, H, hd)
+            qkv = self._lin(h.view(B * T, D), aw, ab).view(B, T, 3, H, hd)
             q = qkv[:, :, 0].transpose(1, 2)
             self.k[i, :, :, t0:t1] = qkv[:, :, 1].transpose(1, 2)
             self.v[i, :, :, t0:t1] = qkv[:, :, 2].transpose(1, 2)
@@ -102,16 +117,18 @@ class FastRunner:
                 a = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
             else:
                 a = F.scaled_dot_product_attention(q, k, v, is_causal=causal and T > 1)
-            a = torch.addmm(pb, a.transpose(1, 2).reshape(B * T, D), pw)
+            a = self._lin(a.transpose(1, 2).reshape(B * T, D), pw, pb)
             x = x + a.view(B, T, D).to(x.dtype)
             h = F.layer_norm(x.to(dt), (D,), l2w, l2b, eps)
-            h = F.gelu(torch.addmm(fb, h.view(B * T, D), fw), approximate=self.gelu)
-            h = torch.addmm(mb, h, mw)
+            h = F.gelu(self._lin(h.view(B * T, D), fw, fb), approximate=self.gelu)
+            h = self._lin(h, mw, mb)
             x = x + h.view(B, T, D).to(x.dtype)
         return x
 
     def _logits(self, x_last: torch.Tensor) -> torch.Tensor:
         h = F.layer_norm(x_last.to(self.dtype), (self.D,), self.w.lnf[0], self.w.lnf[1], self.eps)
+        if h.size(0) == 1 and self.w.transposed:
+            return torch.mv(self.w.head, h[0]).float()[None]
         return F.linear(h, self.w.head).float()
 
     @torch.inference_mode()
