@@ -175,3 +175,21 @@ def test_accumulated_scaled_gradients_match():
         grads.append({k: p.grad.clone() for k, p in m.named_parameters()})
     for k in grads[0]:
         assert torch.allclose(grads[0][k], grads[1][k], atol=1e-6, rtol=1e-3), k
+
+
+def test_fast_dropout_rate_and_scale():
+    from gpt2tune.model.fast_gpt2 import dropout
+
+    torch.manual_seed(0)
+    x = torch.ones(1000, 1001)
+    y = dropout(x, 0.1)
+    dropped = float((y == 0).float().mean())
+    assert abs(dropped - 0.1) < 0.003
+    flat = (y == 0).float().reshape(-1)
+    assert all(abs(float(flat[k::4].mean()) - 0.1) < 0.005 for k in range(4))  # every random lane
+    assert abs(float(y.mean()) - 1.0) < 0.005
+    assert torch.equal(dropout(x, 0.0), x)
+    x.requires_grad_(True)
+    y = dropout(x, 0.5)
+    y.sum().backward()
+    assert torch.equal(x.grad, y.detach())  # gradient flows through the kept entries, same scale

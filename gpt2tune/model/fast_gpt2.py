@@ -94,6 +94,19 @@ def right_padded(attention_mask: Optional[torch.Tensor]) -> bool:
     return bool((m[:, 1:] <= m[:, :-1]).all())
 
 
+def dropout(x: torch.Tensor, p: float) -> torch.Tensor:
+    """Inverted dropout with the mask drawn as 15-bit random integers (4 per 64-bit draw) instead of
+    `bernoulli_` floats: ~3x cheaper on the CPU. The drop probability is p rounded to a multiple of
+    1/32768 (0.1 -> 0.100007), and the scale uses that same rounded p, so E[out] = x exactly."""
+    if p <= 0:
+        return x
+    n = x.numel()
+    bits = torch.empty((n + 3) // 4, dtype=torch.int64, device=x.device).random_().view(torch.int16)[:n]
+    cut = round(p * 32768)  # random_() leaves the sign bit of every 4th lane at 0: use the low 15 bits
+    keep = (bits.bitwise_and_(0x7FFF) >= cut).view(x.shape)
+    return x * (keep.to(x.dtype) * (32768 / (32768 - cut)))
+
+
 def _scatter_grad(w: torch.Tensor, ids: torch.Tensor, g: torch.Tensor) -> None:
     """Add an embedding lookup's gradient into `w.grad` in place (rows `ids`)."""
     if w.grad is None:
@@ -173,7 +186,7 @@ class FastGPT2:
             emb = tr.wte(input_ids)
         x = emb + tr.wpe(pos)
         if training and self.p_embd:
-            x = F.dropout(x, self.p_embd, True)
+            x = dropout(x, self.p_embd)
         if not right_padded(attention_mask):
             raise ValueError("FastGPT2 needs right-padded (or unpadded) rows; use the HF forward for left padding")
         H = self.n_head
@@ -186,13 +199,13 @@ class FastGPT2:
             a = a.transpose(1, 2).reshape(B, T, -1)
             a = _linear(blk.attn.c_proj, a, training, self.cast)
             if training and self.p_resid:
-                a = F.dropout(a, self.p_resid, True)
+                a = dropout(a, self.p_resid)
             x = x + a
             h = F.layer_norm(x, (x.size(-1),), blk.ln_2.weight, blk.ln_2.bias, self.eps)
             h = F.gelu(_linear(blk.mlp.c_fc, h, training, self.cast), approximate=self.gelu)
             h = _linear(blk.mlp.c_proj, h, training, self.cast)
             if training and self.p_resid:
-                h = F.dropout(h, self.p_resid, True)
+                h = dropout(h, self.p_resid)
             x = x + h
         return F.layer_norm(x, (x.size(-1),), tr.ln_f.weight, tr.ln_f.bias, self.eps)
 
