@@ -193,3 +193,27 @@ def test_fast_dropout_rate_and_scale():
     y = dropout(x, 0.5)
     y.sum().backward()
     assert torch.equal(x.grad, y.detach())  # gradient flows through the kept entries, same scale
+
+
+def test_bf16_weight_copies_follow_fused_optimizer_steps():
+    """Cached bf16 weight copies refresh after every optimizer step (fused AdamW does not bump
+    version counters) and after in-place loads."""
+    m = tiny(seed=6)
+    m.train()
+    fast = make_fast_loss(m, tune_malloc=False)
+    opt = torch.optim.AdamW(m.parameters(), lr=0.05, fused=True)
+    b = batch()
+    for _ in range(3):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = fast(m, b)[0]
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        w = m.transformer.h[1].mlp.c_fc.weight
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            l_hf = float(lm_loss(m, b)[0].detach())
+            l_fast = float(fast(m, b)[0].detach())
+        assert torch.equal(fast.fast.cast.raw(w, torch.bfloat16), w.detach().to(torch.bfloat16))
+        assert abs(l_hf - l_fast) <= 2e-2
+    m.load_state_dict({k: v * 0.5 for k, v in m.state_dict().items()})
+    assert torch.equal(fast.fast.cast.raw(w, torch.bfloat16), w.detach().to(torch.bfloat16))

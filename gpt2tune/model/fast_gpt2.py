@@ -114,24 +114,64 @@ def _scatter_grad(w: torch.Tensor, ids: torch.Tensor, g: torch.Tensor) -> None:
     w.grad.index_add_(0, ids.reshape(-1), g.reshape(-1, g.size(-1)).to(w.grad.dtype))
 
 
+_GENERATION = [0]  # bumped after every optimizer step (fused AdamW does not bump version counters)
+_HOOKED = [False]
+
+
+def _watch_optimizers() -> None:
+    if not _HOOKED[0]:
+        from torch.optim.optimizer import register_optimizer_step_post_hook
+
+        register_optimizer_step_post_hook(lambda *_: _GENERATION.__setitem__(0, _GENERATION[0] + 1))
+        _HOOKED[0] = True
+
+
+class _CastGrad(torch.autograd.Function):
+    """Hand out a cached low-precision copy of a weight; its gradient goes back in the weight's dtype
+    (what autocast's own weight cast does, without a fresh allocation per forward)."""
+
+    @staticmethod
+    def forward(ctx, w, low):
+        return low.view_as(low)
+
+    @staticmethod
+    def backward(ctx, g):
+        return g.float() if g.dtype != torch.float32 else g, None
+
+
 class FrozenCast:
-    """Low-precision copies of frozen weights (LoRA's base), made once instead of at every forward
-    under autocast. Keyed by the tensor's storage and version counter, so an in-place change
-    (loading a state dict, merging adapters) makes a fresh copy; trainable weights are never cached
-    (fused AdamW updates them without bumping the version counter)."""
+    """Low-precision copies of weights for autocast, kept between forwards and refreshed in place.
+
+    A copy is valid while the weight's storage, version counter and the optimizer-step generation
+    are unchanged: in-place edits (a loaded state dict, merged adapters) and optimizer steps (fused
+    AdamW does not bump version counters, hence the global step hook) make it refresh. Frozen
+    weights (LoRA's base) are thus cast once for the whole run, trainable ones once per step into
+    the same buffer (no fresh allocation and page faults at every forward)."""
 
     def __init__(self):
         self.cache: dict[int, tuple] = {}
+        _watch_optimizers()
 
-    def __call__(self, w: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        if w.requires_grad or w.dtype == dtype or dtype == torch.float32:
+    def raw(self, w: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        if w.dtype == dtype:
             return w
-        key = (w.data_ptr(), w._version, dtype)
+        key = (w.data_ptr(), w._version, dtype, _GENERATION[0] if w.requires_grad else -1)
         hit = self.cache.get(id(w))
         if hit is None or hit[0] != key:
-            hit = (key, w.detach().to(dtype))
+            buf = hit[1] if hit is not None and hit[1].shape == w.shape and hit[1].dtype == dtype else None
+            with torch.no_grad():
+                buf = w.detach().to(dtype) if buf is None else buf.copy_(w.detach())
+            hit = (key, buf)
             self.cache[id(w)] = hit
         return hit[1]
+
+    def __call__(self, w: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        if w.dtype == dtype or dtype == torch.float32:
+            return w
+        low = self.raw(w, dtype)
+        if w.requires_grad and torch.is_grad_enabled():
+            return _CastGrad.apply(w, low)
+        return low
 
 
 def _linear(mod, x: torch.Tensor, training: bool, cast=None) -> torch.Tensor:
@@ -139,9 +179,11 @@ def _linear(mod, x: torch.Tensor, training: bool, cast=None) -> torch.Tensor:
     base = mod if parts is None else parts[0]
     shape = x.shape[:-1] + (base.weight.size(1),)
     w, b = base.weight, base.bias
-    if cast is not None and not w.requires_grad and torch.is_autocast_enabled(x.device.type):
+    if cast is not None and torch.is_autocast_enabled(x.device.type):
         dt = torch.get_autocast_dtype(x.device.type)
-        w, b = cast(w, dt), cast(b, dt) if b is not None and not b.requires_grad else b
+        w = cast(w, dt)
+        if b is not None and not b.requires_grad:
+            b = cast(b, dt)
     out = torch.addmm(b, x.reshape(-1, x.size(-1)), w).view(shape)
     if parts is not None:
         for a, b, scale, drop in parts[1]:
@@ -238,7 +280,7 @@ class _LinearCE(torch.autograd.Function):
         n_valid = int((labels != IGNORE).sum())
         denom = max(n_valid, 1)
         hc_all = h.to(dtype)
-        wc = cast(w, dtype) if cast is not None else w
+        wc = cast.raw(w, dtype) if cast is not None else w
         wc = wc if wc.dtype == dtype else wc.to(dtype)
         total = torch.zeros((), dtype=torch.float32, device=h.device)
         correct = torch.zeros((), dtype=torch.long, device=h.device)
