@@ -8,7 +8,7 @@ batches, interleaved step by step (so background load hits both alike), and prin
 plus the machine's own ceilings (bf16 / fp32 matmul GFLOP/s, memory bandwidth) and the model FLOP
 utilisation (MFU) of every training run against the matching matmul ceiling.
 
-    .venv/bin/python bench/run.py                 # GPT-2 124M (GPT2Config()), ~10-25 minutes
+    .venv/bin/python bench/run.py                 # GPT-2 124M (GPT2Config()), 3 minutes idle, 5-15 under load
     .venv/bin/python bench/run.py --size mini     # a small model: a smoke test in about a minute
     .venv/bin/python bench/run.py --only decode --steps 5 --json out.json
 
