@@ -89,6 +89,15 @@ class FitStats:
         d = {k: v for k, v in self.__dict__.items() if k != "extra"}
         return {**d, **self.extra}
 
+    def accept(self, row):
+        """Count a fitted row; None (and counted as skipped) when nothing in it is trained."""
+        if row.trained == 0:
+            self.skipped_too_long += 1
+            return None
+        self.samples += 1
+        self.trained_tokens += row.trained
+        return row
+
 
 def cut_to_fit(m: Masked, bos_len: int, max_length: int, st: FitStats) -> Masked:
     """Fit one too-long exchange: keep the whole answer and the end of the question; if even
@@ -141,12 +150,7 @@ def encode_conversation(tok, template: ChatTemplate, messages: list[dict], max_l
             row = cut_to_fit(enc(messages[start:]), bos_len, max_length, st)
             st.shortened += 1
             st.dropped_turns += start
-    if row.trained == 0:
-        st.skipped_too_long += 1
-        return None
-    st.samples += 1
-    st.trained_tokens += row.trained
-    return row
+    return st.accept(row)
 
 
 def encode_conversations(tok, template: ChatTemplate, conversations: list[list[dict]],

@@ -156,12 +156,7 @@ def encode_pair(tok, pt: PromptTemplate, values: dict, bos: str, eos: str, max_l
         row = cut_to_fit(row, bos_len, max_length, st)
     elif shortened:
         st.prompt_cut += 1
-    if row.trained == 0:
-        st.skipped_too_long += 1
-        return None
-    st.samples += 1
-    st.trained_tokens += row.trained
-    return row
+    return st.accept(row)
 
 
 def encode_pairs(tok, pt: PromptTemplate, items: list[dict], bos: str, eos: str,

@@ -20,6 +20,17 @@ def clean_text(text: str, normalize: str = "nfc", whitespace: bool = True) -> st
     return text
 
 
+def length_ok(text: str, min_chars: int, max_chars: Optional[int], stats: dict) -> bool:
+    """Whether `text` is within [min_chars, max_chars]; counts too_short / too_long in `stats`."""
+    if len(text) < max(min_chars, 1):
+        stats["too_short"] += 1
+        return False
+    if max_chars is not None and len(text) > max_chars:
+        stats["too_long"] += 1
+        return False
+    return True
+
+
 def clean_all(texts: list[str], normalize: str = "nfc", whitespace: bool = True, min_chars: int = 1,
               max_chars: Optional[int] = None, dedupe: bool = False) -> tuple[list[str], dict]:
     """Clean every text; drop those outside [min_chars, max_chars] and (optionally) duplicates."""
@@ -27,11 +38,7 @@ def clean_all(texts: list[str], normalize: str = "nfc", whitespace: bool = True,
     stats = {"too_short": 0, "too_long": 0, "duplicates": 0}
     for t in texts:
         t = clean_text(t, normalize, whitespace)
-        if len(t) < max(min_chars, 1):
-            stats["too_short"] += 1
-            continue
-        if max_chars is not None and len(t) > max_chars:
-            stats["too_long"] += 1
+        if not length_ok(t, min_chars, max_chars, stats):
             continue
         if dedupe:
             if t in seen:

@@ -15,7 +15,7 @@ from typing import Optional, Sequence
 import torch
 
 from gpt2tune.data import sources
-from gpt2tune.data.clean import clean_text
+from gpt2tune.data.clean import clean_text, length_ok
 from gpt2tune.errors import UserError
 
 DEFAULT_SPLIT = (0.7, 0.1, 0.2)
@@ -82,11 +82,7 @@ def labeled_from_records(records: list[dict], text_field: str, label_field: str,
             stats["missing_text"] += 1
             continue
         t = clean_text(str(t), normalize, whitespace)
-        if len(t) < max(min_chars, 1):
-            stats["too_short"] += 1
-            continue
-        if max_chars is not None and len(t) > max_chars:
-            stats["too_long"] += 1
+        if not length_ok(t, min_chars, max_chars, stats):
             continue
         texts.append(t)
         labels.append(lab)
