@@ -337,51 +337,59 @@ def bench_decode(args, ceil) -> dict:
         dt, dc = time.perf_counter() - t, time.process_time() - c
         return o[:, len(prompt):].tolist(), (bs * new / dt, bs * new / dc)
 
-    def ours(bs, sample, dtype=None):
+    def ours(bs, sample, weights="model"):
         s = Sampling(max_new_tokens=new, greedy=not sample, top_k=50 if sample else 0, num_return_sequences=bs, seed=0)
         t, c = time.perf_counter(), time.process_time()
-        ids = generate_ids_fast(m, prompt, None, s, dtype=dtype)
+        ids = generate_ids_fast(m, prompt, None, s, weights=weights)
         dt, dc = time.perf_counter() - t, time.process_time() - c
         n = sum(map(len, ids))
         return ids, (n / dt, n / dc)
 
-    # warm-up (and the greedy equality check)
+    kinds = ("model", "bf16", "int8")
+    # warm-up (and the greedy equality check; converted weights are cached after their first use)
     hf_gen(1, False)
-    ours(1, False)
-    ours(1, False, torch.bfloat16)
+    for w in kinds:
+        ours(1, False, w)
     reps = max(1, args.decode_reps)
-    hf1, o1, o1b, hf8, o8, o8b = [], [], [], [], [], []
+    hf1, hf8 = [], []
+    o1 = {w: [] for w in kinds}
+    o8 = {w: [] for w in kinds}
+    agree = {}
     same = True
     for _ in range(reps):
         a, x = hf_gen(1, False)
         hf1.append(x)
-        b, y = ours(1, False)
-        o1.append(y)
-        same &= a[0] == b[0]
-        o1b.append(ours(1, False, torch.bfloat16)[1])
+        for w in kinds:
+            b, y = ours(1, False, w)
+            o1[w].append(y)
+            if w == "model":
+                same &= a[0] == b[0]
+            else:  # how many leading greedy tokens equal HF fp32's
+                agree[w] = next((i for i, (u, v) in enumerate(zip(a[0], b[0])) if u != v), len(a[0]))
         hf8.append(hf_gen(8, True)[1])
-        o8.append(ours(8, True)[1])
-        o8b.append(ours(8, True, torch.bfloat16)[1])
+        for w in kinds:
+            o8[w].append(ours(8, True, w)[1])
     med = lambda v: sorted(x[0] for x in v)[len(v) // 2]  # noqa: E731
     cmed = lambda v: sorted(x[1] for x in v)[len(v) // 2]  # noqa: E731
-    row(f"greedy decode bs1 {new} tokens (tok/s)", f"{med(hf1):.1f}", f"{med(o1):.1f}", ratio(med(hf1), med(o1)),
-        f"fp32, same tokens as HF: {same}")
-    row(f"greedy decode bs1 bf16 weights (tok/s)", f"{med(hf1):.1f}", f"{med(o1b):.1f}", ratio(med(hf1), med(o1b)),
-        "vs HF fp32; option dtype=bf16")
-    row(f"sampling bs8 top-k 50 {new} tokens (tok/s)", f"{med(hf8):.1f}", f"{med(o8):.1f}", ratio(med(hf8), med(o8)),
-        "fp32")
-    row(f"sampling bs8 bf16 weights (tok/s)", f"{med(hf8):.1f}", f"{med(o8b):.1f}", ratio(med(hf8), med(o8b)),
-        "vs HF fp32; option dtype=bf16")
-    row(f"greedy decode bs1 (tok/CPU-s)", f"{cmed(hf1):.1f}", f"{cmed(o1):.1f}", ratio(cmed(hf1), cmed(o1)),
-        "fp32, per CPU-second")
-    row(f"greedy decode bs1 bf16 weights (tok/CPU-s)", f"{cmed(hf1):.1f}", f"{cmed(o1b):.1f}", ratio(cmed(hf1), cmed(o1b)))
-    row(f"sampling bs8 (tok/CPU-s)", f"{cmed(hf8):.1f}", f"{cmed(o8):.1f}", ratio(cmed(hf8), cmed(o8)), "fp32")
-    row(f"sampling bs8 bf16 weights (tok/CPU-s)", f"{cmed(hf8):.1f}", f"{cmed(o8b):.1f}", ratio(cmed(hf8), cmed(o8b)))
+    label = {"model": "", "bf16": " bf16 weights", "int8": " int8 weights"}
+    for w in kinds:
+        note = f"fp32, same tokens as HF: {same}" if w == "model" else \
+            f"vs HF fp32; option --weights {w}; first {agree[w]} of {new} tokens equal HF's"
+        row(f"greedy decode bs1{label[w]} (tok/s)" if w != "model" else f"greedy decode bs1 {new} tokens (tok/s)",
+            f"{med(hf1):.1f}", f"{med(o1[w]):.1f}", ratio(med(hf1), med(o1[w])), note)
+    for w in kinds:
+        row(f"sampling bs8{label[w]} (tok/s)" if w != "model" else f"sampling bs8 top-k 50 {new} tokens (tok/s)",
+            f"{med(hf8):.1f}", f"{med(o8[w]):.1f}", ratio(med(hf8), med(o8[w])),
+            "fp32" if w == "model" else f"vs HF fp32; option --weights {w}")
+    for w in kinds:
+        row(f"greedy decode bs1{label[w]} (tok/CPU-s)", f"{cmed(hf1):.1f}", f"{cmed(o1[w]):.1f}",
+            ratio(cmed(hf1), cmed(o1[w])), "per CPU-second")
     weights = sum(p.numel() for n, p in m.named_parameters() if "wpe" not in n) * 4
     out(f"  decode floor from bandwidth: fp32 weights {weights / 1e6:.0f} MB per token -> at most "
-        f"{ceil['bw'] * 1e9 / weights:.0f} tok/s at bs1 (bf16: {2 * ceil['bw'] * 1e9 / weights:.0f})")
-    res.update(greedy_hf=med(hf1), greedy_ours=med(o1), greedy_ours_bf16=med(o1b), greedy_same=same,
-               sample_hf=med(hf8), sample_ours=med(o8), sample_ours_bf16=med(o8b))
+        f"{ceil['bw'] * 1e9 / weights:.0f} tok/s at bs1 (bf16: {2 * ceil['bw'] * 1e9 / weights:.0f}, "
+        f"int8: {4 * ceil['bw'] * 1e9 / weights:.0f})")
+    res.update(greedy_hf=med(hf1), greedy_same=same, sample_hf=med(hf8), greedy_agree=agree,
+               **{f"greedy_ours_{w}": med(o1[w]) for w in kinds}, **{f"sample_ours_{w}": med(o8[w]) for w in kinds})
     return res
 
 

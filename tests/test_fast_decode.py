@@ -1,10 +1,12 @@
-"""The fast decoder (static KV cache) gives HF's greedy tokens and the reference decoder's samples."""
+"""The fast decoder (static KV cache) gives HF's greedy tokens and the HF-runner decoder's samples;
+its bf16 / int8 weight options stay close to the exact logits."""
 
 import pytest
 import torch
 
 from gpt2tune.generate.decode import Decoder, decode
-from gpt2tune.generate.fast import FastRunner, fast_supported, generate_ids_fast, make_fast_runner
+from gpt2tune.generate.fast import FastRunner, fast_supported, generate_ids_fast, logits_drift
+from gpt2tune.generate.runner import make_runner
 from gpt2tune.generate.sampling import Sampling, generate_ids
 
 
@@ -34,7 +36,7 @@ def test_greedy_equals_hf_generate_token_for_token():
 def test_sampling_equals_reference_decoder(kw):
     m = tiny(1)
     s = Sampling(max_new_tokens=40, num_return_sequences=8, seed=3, **kw)
-    assert generate_ids_fast(m, PROMPT, 2, s) == generate_ids(m, PROMPT, 2, s)
+    assert generate_ids_fast(m, PROMPT, 2, s) == generate_ids(m, PROMPT, 2, s, runner="hf")
 
 
 def test_left_padded_prompts_and_finished_rows():
@@ -42,21 +44,59 @@ def test_left_padded_prompts_and_finished_rows():
     prompts = [[1, 5, 6, 7, 8, 9], [1, 9], [1, 3, 4]]
     for s in (Sampling(max_new_tokens=30, greedy=True, num_return_sequences=2),
               Sampling(max_new_tokens=30, num_return_sequences=3, seed=4, top_k=5)):
-        ref = [(r.ids, r.finish) for r in decode(m, prompts, 2, s)]
+        ref = [(r.ids, r.finish) for r in decode(m, prompts, 2, s, runner="hf")]
         dec = Decoder(m, prompts, 2, s, runner=FastRunner(m))
         for _ in dec:
             pass
         assert [(r.ids, r.finish) for r in dec.results] == ref
 
 
-def test_context_limit_and_bf16_option():
+def test_context_limit():
     m = tiny()
     s = Sampling(max_new_tokens=200, greedy=True)  # more than the 96-token context leaves
     out = generate_ids_fast(m, PROMPT, None, s)[0]
     assert len(out) == 96 - len(PROMPT)
-    assert out == generate_ids(m, PROMPT, None, s)[0]
-    b = generate_ids_fast(m, PROMPT, None, Sampling(max_new_tokens=20, greedy=True), dtype=torch.bfloat16)[0]
-    assert len(b) == 20 and all(0 <= t < 300 for t in b)
+    assert out == generate_ids(m, PROMPT, None, s, runner="hf")[0]
+
+
+def small_trained_like(seed=0):
+    """A tiny GPT-2 with GPT-2-like weight scales (0.02), where quantisation error is realistic."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(seed)
+    cfg = GPT2Config(n_layer=2, n_head=4, n_embd=64, vocab_size=300, n_positions=96, bos_token_id=1, eos_token_id=2)
+    return GPT2LMHeadModel._from_config(cfg, attn_implementation="sdpa").eval()
+
+
+@pytest.mark.parametrize("weights,max_mean", [("bf16", 0.02), ("int8", 0.05)])
+def test_reduced_precision_weights_stay_close(weights, max_mean):
+    m = tiny()
+    ids = torch.tensor([PROMPT + list(range(20, 60))])
+    d = logits_drift(m, weights, ids)
+    assert 0 < d["mean_abs_logit_diff"] < max_mean * 10 and d["top1_agreement"] >= 0.9, d
+    # the same runner: logits of prefill and of each step follow the reduced-precision forward
+    ref = logits_drift(m, "model", ids)
+    assert ref["max_abs_logit_diff"] < 1e-4 and ref["top1_agreement"] == 1.0
+    s = Sampling(max_new_tokens=30, greedy=True, weights=weights)
+    out = generate_ids(m, PROMPT, None, s)[0]
+    exact = generate_ids(m, PROMPT, None, Sampling(max_new_tokens=30, greedy=True))[0]
+    assert len(out) == 30 and out[:5] == exact[:5]
+
+
+def test_int8_weights_are_per_channel_int8():
+    from gpt2tune.generate.fast import quantize_rows, weights_for
+
+    w = torch.randn(6, 32) * torch.tensor([0.01, 0.1, 1, 10, 100, 0.0])[:, None]
+    q, scale = quantize_rows(w)
+    assert q.dtype == torch.int8 and q.is_contiguous() and q.abs().max() == 127
+    err = (q.float() * scale[:, None] - w).abs().amax(1)
+    assert torch.all(err <= scale * 0.5 + 1e-6)  # at most half a step in every row
+    m = tiny()
+    a, b = weights_for(m, "int8"), weights_for(m, "int8")
+    assert a is b  # cached while the weights stay the same
+    with torch.no_grad():
+        m.transformer.h[0].mlp.c_fc.weight.mul_(2)
+    assert weights_for(m, "int8") is not a  # an in-place edit invalidates the copy
 
 
 def test_unsupported_models_fall_back():
@@ -65,6 +105,9 @@ def test_unsupported_models_fall_back():
     pm = peft.get_peft_model(m, peft.LoraConfig(task_type="CAUSAL_LM", r=2, target_modules=["c_attn"],
                                                 fan_in_fan_out=True))
     assert fast_supported(pm)
-    assert type(make_fast_runner(pm)).__name__ == "HFRunner"
+    assert type(make_runner(pm, 50)).__name__ == "HFRunner"
+    assert type(make_runner(tiny(), 50)).__name__ == "FastRunner"
+    with pytest.warns(UserWarning, match="own weights"):
+        assert type(make_runner(pm, 50, weights="int8")).__name__ == "HFRunner"
     s = Sampling(max_new_tokens=10, greedy=True)
-    assert generate_ids_fast(pm, PROMPT, None, s) == generate_ids(pm, PROMPT, None, s)
+    assert generate_ids_fast(pm, PROMPT, None, s) == generate_ids(pm, PROMPT, None, s, runner="hf")

@@ -208,37 +208,29 @@ def test_cli_generate_json_stream_prompts_file_and_loops(tiny_zh_model, run_cli,
         assert code == 2 and msg in err, (bad, err)
 
 
-def test_int8_quantization_keeps_logits_close(tiny_zh_model, run_cli):
-    from transformers.pytorch_utils import Conv1D
-
-    from gpt2tune.generate.quantize import conv1d_to_linear, logits_drift, quantize_int8
+def test_int8_weights_from_the_cli_report_drift(tiny_zh_model, run_cli):
+    for flag in (["--weights", "int8"], ["--quantize", "int8"], ["--weights", "bf16"]):
+        code, out, err = run_cli("generate", tiny_zh_model, "--prompt", "白日", "--greedy", *flag)
+        assert code == 0 and f"{flag[1]}: logits drift" in err and "top-1 agreement" in err and out.startswith("白日")
+    peft = pytest.importorskip("peft")
+    from gpt2tune.commands.generate import check_weights
+    from gpt2tune.errors import UserError
     from gpt2tune.method.io import load_run
 
     model, tok, fr = load_run(tiny_zh_model)
-    ids = torch.tensor(_prompts(tok, fr, ["白日依山盡，黃河入海流。"]))
-    import copy
-
-    lin = copy.deepcopy(model)
-    assert conv1d_to_linear(lin) == 4 * model.config.n_layer
-    assert not any(isinstance(m, Conv1D) for m in lin.modules())
-    with torch.no_grad():
-        assert torch.allclose(lin(ids).logits, model(ids).logits, atol=1e-5)
-    q = quantize_int8(model)
-    assert any("quantized" in type(m).__module__ for m in q.modules())
-    d = logits_drift(model, q, ids)
-    assert 0 < d["max_abs_logit_diff"] < 0.5 and d["top1_agreement"] >= 0.9
-    code, out, err = run_cli("generate", tiny_zh_model, "--prompt", "白日", "--quantize", "int8", "--greedy")
-    assert code == 0 and "int8: logits drift" in err and out.startswith("白日")
+    pm = peft.get_peft_model(model, peft.LoraConfig(r=2, target_modules=["c_attn"], fan_in_fan_out=True))
+    with pytest.raises(UserError, match="needs a plain GPT-2 model"):
+        check_weights(pm, tok, fr, "int8")
 
 
 def test_static_cache_runner_gives_the_same_logits_as_transformers(tiny):
     from gpt2tune.generate.decode import left_pad
-    from gpt2tune.generate.runner import HFRunner, StaticGPT2Runner
+    from gpt2tune.generate.fast import FastRunner
+    from gpt2tune.generate.runner import HFRunner
 
     model, tok, fr = tiny
-    assert StaticGPT2Runner.supports(model)
     ids, mask = left_pad(_prompts(tok, fr, ["白日依山", "春", "床前明月光"]), fr.pad, "cpu")
-    a, b = HFRunner(model), StaticGPT2Runner(model, ids.size(1) + 8)
+    a, b = HFRunner(model), FastRunner(model, max_len=ids.size(1) + 8)
     with torch.inference_mode():
         la, lb = a.prefill(ids, mask), b.prefill(ids, mask)
         for step in range(6):

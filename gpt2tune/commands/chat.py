@@ -30,6 +30,9 @@ def add_parser(sub):
     p.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling mass (1.0: off)")
     p.add_argument("--seed", type=int, default=None, help="make sampling reproducible")
     p.add_argument("--json", action="store_true", help="with --message: print a JSON object with the reply")
+    from gpt2tune.commands.generate import add_weights_arg
+
+    add_weights_arg(p)
 
 
 class Session:
@@ -71,7 +74,7 @@ def _sampling(a):
     if a.temperature <= 0 or not 0 < a.top_p <= 1 or a.top_k < 0:
         raise UserError("--temperature must be > 0, --top-p in (0, 1] and --top-k >= 0")
     return Sampling(max_new_tokens=a.max_new_tokens, greedy=a.greedy, temperature=a.temperature, top_k=a.top_k,
-                    top_p=a.top_p, seed=a.seed)
+                    top_p=a.top_p, seed=a.seed, weights=a.weights)
 
 
 def run(a) -> int:
@@ -79,6 +82,9 @@ def run(a) -> int:
 
     s = _sampling(a)
     chat = load_chat_model(a.model)
+    from gpt2tune.commands.generate import check_weights
+
+    check_weights(chat.model, chat.tok, chat.framing, s.weights, report=False)
     session = Session(chat, s, a.system)
     if a.message is not None:
         if not a.message.strip():

@@ -58,7 +58,7 @@ def evaluate(model, tok, framing, spec, prompt: str, s, n: int, batch_size: int)
 
 
 def run(a) -> int:
-    from gpt2tune.commands.generate import form_from_args, sampling_from_args
+    from gpt2tune.commands.generate import check_weights, form_from_args, sampling_from_args
     from gpt2tune.method.io import load_run
 
     if a.num_samples < 1 or a.batch_size < 1:
@@ -70,6 +70,7 @@ def run(a) -> int:
         raise UserError("eval-poems needs a verse form: --form NAME or --rows R --cols C")
     s = sampling_from_args(a, 1)
     model, tok, framing = load_run(a.model)
+    check_weights(model, tok, framing, s.weights, a.prompt or "")
     res = evaluate(model, tok, framing, spec, a.prompt, s, a.num_samples, a.batch_size)
     if a.json:
         print(json.dumps(res, ensure_ascii=False))

@@ -31,6 +31,9 @@ def add_parser(sub):
     p.add_argument("--batch-wait-ms", type=float, default=5.0,
                    help="how long the worker waits for more requests to join a batch")
     p.add_argument("--queue-size", type=int, default=64, help="requests waiting beyond this get 503 + Retry-After")
+    from gpt2tune.commands.generate import add_weights_arg
+
+    add_weights_arg(p)
     p.add_argument("--timeout", type=float, default=60.0, help="seconds a request may wait and run before a 503")
 
 
@@ -49,7 +52,13 @@ def run(a) -> int:
     if a.max_batch < 1 or a.queue_size < 1 or a.batch_wait_ms < 0:
         raise UserError("--max-batch and --queue-size must be at least 1, --batch-wait-ms at least 0")
     key = a.api_key or os.environ.get("GPT2TUNE_API_KEY") or None
-    engine = load_engine(a.model, a.name, a.max_tokens_cap)
+    engine = load_engine(a.model, a.name, a.max_tokens_cap, a.weights)
+    if a.weights != "model":
+        from gpt2tune.commands.generate import check_weights
+
+        if engine.task == "classification":
+            raise UserError("--weights applies to text generation; classifiers run with their own weights")
+        check_weights(engine.model, engine.tok, engine.framing, a.weights)
     app = create_app(engine, max_batch=a.max_batch, queue_size=a.queue_size, timeout=a.timeout, api_key=key,
                      wait_ms=a.batch_wait_ms)
     if a.host not in ("127.0.0.1", "localhost", "::1") and not key:

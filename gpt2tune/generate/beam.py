@@ -41,7 +41,7 @@ def beam_search(model, prompts: list[list[int]], eos_id: Optional[int], s: Sampl
     budget = min(want, room)
     was_training = model.training
     model.eval()
-    runner = make_runner(model, width + budget, runner)
+    runner = make_runner(model, width + budget, runner, s.weights)
     pad = pad_id if pad_id is not None else (eos_id if eos_id is not None else 0)
     ids, mask = left_pad(rows, pad, device)
     logits = runner.prefill(ids, mask)

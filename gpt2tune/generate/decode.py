@@ -150,7 +150,7 @@ class Decoder:
     def _prefill(self) -> torch.Tensor:
         ids, mask = left_pad(self.rows, self.pad, self.device)
         if self.runner is None:
-            self.runner = make_runner(self.model, self.width + self.budget, self.runner_kind or "auto")
+            self.runner = make_runner(self.model, self.width + self.budget, self.runner_kind or "auto", self.s.weights)
         logits = self.runner.prefill(ids, mask)
         self.proc = Processors(self.s, self.rows, logits.size(-1), self.eos, self.suppress, self.device)
         return logits
@@ -213,7 +213,8 @@ def decode(model, prompts: list[list[int]], eos_id: Optional[int], s: Sampling, 
            constraint=None, pad_id: Optional[int] = None, runner: str = "auto") -> list[Result]:
     """Continue every prompt `num_return_sequences` times (beam search when `s.num_beams` > 1).
 
-    `runner`: "auto" (static-cache GPT-2 forward where supported) or "hf" (`transformers`' forward)."""
+    `runner`: "auto" (static-cache GPT-2 forward where supported, `generate.fast`) or "hf"
+    (`transformers`' forward). `s.weights` picks the fast runner's weight format."""
     if s.num_beams > 1:
         from gpt2tune.generate.beam import beam_search
 

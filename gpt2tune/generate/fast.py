@@ -1,24 +1,37 @@
 """Fast decoding for GPT-2: a static, preallocated KV cache and a minimal per-token forward.
 
-`FastRunner(model)` has the runner interface of `generate.runner.HFRunner` (`prefill`, `step`,
-`select`), so the batched `generate.decode.Decoder` (processors, constraints, streaming, stop
-strings, finished rows leaving the batch) runs unchanged on top of it:
+`FastRunner(model, weights=...)` has the runner interface of `generate.runner.HFRunner` (`prefill`,
+`step`, `select`), so the batched `generate.decode.Decoder` (processors, constraints, streaming,
+stop strings, finished rows leaving the batch) and beam search run unchanged on top of it.
+`generate.runner.make_runner` picks it for every plain GPT-2 LM.
 
-    Decoder(model, prompts, eos_id, s, runner=FastRunner(model))
+Decoding one token reads every weight once, so at small batch sizes its speed is the memory
+bandwidth divided by the bytes of the weights. `weights` chooses them (`Sampling.weights`):
 
-`generate_ids_fast` is a drop-in for `generate.sampling.generate_ids`. In fp32 (the default) it
-computes what HF computes (greedy decoding gives HF's tokens); `dtype=torch.bfloat16` keeps a bf16
-copy of the weights (half the memory traffic per token; an option, not the default: greedy text may
-differ from fp32 after a few dozen tokens). Models that are not plain GPT-2 LMs (peft wrappers that
-are not merged, other architectures) and beam search fall back to the reference path.
+- "model" (default): the model's own tensors, no copy; fp32 computes exactly what `transformers`
+  computes (same `addmm`s in the same layout: greedy decoding gives HF's tokens);
+- "bf16": a bf16 copy in [out, in] layout (matrix-vector kernels at batch 1): half the bytes;
+- "int8": int8 weights with one scale per output channel (symmetric). On x86 CPUs with fbgemm
+  the activations are quantized too, per token on the fly (W8A8 dynamic, VNNI kernels: the
+  fastest at every batch size measured); elsewhere weight-only int8 with bf16 activations
+  (`torch.ops.aten._weight_int8pack_mm`).
+
+bf16 and int8 change the numbers (greedy text may part from fp32's after some tokens), hence an
+option. Embedding rows are always read from the model's own tensors; layer norms and the
+residual stream stay in fp32. Converted copies are cached per model and rebuilt when its
+parameters change (in-place edits or optimizer steps).
 """
 
 from __future__ import annotations
 
+import warnings
+import weakref
 from typing import Iterable, Optional
 
 import torch
 import torch.nn.functional as F
+
+WEIGHTS = ("model", "bf16", "int8")
 
 
 def fast_supported(model) -> Optional[str]:
@@ -27,7 +40,7 @@ def fast_supported(model) -> Optional[str]:
         return f"{type(model).__name__} is not a plain GPT2LMHeadModel"
     c = model.config
     if getattr(c, "add_cross_attention", False) or getattr(c, "scale_attn_by_inverse_layer_idx", False) \
-            or not getattr(c, "scale_attn_weights", True):
+            or not getattr(c, "scale_attn_weights", True) or getattr(c, "reorder_and_upcast_attn", False):
         return "unusual GPT-2 attention options"
     if c.activation_function not in ("gelu_new", "gelu_pytorch_tanh", "gelu"):
         return f"activation {c.activation_function}"
@@ -35,80 +48,156 @@ def fast_supported(model) -> Optional[str]:
         for mod in (blk.attn.c_attn, blk.attn.c_proj, blk.mlp.c_fc, blk.mlp.c_proj):
             if type(mod).__name__ != "Conv1D":
                 return f"layer {type(mod).__name__} (merge adapters first)"
+        if type(blk.ln_1).__name__ != "LayerNorm" or type(blk.ln_2).__name__ != "LayerNorm":
+            return "non-LayerNorm norms"
     if type(model.lm_head).__name__ != "Linear" or model.lm_head.bias is not None:
         return "unusual lm_head"
+    for name, mod in model.named_modules():
+        if mod._forward_hooks or mod._forward_pre_hooks:
+            return f"forward hooks on {name or 'the model'} (e.g. bottleneck adapters)"
     return None
 
 
+def fbgemm_int8(device) -> bool:
+    """Whether W8A8 dynamic int8 (fbgemm) serves `device` (x86 CPUs)."""
+    return torch.device(device).type == "cpu" and "fbgemm" in torch.backends.quantized.supported_engines
+
+
+def quantize_rows(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric int8 per row of `w` [out, in]: (int8 [out, in] contiguous, fp32 scale [out]) with
+    w ~= q * scale[:, None]. The scale is a bf16 number, so bf16 dequantisation is exact in it."""
+    w = w.detach().float()
+    scale = (w.abs().amax(1) / 127).clamp_min(1e-12).to(torch.bfloat16).float()
+    q = torch.round(w / scale[:, None]).clamp_(-127, 127).to(torch.int8).contiguous()
+    return q, scale
+
+
+class _Linear:
+    """One projection in the chosen format; `__call__(x [M, in]) -> [M, out]`. `act` is the dtype
+    its input must have."""
+
+    def __init__(self, weight: torch.Tensor, bias: Optional[torch.Tensor], kind: str, conv1d: bool = True):
+        # weight: Conv1D [in, out] (conv1d=True) or nn.Linear [out, in]
+        self.kind = kind
+        if kind == "model":
+            self.w = weight.detach() if conv1d else weight.detach().t()  # [in, out] for addmm / mm
+            self.b = None if bias is None else bias.detach()
+            self.act = weight.dtype
+            return
+        w_oi = weight.detach().t() if conv1d else weight.detach()
+        if kind == "bf16":
+            self.w = w_oi.to(torch.bfloat16).contiguous()
+            self.b = None if bias is None else bias.detach().to(torch.bfloat16)
+            self.act = torch.bfloat16
+            return
+        q, scale = quantize_rows(w_oi)
+        if fbgemm_int8(w_oi.device):
+            self.kind = "int8-fbgemm"
+            with warnings.catch_warnings():  # torch flags its quantized tensor types as deprecated
+                warnings.simplefilter("ignore")
+                wq = torch._make_per_channel_quantized_tensor(q, scale.double(), torch.zeros_like(scale, dtype=torch.long), 0)
+                b = None if bias is None else bias.detach().float()
+                self.packed = torch.ops.quantized.linear_prepack(wq, b)
+            # 8-bit activations need VNNI (no 16-bit saturation); older x86 kernels get 7-bit ones
+            self.reduce_range = not torch.cpu._is_vnni_supported()
+            self.act = torch.float32
+        else:
+            self.q, self.scale = q, scale.to(torch.bfloat16)
+            self.b = None if bias is None else bias.detach().to(torch.bfloat16)
+            self.act = torch.bfloat16
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.kind == "model":
+            return torch.mm(x, self.w) if self.b is None else torch.addmm(self.b, x, self.w)
+        if self.kind == "int8-fbgemm":
+            return torch.ops.quantized.linear_dynamic(x, self.packed, self.reduce_range)
+        if self.kind == "bf16":
+            if x.size(0) == 1:  # matrix-vector: the fastest bf16 kernel for one row
+                y = torch.mv(self.w, x[0])[None]
+            else:
+                y = torch.mm(x, self.w.t())
+        else:
+            y = torch.ops.aten._weight_int8pack_mm(x, self.q, self.scale)
+        return y if self.b is None else y.add_(self.b)
+
+
 class _Weights:
-    """The tensors of one GPT-2, optionally as a bf16 copy (fp32 references otherwise)."""
+    """The projections of one GPT-2 in one format; norms and embeddings are the model's own."""
 
-    def __init__(self, model, dtype: torch.dtype):
+    def __init__(self, model, kind: str):
         tr = model.transformer
-        # fp32: the model's own tensors (no copy), Conv1D layout [in, out] for addmm. Lower precision:
-        # copies in [out, in] layout, where one row (batch 1) runs as a matrix-vector product, the
-        # fastest bf16 kernel at M=1 (a bf16 GEMM with one row is slower than fp32 here)
-        self.transposed = dtype != torch.float32
+        self.kind = kind
+        self.blocks = [(b.ln_1, _Linear(b.attn.c_attn.weight, b.attn.c_attn.bias, kind),
+                        _Linear(b.attn.c_proj.weight, b.attn.c_proj.bias, kind), b.ln_2,
+                        _Linear(b.mlp.c_fc.weight, b.mlp.c_fc.bias, kind),
+                        _Linear(b.mlp.c_proj.weight, b.mlp.c_proj.bias, kind)) for b in tr.h]
+        self.head = _Linear(model.lm_head.weight, None, kind, conv1d=False)
+        self.dtype = self.head.act  # activations and KV cache
 
-        def cv(t):
-            t = t.detach()
-            return t if t.dtype == dtype else t.to(dtype)
 
-        def cvw(t):
-            return cv(t).t().contiguous() if self.transposed else cv(t)
+_CACHE: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
-        self.wte = cv(tr.wte.weight)
-        self.wpe = cv(tr.wpe.weight)
-        self.head = self.wte if model.lm_head.weight is tr.wte.weight else cv(model.lm_head.weight)
-        self.blocks = []
-        for b in tr.h:
-            self.blocks.append((cv(b.ln_1.weight), cv(b.ln_1.bias), cvw(b.attn.c_attn.weight), cv(b.attn.c_attn.bias),
-                                cvw(b.attn.c_proj.weight), cv(b.attn.c_proj.bias), cv(b.ln_2.weight),
-                                cv(b.ln_2.bias), cvw(b.mlp.c_fc.weight), cv(b.mlp.c_fc.bias),
-                                cvw(b.mlp.c_proj.weight), cv(b.mlp.c_proj.bias)))
-        lnf = tr.ln_f
-        self.lnf = (cv(lnf.weight), cv(lnf.bias))
+
+def _fingerprint(model) -> tuple:
+    from gpt2tune.model.fast_gpt2 import _GENERATION, _watch_optimizers
+
+    _watch_optimizers()  # fused optimizers do not bump version counters: count their steps instead
+    return (_GENERATION[0],) + tuple((p.data_ptr(), p._version) for p in model.parameters())
+
+
+def weights_for(model, kind: str) -> _Weights:
+    """The model's projections in format `kind`, cached while its parameters stay the same."""
+    if kind not in WEIGHTS:
+        raise ValueError(f"weights must be one of {', '.join(WEIGHTS)}, not {kind!r}")
+    if kind == "model":
+        return _Weights(model, kind)  # views of the model's own tensors: nothing to cache
+    fp = _fingerprint(model)
+    per_model = _CACHE.setdefault(model, {})
+    hit = per_model.get(kind)
+    if hit is None or hit[0] != fp:
+        for k in [k for k, v in per_model.items() if v[0] != fp]:
+            del per_model[k]  # copies of weights that have changed since
+        with torch.no_grad():
+            hit = (fp, _Weights(model, kind))
+        per_model[kind] = hit
+    return hit[1]
 
 
 class FastRunner:
-    """Static-KV-cache runner for GPT-2 (the interface of `generate.runner.HFRunner`)."""
+    """Static-KV-cache runner for GPT-2 (the interface of `generate.runner.HFRunner`). Inference
+    only: no dropout, whatever the model's mode."""
 
-    def __init__(self, model, dtype: Optional[torch.dtype] = None, max_len: Optional[int] = None):
+    def __init__(self, model, weights: str = "model", max_len: Optional[int] = None):
         why = fast_supported(model)
         if why:
             raise ValueError(f"FastRunner: {why}")
         c = model.config
         self.model = model
-        self.dtype = dtype or next(model.parameters()).dtype
-        self.w = _Weights(model, self.dtype)
+        self.tr = model.transformer
+        self.w = weights_for(model, weights)
+        self.dtype = self.w.dtype
         self.H, self.D = c.n_head, c.n_embd
         self.hd = self.D // self.H
         self.eps = c.layer_norm_epsilon
         self.gelu = "none" if c.activation_function == "gelu" else "tanh"
         self.n_ctx = c.n_positions
-        self.max_len = max_len or self.n_ctx
-        self.device = self.w.wte.device
+        self.max_len = min(max_len or self.n_ctx, self.n_ctx)
+        self.device = self.tr.wte.weight.device
         self.k = self.v = None
         self.kmask = None  # [B, T] bool of real keys, None when no row is padded
         self.t = 0  # cache length
         self.pos = None  # [B] position of the next token of every row
 
-    def _lin(self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        """x [M, in] -> [M, out] for this runner's weight layout."""
-        if not self.w.transposed:
-            return torch.addmm(b, x, w)
-        if x.size(0) == 1:
-            return (torch.mv(w, x[0]) + b)[None]
-        return F.linear(x, w, b)
+    def _norm(self, x: torch.Tensor, ln) -> torch.Tensor:
+        return F.layer_norm(x, (self.D,), ln.weight, ln.bias, self.eps).to(self.dtype)
 
-    # the block forward over `x` [B, T, D] (fp32 residual stream), writing keys/values at [t0, t0+T)
+    # the block forward over `x` [B, T, D] (residual stream in the model's dtype), writing keys/values at [t0, t0+T)
     def _forward(self, x: torch.Tensor, t0: int, mask: Optional[torch.Tensor], causal: bool) -> torch.Tensor:
         B, T, D = x.shape
-        H, hd, dt, eps = self.H, self.hd, self.dtype, self.eps
+        H, hd = self.H, self.hd
         t1 = t0 + T
-        for i, (l1w, l1b, aw, ab, pw, pb, l2w, l2b, fw, fb, mw, mb) in enumerate(self.w.blocks):
-            h = F.layer_norm(x.to(dt), (D,), l1w, l1b, eps)
-            qkv = self._lin(h.view(B * T, D), aw, ab).view(B, T, 3, H, hd)
+        for i, (ln1, attn, proj, ln2, fc, mproj) in enumerate(self.w.blocks):
+            qkv = attn(self._norm(x, ln1).view(B * T, D)).view(B, T, 3, H, hd)
             q = qkv[:, :, 0].transpose(1, 2)
             self.k[i, :, :, t0:t1] = qkv[:, :, 1].transpose(1, 2)
             self.v[i, :, :, t0:t1] = qkv[:, :, 2].transpose(1, 2)
@@ -117,26 +206,23 @@ class FastRunner:
                 a = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
             else:
                 a = F.scaled_dot_product_attention(q, k, v, is_causal=causal and T > 1)
-            a = self._lin(a.transpose(1, 2).reshape(B * T, D), pw, pb)
+            a = proj(a.transpose(1, 2).reshape(B * T, D))
             x = x + a.view(B, T, D).to(x.dtype)
-            h = F.layer_norm(x.to(dt), (D,), l2w, l2b, eps)
-            h = F.gelu(self._lin(h.view(B * T, D), fw, fb), approximate=self.gelu)
-            h = self._lin(h, mw, mb)
-            x = x + h.view(B, T, D).to(x.dtype)
+            h = F.gelu(fc(self._norm(x, ln2).view(B * T, D)), approximate=self.gelu)
+            x = x + mproj(h).view(B, T, D).to(x.dtype)
         return x
 
     def _logits(self, x_last: torch.Tensor) -> torch.Tensor:
-        h = F.layer_norm(x_last.to(self.dtype), (self.D,), self.w.lnf[0], self.w.lnf[1], self.eps)
-        if h.size(0) == 1 and self.w.transposed:
-            return torch.mv(self.w.head, h[0]).float()[None]
-        return F.linear(h, self.w.head).float()
+        return self.w.head(self._norm(x_last, self.tr.ln_f)).float()
+
+    def _embed(self, ids: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        return self.tr.wte.weight[ids] + self.tr.wpe.weight[pos]
 
     @torch.inference_mode()
     def prefill(self, ids: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         B, T = ids.shape
         L = len(self.w.blocks)
-        cap = min(self.max_len, self.n_ctx)
-        self.k = torch.zeros(L, B, self.H, cap, self.hd, dtype=self.dtype, device=self.device)
+        self.k = torch.zeros(L, B, self.H, self.max_len, self.hd, dtype=self.dtype, device=self.device)
         self.v = torch.zeros_like(self.k)
         if mask is not None and bool(mask.all()):
             mask = None
@@ -148,22 +234,21 @@ class FastRunner:
             m = mask.bool()
             pos = (mask.long().cumsum(-1) - 1).clamp_min(0)
             pos = pos.masked_fill(~m, 1)  # as HFRunner: pad positions are never attended
-            self.kmask = torch.zeros(B, cap, dtype=torch.bool, device=ids.device)
+            self.kmask = torch.zeros(B, self.max_len, dtype=torch.bool, device=ids.device)
             self.kmask[:, :T] = m
             causal = torch.ones(T, T, dtype=torch.bool, device=ids.device).tril()
             amask = (causal[None] & m[:, None, :]) | torch.eye(T, dtype=torch.bool, device=ids.device)[None]
             amask = amask[:, None]
-        x = (self.w.wte[ids] + self.w.wpe[pos]).float()
-        x = self._forward(x, 0, amask, causal=True)
+        x = self._forward(self._embed(ids, pos), 0, amask, causal=True)
         self.t = T
         self.pos = pos[:, -1] + 1
         return self._logits(x[:, -1])
 
     @torch.inference_mode()
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
-        if self.t >= self.k.size(3):
+        if self.t >= self.max_len:
             raise ValueError("the KV cache is full (the model's context is used up)")
-        x = (self.w.wte[tokens] + self.w.wpe[self.pos]).float()[:, None]
+        x = self._embed(tokens, self.pos)[:, None]
         amask = None
         if self.kmask is not None:
             self.kmask[:, self.t] = True
@@ -181,26 +266,31 @@ class FastRunner:
         self.pos = self.pos[index]
 
 
-def make_fast_runner(model, dtype: Optional[torch.dtype] = None):
-    """A FastRunner for `model`, or the reference HF runner when the model is not a plain GPT-2."""
-    from gpt2tune.generate.runner import HFRunner
-
-    if fast_supported(model):
-        return HFRunner(model)
-    return FastRunner(model, dtype)
+@torch.inference_mode()
+def logits_drift(model, weights: str, ids: torch.Tensor) -> dict:
+    """How far decoding with `weights` moves the logits from the model's own on `ids` [1, T]
+    (every position of one prefill): max and mean |difference|, share of positions with the same
+    top-1 token, mean KL(model || weights)."""
+    a = model(input_ids=ids).logits.float()[0]
+    r = FastRunner(model, weights, max_len=ids.size(1))
+    with torch.inference_mode():
+        B, T = ids.shape
+        r.k = torch.zeros(len(r.w.blocks), B, r.H, T, r.hd, dtype=r.dtype, device=r.device)
+        r.v = torch.zeros_like(r.k)
+        x = r._forward(r._embed(ids, torch.arange(T, device=ids.device).expand(B, T)), 0, None, causal=True)
+        b = r._logits(x[0])
+    d = (a - b).abs()
+    kl = F.kl_div(b.log_softmax(-1), a.log_softmax(-1), log_target=True, reduction="none").sum(-1)
+    return {"max_abs_logit_diff": round(float(d.max()), 4), "mean_abs_logit_diff": round(float(d.mean()), 4),
+            "top1_agreement": round(float((a.argmax(-1) == b.argmax(-1)).float().mean()), 4),
+            "mean_kl": round(float(kl.mean()), 5)}
 
 
 def generate_ids_fast(model, prompt_ids: list[int], eos_id: Optional[int], s, suppress_ids: Iterable[int] = (),
-                      dtype: Optional[torch.dtype] = None) -> list[list[int]]:
-    """`generate.sampling.generate_ids` on the fast runner: same options, same results in fp32."""
-    from gpt2tune.generate.decode import Decoder
+                      weights: str = "model") -> list[list[int]]:
+    """`generate.sampling.generate_ids` through `make_runner` with `weights` (the benchmark's entry)."""
+    import dataclasses
+
     from gpt2tune.generate.sampling import generate_ids
 
-    if not prompt_ids:
-        raise ValueError("empty prompt: start with the tokenizer's begin marker")
-    if s.num_beams > 1 or fast_supported(model):
-        return generate_ids(model, prompt_ids, eos_id, s, suppress_ids)
-    dec = Decoder(model, [prompt_ids], eos_id, s, suppress_ids, runner=FastRunner(model, dtype))
-    for _ in dec:
-        pass
-    return [r.ids for r in dec.results]
+    return generate_ids(model, prompt_ids, eos_id, dataclasses.replace(s, weights=weights), suppress_ids)

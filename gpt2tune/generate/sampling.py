@@ -26,6 +26,7 @@ class Sampling:
     num_beams: int = 1
     length_penalty: float = 1.0
     stop: list[str] = field(default_factory=list)
+    weights: str = "model"  # decoding weights: "model" (exact), "bf16" or "int8" (generate.fast)
 
     def check(self) -> Optional[str]:
         """A message saying what is wrong with these options, or None."""
@@ -45,6 +46,8 @@ class Sampling:
             return "beam search returns at most num_beams sequences per prompt"
         if any(not s for s in self.stop):
             return "stop strings must not be empty"
+        if self.weights not in ("model", "bf16", "int8"):
+            return "weights must be model, bf16 or int8"
         return None
 
 
@@ -65,11 +68,11 @@ def filter_logits(logits: torch.Tensor, temperature: float, top_k: int, top_p: f
 
 
 def generate_ids(model, prompt_ids: list[int], eos_id: Optional[int], s: Sampling,
-                 suppress_ids: Iterable[int] = ()) -> list[list[int]]:
+                 suppress_ids: Iterable[int] = (), runner: str = "auto") -> list[list[int]]:
     """Continue one prompt `num_return_sequences` times; return only the new ids (eos excluded)."""
     from gpt2tune.generate.decode import decode
 
     if not prompt_ids:
         raise ValueError("empty prompt: start with the tokenizer's begin marker")
-    res = decode(model, [prompt_ids], eos_id, s, suppress_ids=suppress_ids)
+    res = decode(model, [prompt_ids], eos_id, s, suppress_ids=suppress_ids, runner=runner)
     return [r.ids for r in res]

@@ -42,6 +42,7 @@ class Engine:
     chat_end: Optional[int] = None  # the token that ends a chat reply
     forms: bool = False  # verse forms can be enforced with this tokenizer
     labels: list = field(default_factory=list)
+    weights: str = "model"  # decoding weights of every request (generate.fast)
     created: int = field(default_factory=lambda: int(time.time()))
     tok_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
@@ -91,7 +92,7 @@ class Engine:
         s = Sampling(greedy=temperature == 0, temperature=temperature or 1.0,
                      top_p=1.0 if req.top_p is None else req.top_p, top_k=req.top_k or 0,
                      repetition_penalty=1.0 if req.repetition_penalty is None else req.repetition_penalty,
-                     seed=req.seed, stop=stops)
+                     seed=req.seed, stop=stops, weights=self.weights)
         msg = s.check()
         if msg:
             raise bad_request(msg)
@@ -251,7 +252,8 @@ def _forms_ok(model, tok) -> bool:
     return True
 
 
-def load_engine(path: str | Path, name: Optional[str] = None, max_tokens_cap: int = 256) -> Engine:
+def load_engine(path: str | Path, name: Optional[str] = None, max_tokens_cap: int = 256,
+                weights: str = "model") -> Engine:
     """Load RUN for serving; UserError when it cannot be loaded."""
     if max_tokens_cap < 1:
         raise UserError("--max-tokens-cap must be at least 1")
@@ -269,5 +271,5 @@ def load_engine(path: str | Path, name: Optional[str] = None, max_tokens_cap: in
     model, tok, framing = load_run(p)
     if getattr(tok, "chat_template", None):
         return Engine(model, tok, framing, "chat", name, max_tokens_cap, chat_end=_chat_end(p, tok, framing),
-                      forms=_forms_ok(model, tok))
-    return Engine(model, tok, framing, "causal-lm", name, max_tokens_cap, forms=_forms_ok(model, tok))
+                      forms=_forms_ok(model, tok), weights=weights)
+    return Engine(model, tok, framing, "causal-lm", name, max_tokens_cap, forms=_forms_ok(model, tok), weights=weights)
