@@ -38,6 +38,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 from gpt2tune.data.dataset import collate, epoch_batches  # noqa: E402
 from gpt2tune.model.fast_gpt2 import make_fast_loss  # noqa: E402
 from gpt2tune.train.objective import lm_loss  # noqa: E402
+from gpt2tune.train.optim import clip_and_step  # noqa: E402
 
 POEMS = ROOT.parent / "shared" / "data" / "chinese-poetry" / "全唐诗"
 BERT_ZH = ROOT.parent / "shared" / "data" / "tokenizers" / "bert-base-chinese"
@@ -149,8 +150,7 @@ class Side:
             with ctx:
                 loss, n, _ = self.loss_fn(self.model, batch)
             loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
-            self.opt.step()
+            clip_and_step(self.opt, params, 1.0)  # HF sides (not fused): clip_grad_norm_ then step
             self.opt.zero_grad(set_to_none=True)
             dt, dc = time.perf_counter() - t, time.process_time() - c
         if timed:

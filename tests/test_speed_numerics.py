@@ -217,3 +217,77 @@ def test_bf16_weight_copies_follow_fused_optimizer_steps():
         assert abs(l_hf - l_fast) <= 2e-2
     m.load_state_dict({k: v * 0.5 for k, v in m.state_dict().items()})
     assert torch.equal(fast.fast.cast.raw(w, torch.bfloat16), w.detach().to(torch.bfloat16))
+
+
+def test_written_out_attention_equals_sdpa_and_stays_causal():
+    import torch.nn.functional as F
+
+    from gpt2tune.model.fast_gpt2 import causal_attention
+
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 3, 17, 8, requires_grad=True) for _ in range(3))
+    ref = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    out = causal_attention(q, k, v, 0.0)
+    assert torch.allclose(out, ref, atol=1e-6)
+    g = torch.randn_like(ref)
+    ga = torch.autograd.grad(ref, (q, k, v), g)
+    gb = torch.autograd.grad(out, (q, k, v), g)
+    assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(ga, gb))
+    # with dropout: position t never sees a later value, and some probabilities are dropped
+    v2 = v.detach().clone()
+    v2[:, :, 10:] += 100.0
+    torch.manual_seed(5)
+    a = causal_attention(q, k, v.detach(), 0.5)
+    torch.manual_seed(5)
+    b = causal_attention(q, k, v2, 0.5)
+    assert torch.equal(a[:, :, :10], b[:, :, :10]) and not torch.allclose(a[:, :, 10:], b[:, :, 10:])
+    assert not torch.allclose(a, causal_attention(q, k, v.detach(), 0.0))
+
+
+def test_clip_inside_the_fused_optimizer_equals_clip_then_step():
+    import copy
+
+    from gpt2tune.train.optim import build_optimizer, clip_and_step
+
+    torch.manual_seed(0)
+    m1 = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.Linear(32, 4))
+    m2 = copy.deepcopy(m1)
+    o1, o2 = (build_optimizer(m, 1e-2, 0.01, (0.9, 0.999), torch.device("cpu"), fused=True) for m in (m1, m2))
+    clipped = 0
+    for i in range(6):
+        x = torch.randn(8, 16)
+        for m, o, new in ((m1, o1, False), (m2, o2, True)):
+            (m(x).pow(2).sum() * (10 if i % 2 else 1e-4)).backward()  # alternate clipped and unclipped steps
+            ps = list(m.parameters())
+            if new:
+                clip_and_step(o, ps, 1.0)
+            else:
+                clipped += float(torch.nn.utils.clip_grad_norm_(ps, 1.0)) > 1.0
+                o.step()
+            o.zero_grad(set_to_none=True)
+    assert clipped == 3 and not hasattr(o2, "grad_scale")
+    for a, b in zip(m1.parameters(), m2.parameters()):
+        assert torch.allclose(a, b, atol=1e-6)
+
+
+def test_fast_loss_keeps_gradient_buffers_and_refuses_two_forwards_before_backward():
+    m = tiny()
+    fn = make_fast_loss(m, tune_malloc=False)
+    b = batch()
+    loss, _, _ = fn(m, b)
+    loss.backward()
+    first = {n: p.grad for n, p in m.named_parameters()}
+    ref = {n: g.clone() for n, g in first.items()}
+    for p in m.parameters():
+        p.grad = None
+    loss, _, _ = fn(m, b)
+    loss.backward()
+    for n, p in m.named_parameters():  # the same gradient, written into the same kept buffer
+        assert torch.allclose(p.grad, ref[n], atol=1e-6), n
+    assert m.lm_head.weight.grad.data_ptr() == first["transformer.wte.weight"].data_ptr()
+    for p in m.parameters():
+        p.grad = None
+    l1, _, _ = fn(m, b)
+    l2, _, _ = fn(m, batch(seed=2))
+    with pytest.raises(RuntimeError, match="before this one's backward"):
+        l1.backward()

@@ -23,7 +23,7 @@ from gpt2tune.train import checkpoint as ckpt
 from gpt2tune.train import distributed as dist
 from gpt2tune.train.device import autocast, pick_device, pick_precision
 from gpt2tune.train.objective import evaluate, lm_loss
-from gpt2tune.train.optim import build_optimizer, build_scheduler
+from gpt2tune.train.optim import build_optimizer, build_scheduler, clip_and_step
 from gpt2tune.train.plots import plot_training
 
 
@@ -216,9 +216,7 @@ class Trainer:
                     self.log(f"warning: non-finite loss at step {step + 1}; update skipped")
                     opt.zero_grad(set_to_none=True)
                 else:
-                    if cfg.grad_clip:
-                        torch.nn.utils.clip_grad_norm_(trainable, cfg.grad_clip)
-                    opt.step()
+                    clip_and_step(opt, trainable, cfg.grad_clip)
                 sched.step()
                 opt.zero_grad(set_to_none=True)
                 step += 1
