@@ -429,3 +429,16 @@ def test_random_bodies_never_crash_the_server(server):
     check()
     assert 400 in seen
     assert httpx.get(server.url + "/health", timeout=10).json()["status"] == "ok"
+
+
+def test_int8_weights_serve_completions(tiny_zh_model):
+    engine = load_engine(tiny_zh_model, name="tiny8", max_tokens_cap=16, weights="int8")
+    with BackgroundServer(create_app(engine)) as srv:
+        r = post(srv.url, "/v1/completions", {"prompt": "白日", "max_tokens": 8, "temperature": 0})
+        assert r.status_code == 200, r.text
+        ch = r.json()["choices"][0]
+        assert isinstance(ch["text"], str) and ch["finish_reason"] in ("stop", "length")
+    # the runner behind it decodes with int8 weights
+    from gpt2tune.generate.runner import make_runner
+
+    assert make_runner(engine.model, 8, weights=engine.weights).w.blocks[0][1].kind.startswith("int8")
