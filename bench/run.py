@@ -250,6 +250,26 @@ def bench_full(args, ceil) -> dict:
             **({"ours_fp32": sides[3].tps} if args.all else {})}
 
 
+def bench_compile(args, ceil) -> dict:
+    """HF under `torch.compile` (inductor, bf16 autocast) vs the fast path (eager): compile time and
+    steady-state tokens/s. Not in the default set (the compile alone takes about a minute)."""
+    m = gpt2(args.size)
+    m.train()
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, m.config.vocab_size, (4, 128), generator=g)
+    batches = [{"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}]
+    cm = torch.compile(m)
+    hf = Side("HF compiled bf16", cm, lm_loss, torch.bfloat16, fused=True)
+    ours = Side("gpt2tune fast bf16", m, make_fast_loss(m, tune_malloc=False), torch.bfloat16, fused=True)
+    t = time.perf_counter()
+    hf.step(batches[0], timed=False)
+    compile_s = time.perf_counter() - t
+    run_sides([hf, ours], lambda s: batches, args.steps, args.warmup)
+    row("full fine-tuning vs torch.compile(HF) bf16 (tok/s)", f"{hf.tps:.1f}", f"{ours.tps:.1f}", ratio(hf.tps, ours.tps),
+        f"HF's first step, compiling: {compile_s:.0f} s; ours: eager, no compile")
+    return {"hf_compiled_bf16": hf.tps, "ours_bf16": ours.tps, "compile_s": compile_s}
+
+
 def memory_probe(side: str, size: str, steps: int = 3) -> None:
     """Child process of `peak_memories`: a few full fine-tuning steps of one side; prints its peak RSS."""
     m = gpt2(size)
@@ -441,7 +461,9 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--decode-reps", type=int, default=1)
-    ap.add_argument("--only", default="full,lora,decode,tang")
+    ap.add_argument("--only", default="full,lora,decode,tang",
+                    help="comma-separated workloads: full, lora, decode, tang, compile (torch.compile of the HF "
+                         "model, about a minute of compiling; not in the default set)")
     ap.add_argument("--all", action="store_true", help="also time the fast path in fp32")
     ap.add_argument("--threads", default="auto",
                     help="torch threads; auto: torch's default, but 1 when the load average exceeds the cores "
@@ -477,7 +499,8 @@ def main() -> None:
     res = {"ceilings": ceil}
     for name in args.only.split(","):
         t = time.perf_counter()
-        res[name] = {"full": bench_full, "lora": bench_lora, "decode": bench_decode, "tang": bench_tang}[name](args, ceil)
+        res[name] = {"full": bench_full, "lora": bench_lora, "decode": bench_decode, "tang": bench_tang,
+                     "compile": bench_compile}[name](args, ceil)
         out(f"  ({name}: {time.perf_counter() - t:.0f} s)")
     out(f"total {time.perf_counter() - t0:.0f} s; load average at the end {os.getloadavg()[0]:.1f}")
     if args.json:
