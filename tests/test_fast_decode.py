@@ -111,3 +111,26 @@ def test_unsupported_models_fall_back():
         assert type(make_runner(pm, 50, weights="int8")).__name__ == "HFRunner"
     s = Sampling(max_new_tokens=10, greedy=True)
     assert generate_ids_fast(pm, PROMPT, None, s) == generate_ids(pm, PROMPT, None, s, runner="hf")
+
+
+def test_weight_only_int8_paths_agree(monkeypatch):
+    """The non-x86 int8 path (weight-only, bf16 activations) and its no-kernel fallback give the
+    same logits, close to fp32."""
+    import gpt2tune.generate.fast as fast
+
+    m = tiny()
+    ids = torch.tensor([PROMPT + list(range(20, 40))])
+    monkeypatch.setattr(fast, "fbgemm_int8", lambda device: False)
+    fast._CACHE.clear()
+    r = FastRunner(m, "int8", max_len=40)
+    assert r.w.blocks[0][1].kind == "int8"
+    a = r.prefill(ids)
+    monkeypatch.setattr(fast, "int8pack_ok", lambda device: False)
+    fast._CACHE.clear()
+    r2 = FastRunner(m, "int8", max_len=40)
+    assert r2.w.blocks[0][1].kind == "int8-dequant"
+    b = r2.prefill(ids)
+    exact = FastRunner(m, "model", max_len=40).prefill(ids)
+    assert torch.allclose(a, b, atol=0.1) and (a - exact).abs().max() < 1.0
+    assert a.argmax(-1).tolist() == exact.argmax(-1).tolist()
+    fast._CACHE.clear()

@@ -63,6 +63,23 @@ def fbgemm_int8(device) -> bool:
     return torch.device(device).type == "cpu" and "fbgemm" in torch.backends.quantized.supported_engines
 
 
+_INT8PACK: dict = {}
+
+
+def int8pack_ok(device) -> bool:
+    """Whether `aten._weight_int8pack_mm` runs on `device` (checked once per device type)."""
+    kind = torch.device(device).type
+    if kind not in _INT8PACK:
+        try:
+            x = torch.ones(1, 64, dtype=torch.bfloat16, device=device)
+            w = torch.ones(8, 64, dtype=torch.int8, device=device)
+            torch.ops.aten._weight_int8pack_mm(x, w, torch.ones(8, dtype=torch.bfloat16, device=device))
+            _INT8PACK[kind] = True
+        except (RuntimeError, NotImplementedError, AttributeError):
+            _INT8PACK[kind] = False
+    return _INT8PACK[kind]
+
+
 def quantize_rows(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Symmetric int8 per row of `w` [out, in]: (int8 [out, in] contiguous, fp32 scale [out]) with
     w ~= q * scale[:, None]. The scale is a bf16 number, so bf16 dequantisation is exact in it."""
@@ -105,6 +122,8 @@ class _Linear:
             self.q, self.scale = q, scale.to(torch.bfloat16)
             self.b = None if bias is None else bias.detach().to(torch.bfloat16)
             self.act = torch.bfloat16
+            if not int8pack_ok(w_oi.device):
+                self.kind = "int8-dequant"  # no int8 kernel here: dequantise on the fly (same numbers, no speed-up)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if self.kind == "model":
@@ -116,6 +135,8 @@ class _Linear:
                 y = torch.mv(self.w, x[0])[None]
             else:
                 y = torch.mm(x, self.w.t())
+        elif self.kind == "int8-dequant":
+            y = F.linear(x, self.q.to(x.dtype) * self.scale[:, None])
         else:
             y = torch.ops.aten._weight_int8pack_mm(x, self.q, self.scale)
         return y if self.b is None else y.add_(self.b)
