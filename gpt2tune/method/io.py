@@ -103,8 +103,17 @@ def load_trained(path: str | Path) -> Loaded:
     return Loaded(model, tok, framing, method, ad, info)
 
 
-def load_run(path: str | Path):
-    """(model, tokenizer, framing) ready for inference, from a run folder, model folder or hub id."""
+MERGEABLE = ("lora", "ia3")  # linear adapters that fold into the base weights
+
+
+def load_run(path: str | Path, merge: bool = True):
+    """(model, tokenizer, framing) ready for inference, from a run folder, model folder or hub id.
+
+    `merge`: fold LoRA / IA3 adapters into the base weights (peft's `merge_and_unload`): the same
+    function (up to float rounding) as a plain GPT-2, which decodes through the fast runner."""
     loaded = load_trained(path)
-    loaded.model.eval()
-    return loaded.model, loaded.tokenizer, loaded.framing
+    model = loaded.model
+    if merge and loaded.method in MERGEABLE and hasattr(model, "merge_and_unload"):
+        model = model.merge_and_unload()
+    model.eval()
+    return model, loaded.tokenizer, loaded.framing
