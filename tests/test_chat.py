@@ -379,3 +379,25 @@ def test_shipped_chat_recipe_points_at_a_replaceable_jsonl(tmp_path, run_cli):
     src = write_jsonl(tmp_path / "mine.jsonl", addition_conversations(30, 2))
     rec = load_recipe("recipes/chat.yaml", [f"data.source=jsonl:{src}"])
     assert rec.task == "chat" and rec.data.source == f"jsonl:{src}"
+
+
+def test_stop_strings_and_repetition_penalty_in_replies(addition_run, run_cli):
+    from gpt2tune.chat.reply import Reply, load_chat_model
+    from gpt2tune.generate.sampling import Sampling
+
+    chat = load_chat_model(addition_run)
+    msgs = [{"role": "user", "content": "add 2 and 5"}]
+    full = Reply(chat, msgs, Sampling(max_new_tokens=12, min_new_tokens=12, greedy=True))
+    full_text = "".join(full)
+    assert full_text == full.text and len(full.text) >= 3, full.text
+    stop = full.text[1:3]
+    r = Reply(chat, msgs, Sampling(max_new_tokens=12, min_new_tokens=12, greedy=True, stop=[stop]))
+    pieces = list(r)
+    want = full.text[:full.text.find(stop)]
+    assert "".join(pieces) == r.text == want and r.finish_reason == "stop"
+    assert stop not in "".join(pieces)
+    code, out, err = run_cli("chat", addition_run, "-m", "add 2 and 5", "--greedy", "--max-new-tokens", "12",
+                             "--repetition-penalty", "1.5", "--stop", "zzz", "--json")
+    assert code == 0, err
+    code, out, err = run_cli("chat", addition_run, "-m", "hi", "--repetition-penalty", "0")
+    assert code == 2 and "repetition-penalty" in err

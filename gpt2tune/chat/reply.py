@@ -106,25 +106,56 @@ class Reply:
         except ValueError as err:
             raise UserError(str(err)) from None
         detok = Detokenizer(chat.tok)
+        stops = list(s.stop)
+        hold = max((len(x) for x in stops), default=1) - 1  # text that could start a stop string waits
         shown = 0
         started = False
+        full = ""
+        stopped = False
+
+        def fresh(text: str) -> str:
+            nonlocal shown, started
+            piece = text[shown:]
+            shown = max(shown, len(text))
+            if not started:  # the template's leading space is not part of the answer
+                piece = piece.lstrip()
+                started = bool(piece)
+            return piece
+
         with quiet_transformers():  # no padding-mask advice for an unpadded single prompt
             for event in dec:
                 for row, t in zip(event.rows, event.tokens):
-                    if row != 0 or row in event.finished:
+                    if row != 0 or row in event.finished or stopped:
                         continue
-                    text = detok.push(t)
-                    piece = text[shown:]
-                    shown = len(text)
-                    if not started:  # the template's leading space is not part of the answer
-                        piece = piece.lstrip()
-                        started = bool(piece)
+                    full = text = detok.push(t)
+                    if stops:
+                        cut = _cut_at_stop(text, stops)
+                        if cut is not None:
+                            dec.finish(0, "stop")
+                            stopped = True
+                            full = text = cut
+                        else:
+                            text = text[:max(shown, len(text) - hold)]
+                    piece = fresh(text)
                     if piece:
                         yield piece
+        piece = fresh(full)  # what was held back for a stop string that never came
+        if piece:
+            yield piece
         res = dec.results[0]
         self.completion_tokens = len(res.ids)
         self.raw = decode(chat.tok, res.ids)
-        self.finish_reason = "stop" if res.finish == "eos" else res.finish
+        if stops:
+            cut = _cut_at_stop(self.raw, stops)
+            if cut is not None:
+                self.raw = cut
+        self.finish_reason = "stop" if res.finish in ("eos", "stop") or stopped else res.finish
+
+
+def _cut_at_stop(text: str, stops: list[str]):
+    """`text` up to the first stop string, or None when none occurs."""
+    at = [i for i in (text.find(x) for x in stops) if i >= 0]
+    return text[:min(at)] if at else None
 
 
 def reply(chat: ChatModel, messages: list[dict], s: Sampling) -> str:

@@ -28,6 +28,9 @@ def add_parser(sub):
     p.add_argument("--temperature", type=float, default=0.8)
     p.add_argument("--top-k", type=int, default=40, help="sample among the k most likely tokens (0: all)")
     p.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling mass (1.0: off)")
+    p.add_argument("--repetition-penalty", type=float, default=1.0, help="> 1 discourages seen tokens (1.0: off)")
+    p.add_argument("--stop", action="append", default=[], metavar="TEXT",
+                   help="end the reply where this text appears (repeatable; the text is not kept)")
     p.add_argument("--seed", type=int, default=None, help="make sampling reproducible")
     p.add_argument("--json", action="store_true", help="with --message: print a JSON object with the reply")
     from gpt2tune.commands.generate import add_weights_arg
@@ -73,8 +76,13 @@ def _sampling(a):
         raise UserError("--max-new-tokens must be at least 1")
     if a.temperature <= 0 or not 0 < a.top_p <= 1 or a.top_k < 0:
         raise UserError("--temperature must be > 0, --top-p in (0, 1] and --top-k >= 0")
-    return Sampling(max_new_tokens=a.max_new_tokens, greedy=a.greedy, temperature=a.temperature, top_k=a.top_k,
-                    top_p=a.top_p, seed=a.seed, weights=a.weights)
+    s = Sampling(max_new_tokens=a.max_new_tokens, greedy=a.greedy, temperature=a.temperature, top_k=a.top_k,
+                 top_p=a.top_p, seed=a.seed, weights=a.weights, repetition_penalty=a.repetition_penalty,
+                 stop=list(a.stop))
+    msg = s.check()
+    if msg:
+        raise UserError(msg.replace("_", "-"))
+    return s
 
 
 def run(a) -> int:
