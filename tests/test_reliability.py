@@ -147,3 +147,31 @@ def test_ddp_two_processes_equal_one_process_with_double_batch(tmp_path):
     assert [m["step"] for m in la] == [m["step"] for m in lb]  # rank 0 alone wrote the metrics
     for x, y in zip(la, lb):
         assert x["loss"] == pytest.approx(y["loss"], abs=1e-4)
+
+
+def test_two_process_resume_restores_every_ranks_random_stream(tmp_path):
+    """With dropout on, each rank draws its own masks; a resumed 2-process run (from the step-4
+    checkpoint) ends with weights identical to the uninterrupted run."""
+    import shutil
+
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+
+    def torchrun(r, *extra):
+        p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                            "-m", "gpt2tune", "train", str(r), "--no-progress", *extra], cwd=ROOT, env=env,
+                           capture_output=True, text=True, timeout=300)
+        assert p.returncode == 0, p.stderr[-3000:]
+        return p
+
+    torchrun(recipe(tmp_path, "ref", steps=12, save=4, bs=2, dropout=0.1))
+    rng = load_file(str(tmp_path / "ref" / "checkpoints" / "step-4" / "rng.safetensors"))
+    assert not torch.equal(rng["rank0/torch"], rng["rank1/torch"])  # the ranks' streams really differ
+    res = recipe(tmp_path, "res", steps=12, save=4, bs=2, dropout=0.1)
+    shutil.copytree(tmp_path / "ref", tmp_path / "res")
+    shutil.rmtree(tmp_path / "res" / "model")
+    for step in (8, 12):
+        shutil.rmtree(tmp_path / "res" / "checkpoints" / f"step-{step}")
+    p = torchrun(res, "--resume")
+    assert "resumed from" in p.stderr and "step 4 of 12" in p.stderr
+    a, b = weights(tmp_path / "ref"), weights(tmp_path / "res")
+    assert all(torch.equal(a[k], b[k]) for k in a)

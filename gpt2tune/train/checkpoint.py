@@ -14,6 +14,7 @@ mid-write never leaves a broken "latest"; only the newest `keep` are kept.
 from __future__ import annotations
 
 import json
+import math
 import os
 import random
 import re
@@ -56,7 +57,32 @@ def trainable_state(model) -> dict[str, torch.Tensor]:
     return {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
 
 
-def save_checkpoint(root: Path, step: int, model, optimizer, scheduler, state: dict, keep: int) -> Path:
+def rng_states() -> dict[str, torch.Tensor]:
+    """This process's random states as tensors: torch CPU, every CUDA device, Python's `random`."""
+    out = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        for i, s in enumerate(torch.cuda.get_rng_state_all()):
+            out[f"cuda.{i}"] = s
+    _, internal, gauss = random.getstate()
+    out["python"] = torch.tensor(internal, dtype=torch.int64)
+    out["python.gauss"] = torch.tensor([float("nan") if gauss is None else gauss], dtype=torch.float64)
+    return out
+
+
+def _set_rng_states(rng: dict[str, torch.Tensor], prefix: str) -> None:
+    torch.set_rng_state(rng[prefix + "torch"])
+    if torch.cuda.is_available():
+        cuda = [rng[k] for k in sorted(k for k in rng if k.startswith(prefix + "cuda."))]
+        if cuda:
+            torch.cuda.set_rng_state_all(cuda)
+    g = float(rng[prefix + "python.gauss"][0])
+    random.setstate((3, tuple(int(v) for v in rng[prefix + "python"].tolist()), None if math.isnan(g) else g))
+
+
+def save_checkpoint(root: Path, step: int, model, optimizer, scheduler, state: dict, keep: int,
+                    rank_rngs: Optional[list[dict]] = None) -> Path:
+    """Write RUN/checkpoints/step-N atomically. `rank_rngs`: every rank's `rng_states()` in a
+    multi-process run (saved as `rank{r}/...`, so each rank resumes with its own random stream)."""
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{step}"
     tmp = root / f".tmp-step-{step}"
@@ -81,6 +107,8 @@ def save_checkpoint(root: Path, step: int, model, optimizer, scheduler, state: d
     if torch.cuda.is_available():
         for i, s in enumerate(torch.cuda.get_rng_state_all()):
             rng[f"cuda.{i}"] = s
+    for r, states in enumerate(rank_rngs or []):
+        rng.update({f"rank{r}/{k}": v.contiguous() for k, v in states.items()})
     save_file(rng, str(tmp / "rng.safetensors"))
 
     py_state = random.getstate()
@@ -100,8 +128,9 @@ def save_checkpoint(root: Path, step: int, model, optimizer, scheduler, state: d
     return final
 
 
-def load_checkpoint(path: Path, model, optimizer, scheduler) -> dict:
-    """Restore model, optimizer, scheduler and RNG states; return the JSON state."""
+def load_checkpoint(path: Path, model, optimizer, scheduler, rank: int = 0) -> dict:
+    """Restore model, optimizer, scheduler and RNG states (rank `rank`'s own where the checkpoint
+    has per-rank states); return the JSON state."""
     try:
         state = json.loads((path / "state.json").read_text(encoding="utf-8"))
         weights = load_file(str(path / "model.safetensors"))
@@ -135,6 +164,9 @@ def load_checkpoint(path: Path, model, optimizer, scheduler) -> dict:
             if st:
                 optimizer.state[p] = st
     scheduler.load_state_dict(state["scheduler"])
+    if f"rank{rank}/torch" in rng:
+        _set_rng_states(rng, f"rank{rank}/")
+        return state
     torch.set_rng_state(rng["torch"])
     if torch.cuda.is_available():
         cuda = [rng[k] for k in sorted(k for k in rng if k.startswith("cuda."))]

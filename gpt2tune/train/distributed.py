@@ -59,6 +59,22 @@ def sum_gradients(params: list[torch.nn.Parameter]) -> None:
         offset += n
 
 
+def gather_states(states: dict) -> list[dict]:
+    """Every rank's `states` (a dict of tensors with the same keys and shapes on all ranks), on
+    every rank, in rank order: what a checkpoint needs to restore each rank's own RNG."""
+    if not dist.is_initialized():
+        return [states]
+    dev = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+    out: list[dict] = [{} for _ in range(world_size())]
+    for key in sorted(states):
+        x = states[key].to(dev)
+        parts = [torch.empty_like(x) for _ in range(world_size())]
+        dist.all_gather(parts, x)
+        for r, t in enumerate(parts):
+            out[r][key] = t.cpu()
+    return out
+
+
 def shard(rows: list, r: int, world: int) -> list:
     """Rank r's contiguous slice of a global batch."""
     per = -(-len(rows) // world)

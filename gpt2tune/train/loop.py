@@ -122,7 +122,7 @@ class Trainer:
         cfg = self.cfg
         model = self.model.to(self.device)
         model.train()
-        torch.manual_seed(cfg.seed)
+        torch.manual_seed(cfg.seed + self.rank)  # each rank its own dropout masks
         opt = build_optimizer(model, cfg.lr, cfg.weight_decay, cfg.betas, self.device, fused=getattr(cfg, "fast", False))
         sched = build_scheduler(opt, cfg.schedule, self.warmup, self.total_steps)
         ck_root = self.run_dir / "checkpoints"
@@ -134,7 +134,7 @@ class Trainer:
             last = ckpt.latest_checkpoint(ck_root)
             if last is None:
                 raise UserError(f"--resume: no checkpoint in {ck_root}")
-            st = ckpt.load_checkpoint(last, model, opt, sched)
+            st = ckpt.load_checkpoint(last, model, opt, sched, self.rank)
             step, epoch, pos, tokens_seen = st["step"], st["epoch"], st["pos"], st["tokens"]
             records, first_eval = st["metrics"], st.get("first_eval", {})
             if st.get("total_steps") != self.total_steps:
@@ -153,8 +153,9 @@ class Trainer:
                 mfile.flush()
 
         def save() -> None:
+            rngs = dist.gather_states(ckpt.rng_states()) if self.world > 1 else None
             if main:
-                ckpt.save_checkpoint(ck_root, step, model, opt, sched, state(), cfg.keep_checkpoints)
+                ckpt.save_checkpoint(ck_root, step, model, opt, sched, state(), cfg.keep_checkpoints, rngs)
             dist.barrier()
 
         def state() -> dict:
