@@ -98,6 +98,9 @@ class _Linear:
         self.kind = kind
         if kind == "model":
             self.w = weight.detach() if conv1d else weight.detach().t()  # [in, out] for addmm / mm
+            # nn.Linear weights ([out, in], the head): several rows run as W @ x.T, 1.5x faster than
+            # x @ W.T for the 50k-row head at 8 rows in fp32; one row keeps HF's own product
+            self.w_oi = None if conv1d else weight.detach()
             self.b = None if bias is None else bias.detach()
             self.act = weight.dtype
             return
@@ -127,6 +130,8 @@ class _Linear:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if self.kind == "model":
+            if self.w_oi is not None and self.b is None and x.size(0) > 1:
+                return torch.mm(self.w_oi, x.t()).t()
             return torch.mm(x, self.w) if self.b is None else torch.addmm(self.b, x, self.w)
         if self.kind == "int8-fbgemm":
             return torch.ops.quantized.linear_dynamic(x, self.packed, self.reduce_range)
