@@ -109,6 +109,8 @@ class SampleSection(_Section):
     max_new_tokens: int = Field(64, gt=0)
     top_k: int = 40
     temperature: float = Field(1.0, gt=0)
+    weights: Literal["model", "bf16", "int8"] = Field(
+        "model", description="decoding weights of the samples (generate --weights): model (exact), bf16 or int8")
 
 
 class OutputSection(_Section):

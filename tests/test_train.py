@@ -154,3 +154,14 @@ output: {{dir: "{tmp_path / 'run'}"}}
         assert t.startswith("白日") and " " not in t
         assert not any(x in t for x in ("[CLS]", "[SEP]", "[PAD]", "[UNK]", "[MASK]"))
     assert "50256" not in err + err2
+
+
+def test_samples_can_use_int8_decoding_weights(tmp_path, run_cli):
+    out, _, _ = make_run(tmp_path, run_cli, steps=10, extra=("--set", "sample.weights=int8"))
+    import yaml
+
+    assert yaml.safe_load((out / "recipe.yaml").read_text())["sample"]["weights"] == "int8"
+    sample = json.loads((out / "samples.json").read_text())[0]["text"]
+    assert sample.startswith("白日") and len(sample) > 2
+    code, _, err = run_cli("train", tmp_path / "run.yaml", "--set", "sample.weights=int4", "--overwrite")
+    assert code == 2 and "sample.weights" in err

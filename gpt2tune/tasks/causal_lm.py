@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 from gpt2tune.data.dataset import tokenize_texts
-from gpt2tune.generate.sampling import Sampling
 from gpt2tune.generate.text import complete
 from gpt2tune.method import apply_method
 from gpt2tune.recipe import Recipe, dump_recipe
 from gpt2tune.tasks.common import (check_disk, describe_params, fit_and_save, load_base, log, prepare_run_dir,
-                                   train_val_texts, write_json)
+                                   sample_settings, train_val_texts, write_json)
 from gpt2tune.train import distributed as dist
 from gpt2tune.train.device import pick_device
 from gpt2tune.train.loop import Data
@@ -45,8 +44,7 @@ def run(recipe: Recipe, resume: bool = False, overwrite: bool = False, progress:
     model, report, _ = done
 
     if recipe.sample.prompts:
-        s = Sampling(max_new_tokens=recipe.sample.max_new_tokens, top_k=recipe.sample.top_k,
-                     temperature=recipe.sample.temperature, seed=recipe.train.seed)
+        s = sample_settings(recipe)
         samples = [{"prompt": p, "text": complete(model, base.tokenizer, base.framing, p, s)[0]}
                    for p in recipe.sample.prompts]
         write_json(run_dir / "samples.json", samples)

@@ -12,9 +12,8 @@ from gpt2tune.chat.messages import conversations_of
 from gpt2tune.chat.reply import ChatModel, reply
 from gpt2tune.chat.template import install, make_template, save_template
 from gpt2tune.errors import UserError
-from gpt2tune.generate.sampling import Sampling
 from gpt2tune.recipe import Recipe
-from gpt2tune.tasks.common import load_base, log, prepare_run_dir, write_json
+from gpt2tune.tasks.common import load_base, log, prepare_run_dir, sample_settings, write_json
 from gpt2tune.tasks.masked import check_batching, load_records, report_fit, split_items, train_masked
 
 
@@ -78,8 +77,7 @@ def run(recipe: Recipe, resume: bool = False, overwrite: bool = False, progress:
 
     if recipe.sample.prompts:
         chat = ChatModel(model, base.tokenizer, base.framing, template)
-        s = Sampling(max_new_tokens=recipe.sample.max_new_tokens, top_k=recipe.sample.top_k,
-                     temperature=recipe.sample.temperature, seed=recipe.train.seed)
+        s = sample_settings(recipe)
         samples = [{"prompt": p, "text": reply(chat, [{"role": "user", "content": p}], s)}
                    for p in recipe.sample.prompts]
         write_json(run_dir / "samples.json", samples)

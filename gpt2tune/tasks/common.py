@@ -186,3 +186,12 @@ def fit_and_save(recipe, run_dir: Path, base: Base, model, data, params: dict, r
         log(f"validation {headline} {first:.3f} -> {end:.3f}" if first is not None else f"validation {headline} {end:.3f}")
     log(f"saved {saved}")
     return model, report, saved
+
+
+def sample_settings(recipe):
+    """The decoding settings of the samples written at the end of training (recipe.sample)."""
+    from gpt2tune.generate.sampling import Sampling
+
+    sm = recipe.sample
+    return Sampling(max_new_tokens=sm.max_new_tokens, top_k=sm.top_k, temperature=sm.temperature,
+                    seed=recipe.train.seed, weights=sm.weights)

@@ -10,10 +10,9 @@ from __future__ import annotations
 from gpt2tune.chat.prompt import encode_pairs, parse_template, save_prompt_template, values_of
 from gpt2tune.chat.template import marker_text
 from gpt2tune.errors import UserError
-from gpt2tune.generate.sampling import Sampling
 from gpt2tune.generate.text import complete
 from gpt2tune.recipe import Recipe
-from gpt2tune.tasks.common import load_base, log, prepare_run_dir, write_json
+from gpt2tune.tasks.common import load_base, log, prepare_run_dir, sample_settings, write_json
 from gpt2tune.tasks.masked import check_batching, load_records, report_fit, split_items, train_masked
 
 
@@ -56,8 +55,7 @@ def run(recipe: Recipe, resume: bool = False, overwrite: bool = False, progress:
     save_prompt_template(pt, run_dir)
 
     if recipe.sample.prompts:
-        s = Sampling(max_new_tokens=recipe.sample.max_new_tokens, top_k=recipe.sample.top_k,
-                     temperature=recipe.sample.temperature, seed=recipe.train.seed)
+        s = sample_settings(recipe)
         samples = []
         for p in recipe.sample.prompts:
             prompt = pt.prompt_for(p)
