@@ -252,3 +252,28 @@ def test_decoder_can_be_iterated_and_stopped(tiny):
         if i == 4:
             dec.finish(0)
     assert dec.results[0].finish == "stop" and len(dec.results[0].ids) == 5 and len(dec.results[1].ids) == 50
+
+
+def test_rows_with_their_own_sampling_settings_in_one_batch(tiny):
+    """Per-row settings: a greedy row gives the greedy tokens, a top-k 1 row too, a repetition
+    penalty row matches its own decode, sampled rows only use tokens their top-k allows."""
+    import dataclasses
+
+    model, tok, fr = tiny
+    p = _prompts(tok, fr, ["白日", "春"])
+    base = Sampling(max_new_tokens=12, min_new_tokens=12, seed=0)
+    greedy = decode(model, p, fr.eos, dataclasses.replace(base, greedy=True))
+    pen = decode(model, p[:1], fr.eos, dataclasses.replace(base, greedy=True, repetition_penalty=2.0))
+    rows = [dataclasses.replace(base, greedy=True), dataclasses.replace(base, top_k=1, temperature=0.7),
+            dataclasses.replace(base, greedy=True, repetition_penalty=2.0), dataclasses.replace(base, top_p=0.5)]
+    prompts = [p[0], p[1], p[0], p[1]]
+    dec = Decoder(model, prompts, fr.eos, base, per_row=rows)
+    for _ in dec:
+        pass
+    res = dec.results
+    assert res[0].ids == greedy[0].ids
+    assert res[1].ids == greedy[1].ids  # top-k 1 is greedy whatever the temperature
+    assert res[2].ids == pen[0].ids
+    assert len(res[3].ids) == 12
+    with pytest.raises(ValueError, match="per_row"):
+        Decoder(model, prompts, fr.eos, base, per_row=rows[:2])

@@ -344,6 +344,35 @@ def test_requests_arriving_together_share_one_batch(lm_engine):
             assert alone.json()["choices"][0]["text"] == c["text"]
 
 
+def test_requests_with_different_sampling_settings_share_one_batch(lm_engine):
+    app = create_app(lm_engine, max_batch=16, queue_size=32, wait_ms=50)
+    bodies = [{"prompt": "白日", "max_tokens": 6, "temperature": 0},
+              {"prompt": "春", "max_tokens": 6, "temperature": 0.7, "top_p": 0.9},
+              {"prompt": "夜", "max_tokens": 6, "temperature": 1.2, "top_k": 5},
+              {"prompt": "床前", "max_tokens": 6, "temperature": 0, "repetition_penalty": 1.5}]
+    with BackgroundServer(app) as srv:
+        batcher = app.state.batcher
+        batcher.pause()
+        results = [None] * len(bodies)
+
+        def one(i):
+            results[i] = post(srv.url, "/v1/completions", bodies[i])
+
+        threads = [threading.Thread(target=one, args=(i,)) for i in range(len(bodies))]
+        for t in threads:
+            t.start()
+        _wait_for(lambda: batcher.waiting == len(bodies))
+        before = dict(batcher.stats)
+        batcher.resume()
+        for t in threads:
+            t.join(30)
+        assert all(r.status_code == 200 for r in results), [r.text for r in results]
+        assert batcher.stats["batches"] - before["batches"] == 1
+        for i in (0, 3):  # greedy rows (one with a repetition penalty) give what they give alone
+            alone = post(srv.url, "/v1/completions", bodies[i])
+            assert alone.json()["choices"][0]["text"] == results[i].json()["choices"][0]["text"]
+
+
 def test_small_load_test_has_no_5xx_but_503(lm_engine):
     spec = importlib.util.spec_from_file_location("load_serve", ROOT / "bench" / "load_serve.py")
     bench = importlib.util.module_from_spec(spec)

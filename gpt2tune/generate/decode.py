@@ -80,6 +80,47 @@ def pick(logits: torch.Tensor, s: Sampling, gen: torch.Generator) -> torch.Tenso
     return torch.multinomial(probs.cpu(), 1, generator=gen).squeeze(-1).to(logits.device)
 
 
+class RowSampling:
+    """Per-row sampling settings for one batch whose rows asked for different ones (the server
+    batches such requests together): greedy, temperature, top-k, top-p and repetition penalty as
+    [B] tensors that follow the rows as they leave the batch."""
+
+    def __init__(self, settings: list[Sampling], device):
+        self.greedy = torch.tensor([x.greedy for x in settings], dtype=torch.bool, device=device)
+        self.temperature = torch.tensor([x.temperature for x in settings], dtype=torch.float32, device=device)
+        self.top_k = torch.tensor([x.top_k for x in settings], dtype=torch.long, device=device)
+        self.top_p = torch.tensor([x.top_p for x in settings], dtype=torch.float32, device=device)
+        self.penalty = [x.repetition_penalty for x in settings]
+
+    def select(self, index: torch.Tensor) -> None:
+        self.greedy, self.temperature = self.greedy[index], self.temperature[index]
+        self.top_k, self.top_p = self.top_k[index], self.top_p[index]
+
+
+def pick_rows(logits: torch.Tensor, rs: RowSampling, gen: torch.Generator) -> torch.Tensor:
+    """`pick` with each row's own settings: argmax for greedy rows; for the others temperature,
+    then top-k (ties with the k-th value kept) and top-p over the whole vocabulary, then one draw."""
+    best = logits.argmax(-1)
+    if bool(rs.greedy.all()):
+        return best
+    x = logits / rs.temperature[:, None]
+    V = x.size(-1)
+    kmax = int(rs.top_k.max())
+    if 0 < kmax < V:
+        vals = torch.topk(x, kmax, dim=-1).values
+        kth = vals.gather(1, (rs.top_k.clamp(1, kmax) - 1)[:, None])
+        kth = torch.where(((rs.top_k > 0) & (rs.top_k < V))[:, None], kth, torch.full_like(kth, NEG_INF))
+        x = x.masked_fill(x < kth, NEG_INF)
+    if bool((rs.top_p < 1.0).any()):
+        srt, idx = torch.sort(x, descending=True, dim=-1)
+        probs = srt.softmax(-1)
+        srt = srt.masked_fill(probs.cumsum(-1) - probs > rs.top_p[:, None], NEG_INF)
+        x = torch.full_like(x, NEG_INF).scatter(-1, idx, srt)
+    x = torch.where(rs.greedy[:, None], logits, x)  # greedy rows: any finite row (their draw is replaced)
+    drawn = torch.multinomial(x.softmax(-1).cpu(), 1, generator=gen).squeeze(-1).to(logits.device)
+    return torch.where(rs.greedy, best, drawn)
+
+
 def constrain(logits: torch.Tensor, raw: torch.Tensor, allowed: Optional[torch.Tensor]) -> torch.Tensor:
     """Apply a constraint's allowed-token mask; where processors left a row nothing, fall back
     to the constraint alone (the constraint always wins)."""
@@ -95,7 +136,10 @@ def constrain(logits: torch.Tensor, raw: torch.Tensor, allowed: Optional[torch.T
 
 class Decoder:
     def __init__(self, model, prompts: list[list[int]], eos_id: Optional[int], s: Sampling,
-                 suppress_ids: Iterable[int] = (), constraint=None, pad_id: Optional[int] = None, runner="auto"):
+                 suppress_ids: Iterable[int] = (), constraint=None, pad_id: Optional[int] = None, runner="auto",
+                 per_row: Optional[list[Sampling]] = None):
+        """`per_row`: one `Sampling` per row (after `num_return_sequences` copies) whose greedy,
+        temperature, top_k, top_p and repetition_penalty replace `s`'s for that row."""
         if not prompts or any(not p for p in prompts):
             raise ValueError("every prompt needs at least one token (start with the begin marker)")
         msg = s.check()
@@ -126,6 +170,9 @@ class Decoder:
         self.tokens = 0
         self._stopped: dict[int, str] = {}
         self.gen = make_generator(s.seed)
+        if per_row is not None and len(per_row) != len(self.rows):
+            raise ValueError(f"per_row has {len(per_row)} settings for {len(self.rows)} rows")
+        self.row_sampling = RowSampling(per_row, self.device) if per_row is not None else None
 
     def finish(self, row: int, reason: str = "stop") -> None:
         """End result `row` before its next step (e.g. a stop string was found in its text)."""
@@ -152,13 +199,16 @@ class Decoder:
         if self.runner is None:
             self.runner = make_runner(self.model, self.width + self.budget, self.runner_kind or "auto", self.s.weights)
         logits = self.runner.prefill(ids, mask)
-        self.proc = Processors(self.s, self.rows, logits.size(-1), self.eos, self.suppress, self.device)
+        self.proc = Processors(self.s, self.rows, logits.size(-1), self.eos, self.suppress, self.device,
+                               self.row_sampling.penalty if self.row_sampling is not None else None)
         return logits
 
     def _drop(self, keep: list[int]) -> None:
         index = torch.tensor(keep, dtype=torch.long, device=self.device)
         self.runner.select(index)
         self.proc.reorder(keep)
+        if self.row_sampling is not None:
+            self.row_sampling.select(index)
         if self.constraint is not None:
             self.constraint.reorder(keep)
 
@@ -180,7 +230,7 @@ class Decoder:
         logits = self.proc(logits.clone(), self.step_no)
         allowed = self.constraint.allowed() if self.constraint is not None else None
         logits = constrain(logits, raw, allowed)
-        nxt = pick(logits, self.s, self.gen)
+        nxt = pick(logits, self.s, self.gen) if self.row_sampling is None else pick_rows(logits, self.row_sampling, self.gen)
         toks = nxt.tolist()
         self.step_no += 1
         self.tokens += len(toks)

@@ -20,7 +20,7 @@ NEG_INF = float("-inf")
 
 class Processors:
     def __init__(self, s: Sampling, prompts: list[list[int]], vocab: int, eos_id: Optional[int],
-                 suppress_ids: Iterable[int], device):
+                 suppress_ids: Iterable[int], device, penalties: Optional[list[float]] = None):
         self.s = s
         self.eos = eos_id
         ban = sorted({i for i in suppress_ids if 0 <= i < vocab} - {eos_id})
@@ -29,7 +29,10 @@ class Processors:
             self.banned[torch.tensor(ban, device=device)] = True
         self.any_banned = bool(ban)
         self.seen = None
-        if s.repetition_penalty != 1.0:
+        self.penalty = s.repetition_penalty  # a float, or a [B, 1] tensor of per-row penalties
+        if penalties is not None:
+            self.penalty = torch.tensor(penalties, dtype=torch.float32, device=device)[:, None]
+        if any(p != 1.0 for p in penalties) if penalties is not None else s.repetition_penalty != 1.0:
             self.seen = torch.zeros(len(prompts), vocab, dtype=torch.bool, device=device)
             for r, p in enumerate(prompts):
                 if p:
@@ -52,7 +55,7 @@ class Processors:
         if self.eos is not None and step < self.s.min_new_tokens:
             logits[:, self.eos] = NEG_INF
         if self.seen is not None:
-            p = self.s.repetition_penalty
+            p = self.penalty
             logits = torch.where(self.seen, torch.where(logits < 0, logits * p, logits / p), logits)
         if self.hist is not None:
             n = self.s.no_repeat_ngram_size
@@ -75,6 +78,8 @@ class Processors:
                     self.ngrams[r].setdefault(tuple(h[len(h) - n:len(h) - 1]), set()).add(t)
 
     def reorder(self, index: list[int]) -> None:
+        if torch.is_tensor(self.penalty):
+            self.penalty = self.penalty[torch.tensor(index, device=self.penalty.device)]
         if self.seen is not None:
             self.seen = self.seen[torch.tensor(index, device=self.seen.device)]
         if self.hist is not None:

@@ -4,11 +4,11 @@ as one batch.
 Requests become jobs (`GenJob`, `ClassifyJob`) in a bounded queue; `submit` raises a 503
 `APIError` (with Retry-After) when it is full. The worker takes the first waiting job, waits up
 to `wait_ms` for more until `max_batch` rows are collected, then runs them:
-- generation jobs with the same decoding options (temperature, top-p, top-k, repetition
-  penalty, end marker, verse form) share one `generate.decode.Decoder` over all their prompts
-  (left-padded, one forward pass per step for the whole batch); each job keeps its own
-  `max_tokens` and stop strings (rows are ended from outside with `Decoder.finish`), and a job
-  is answered as soon as its own rows are done. A job with a `seed` is decoded alone, so the
+- generation jobs with the same end marker and verse form share one `generate.decode.Decoder`
+  over all their prompts (left-padded, one forward pass per step for the whole batch); each job
+  keeps its own sampling settings (greedy, temperature, top-p, top-k, repetition penalty: per-row
+  in the decoder), `max_tokens` and stop strings (rows are ended from outside with
+  `Decoder.finish`), and a job is answered as soon as its own rows are done. A job with a `seed` is decoded alone, so the
   same seed gives the same text whatever else the server is doing.
 - classification jobs are classified in one `classify.predict` call.
 
@@ -92,9 +92,13 @@ class GenJob(Job):
         return max(len(i) for i in self.ids)
 
     def key(self) -> tuple:
+        """Jobs with equal keys share a batch: same end marker and verse form (sampling settings
+        may differ: each row keeps its own); a seeded job is alone."""
+        return (self.eos, self.form) + ((id(self),) if self.sampling.seed is not None else ())
+
+    def settings(self) -> tuple:
         s = self.sampling
-        key = (self.eos, self.form, s.greedy, s.temperature, s.top_p, s.top_k, s.repetition_penalty)
-        return key + ((id(self),) if s.seed is not None else ())
+        return (s.greedy, s.temperature, s.top_p, s.top_k, s.repetition_penalty)
 
 
 @dataclass(eq=False)
@@ -292,8 +296,12 @@ class Batcher:
             with eng.tok_lock:
                 prep = Prepared(model, tok, eng.framing, [r.job.prompts[r.prompt] for r in rows], lead.form)
             constraint, ids = prep.constraint, prep.ids
+        per_row = None  # jobs asking for different sampling settings: each row keeps its own
+        if len({j.settings() for j in jobs}) > 1:
+            per_row = [r.job.sampling for r in rows]
         try:
-            dec = Decoder(model, ids, lead.eos, s, suppressed_ids(tok, model), constraint, eng.framing.pad)
+            dec = Decoder(model, ids, lead.eos, s, suppressed_ids(tok, model), constraint, eng.framing.pad,
+                          per_row=per_row)
         except ValueError as err:
             raise UserError(str(err)) from None
         left = {j: j.rows for j in jobs}
