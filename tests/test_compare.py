@@ -91,3 +91,13 @@ def test_peak_rss_sees_a_large_allocation():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     peak, rss = map(int, out.split())
     assert peak >= rss >= 300 * 2**20  # the high-water mark includes the allocation
+
+
+def test_peak_rss_is_the_workers_own_not_its_parents():
+    """A worker started by a big parent reports its own high-water mark (ru_maxrss would carry
+    the parent's resident set over fork + exec)."""
+    parent = ("import subprocess, sys\nb = bytearray(b'x' * (600 * 2**20))\n"
+              "code = 'from gpt2tune.tasks.compare import peak_rss_bytes; print(peak_rss_bytes())'\n"
+              "print(subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, check=True).stdout)")
+    out = subprocess.run([sys.executable, "-c", parent], capture_output=True, text=True, check=True).stdout
+    assert int(out.split()[0]) < 500 * 2**20

@@ -3,8 +3,8 @@
 Every method gets the same data, budget (steps/epochs), batch and seed; only `method` and,
 from `compare.lr`, the learning rate differ. Each method trains in its own process
 (`python -m gpt2tune.tasks.compare JOB.json`) so that its memory is its own: the peak
-resident set size is the kernel's high-water mark of that process (getrusage ru_maxrss,
-psutil's peak working set on Windows), read right after training - it includes Python,
+resident set size is the kernel's high-water mark of that process (VmHWM on Linux, getrusage
+ru_maxrss elsewhere, psutil's peak working set on Windows), read right after training - it includes Python,
 torch, the data and the model, which is why a "base" process that only loads the base
 model and scores the reference text is measured too. On a GPU the peak allocated memory
 is reported as well. The timed loop has no intermediate evaluation or checkpoint
@@ -56,7 +56,14 @@ COLUMNS = [  # key, header, format
 
 
 def peak_rss_bytes() -> int:
-    """The high-water mark of this process's resident memory."""
+    """The high-water mark of this process's resident memory. On Linux `VmHWM` of
+    /proc/self/status: `ru_maxrss` would start from the parent's resident set at fork (it carries
+    over exec), so every method would show at least the size of the comparing process."""
+    status = Path("/proc/self/status")
+    if status.is_file():
+        for line in status.read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
     try:
         import resource
 
@@ -331,7 +338,7 @@ def compare(recipe, methods: Optional[list[str]] = None, output: Optional[str] =
         "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}"
                    + (f", {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""),
         "methods": {n: configs[n].model_dump(mode="json") for n in names},
-        "memory": "peak RSS = getrusage ru_maxrss of each method's own training process, read after training",
+        "memory": "peak RSS = VmHWM (Linux; ru_maxrss elsewhere) of each method's own training process, read after training",
     }
     table = write_reports(folder, rows, base, meta)
     return {"folder": str(folder), "rows": rows, "table": table}
