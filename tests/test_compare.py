@@ -101,3 +101,27 @@ def test_peak_rss_is_the_workers_own_not_its_parents():
               "print(subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, check=True).stdout)")
     out = subprocess.run([sys.executable, "-c", parent], capture_output=True, text=True, check=True).stdout
     assert int(out.split()[0]) < 500 * 2**20
+
+
+def test_compare_classification_methods(tmp_path, run_cli):
+    from test_classification import make_recipe as cls_recipe, synthetic, write_tsv
+
+    src = write_tsv(tmp_path / "sent.tsv", synthetic(120))
+    r = cls_recipe(tmp_path, "clf", src, epochs=3)
+    out = tmp_path / "clf-compare"
+    code, stdout, err = run_cli("compare", r, "--methods", "full,lora", "--output", out)
+    assert code == 0, err
+    data = json.loads((out / "comparison.json").read_text())
+    rows = {x["method"]: x for x in data["methods"]}
+    assert list(rows) == ["full", "lora"] and data["settings"]["task"] == "classification"
+    for name, row in rows.items():
+        ev = json.loads((out / name / "eval.json").read_text())
+        assert row["test_accuracy"] == pytest.approx(100 * ev["test"]["accuracy"])
+        assert row["test_macro_f1"] == pytest.approx(ev["test"]["macro_f1"])
+        assert 0 <= row["val_accuracy"] <= 100 and row["peak_rss_mb"] > 50
+    assert rows["full"]["trainable_percent"] == 100.0 and rows["lora"]["trainable_percent"] < 50
+    md = (out / "comparison.md").read_text()
+    assert "test accuracy %" in md and "ref ppl" not in md and (out / "comparison.png").is_file()
+    bad = write_recipe(tmp_path / "bad.yaml", r.read_text() + 'compare: {reference: "text:x.txt"}\n')
+    code, _, err = run_cli("compare", bad, "--methods", "full", "--output", tmp_path / "o2")
+    assert code == 2 and "forgetting" in err

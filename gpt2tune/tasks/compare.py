@@ -195,6 +195,35 @@ def _saved_bytes(run_dir: Path) -> int:
                if f.is_file() and not f.name.startswith(TOKENIZER_FILES))
 
 
+CLS_COLUMNS = [  # classification: accuracy and macro-F1 instead of perplexities
+    ("method", "method", "{}"),
+    ("lr", "lr", "{:g}"),
+    ("trainable", "trainable params", "{:,}"),
+    ("trainable_percent", "trainable %", "{:.2f}"),
+    ("peak_rss_mb", "peak RSS MB", "{:.0f}"),
+    ("seconds_per_step", "s/step", "{:.3f}"),
+    ("saved_mb", "saved MB", "{:.3f}"),
+    ("val_accuracy", "val accuracy %", "{:.2f}"),
+    ("test_accuracy", "test accuracy %", "{:.2f}"),
+    ("test_macro_f1", "test macro-F1", "{:.4f}"),
+]
+
+
+def _cls_row(name: str, lr: float, res: dict, run_dir: Path) -> dict:
+    rep = res["report"]
+    params = rep["parameters"]
+    val, test = rep.get("validation") or {}, rep.get("test") or {}
+    pct = lambda d: 100.0 * d["accuracy"] if d else None  # noqa: E731
+    return {
+        "method": name, "lr": lr, "trainable": params["trainable"], "total": params["total"],
+        "trainable_percent": params["percent"], "peak_rss_mb": res["peak_rss_bytes"] / 2**20,
+        "gpu_peak_mb": res["gpu_peak_bytes"] / 2**20 if res.get("gpu_peak_bytes") else None,
+        "steps": rep["steps"], "seconds_per_step": rep["train_seconds"] / max(rep["steps"], 1),
+        "saved_mb": _saved_bytes(run_dir) / 2**20, "val_accuracy": pct(val), "val_macro_f1": val.get("macro_f1"),
+        "test_accuracy": pct(test), "test_macro_f1": test.get("macro_f1"),
+    }
+
+
 def _row(name: str, lr: float, res: dict, base: dict, run_dir: Path) -> dict:
     rep = res["report"]
     params, val, start = rep["parameters"], rep.get("validation") or {}, rep.get("validation_at_start") or {}
@@ -220,14 +249,16 @@ def _cell(value, fmt: str) -> str:
     return fmt.format(value)
 
 
-def markdown_table(rows: list[dict]) -> str:
-    lines = ["| " + " | ".join(h for _, h, _ in COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
-    lines += ["| " + " | ".join(_cell(r.get(k), f) for k, _, f in COLUMNS) + " |" for r in rows]
+def markdown_table(rows: list[dict], columns=None) -> str:
+    columns = columns or COLUMNS
+    lines = ["| " + " | ".join(h for _, h, _ in columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(_cell(r.get(k), f) for k, _, f in columns) + " |" for r in rows]
     return "\n".join(lines)
 
 
 def write_reports(folder: Path, rows: list[dict], base: dict, meta: dict) -> str:
-    table = markdown_table(rows)
+    classification = meta.get("task") == "classification"
+    table = markdown_table(rows, CLS_COLUMNS if classification else COLUMNS)
     notes = [
         f"# Fine-tuning methods compared: {meta['data']}", "",
         f"Base: {meta['base']}. Budget: {meta['steps']} optimizer steps of batch {meta['batch_size']} "
@@ -235,11 +266,14 @@ def write_reports(folder: Path, rows: list[dict], base: dict, meta: dict) -> str
         f"on {meta['machine']}.", "",
         table, "",
         "- **peak RSS**: high-water mark of the training process's resident memory (its own process per "
-        "method; includes Python, torch, data and model). A process that only loads the base model and scores "
-        f"the reference peaked at {base['peak_rss_bytes'] / 2**20:.0f} MB.",
-        "- **s/step, tokens/s**: the training loop only (non-pad tokens; no evaluation or checkpoints inside).",
+        "method; includes Python, torch, data and model)."
+        + (f" A process that only loads the base model and scores the reference peaked at "
+           f"{base['peak_rss_bytes'] / 2**20:.0f} MB." if base.get("peak_rss_bytes") else ""),
+        "- **s/step, tokens/s**: the training loop only (non-pad tokens; no evaluation or checkpoints inside)."
+        if not classification else "- **s/step**: training time (LM pretraining stage included) over classifier steps.",
         "- **saved MB**: what the run saved for the method (model/ or adapter/, tokenizer files excluded).",
-        "- **val**: the recipe's validation split, before and after fine-tuning.",
+        "- **val**: the recipe's validation split, before and after fine-tuning." if not classification else
+        "- **accuracy, macro-F1**: the recipe's validation and test splits after training (as in each run's eval.json).",
     ]
     if meta.get("reference"):
         notes.append(f"- **forgetting**: perplexity on `{meta['reference']}` ({meta['reference_samples']} samples) "
@@ -252,11 +286,11 @@ def write_reports(folder: Path, rows: list[dict], base: dict, meta: dict) -> str
         w.writerows(rows)
     (folder / "comparison.json").write_text(json.dumps({"settings": meta, "base": base, "methods": rows}, indent=2,
                                                        ensure_ascii=False) + "\n", encoding="utf-8")
-    plot_comparison(rows, folder / "comparison.png")
+    plot_comparison(rows, folder / "comparison.png", classification)
     return table
 
 
-def plot_comparison(rows: list[dict], path: Path) -> None:
+def plot_comparison(rows: list[dict], path: Path, classification: bool = False) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -266,6 +300,8 @@ def plot_comparison(rows: list[dict], path: Path) -> None:
     panels = [("trainable_percent", "trainable parameters (%)", True), ("peak_rss_mb", "peak RSS (MB)", False),
               ("seconds_per_step", "seconds per step", False), ("saved_mb", "saved size (MB)", True),
               ("val_ppl", "validation perplexity (after)", False), ("ref_ppl_after", "reference perplexity", False)]
+    if classification:
+        panels[4:] = [("val_accuracy", "validation accuracy (%)", False), ("test_accuracy", "test accuracy (%)", False)]
     fig, axes = plt.subplots(2, 3, figsize=(13, 7))
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for ax, (key, title, log) in zip(axes.flat, panels):
@@ -306,8 +342,11 @@ def compare(recipe, methods: Optional[list[str]] = None, output: Optional[str] =
     from gpt2tune.tasks.common import log as default_log
 
     log = log or default_log
-    if recipe.task != "causal-lm":
-        raise UserError(f"compare measures language-model fine-tuning (task causal-lm), not task {recipe.task}")
+    if recipe.task not in ("causal-lm", "classification"):
+        raise UserError(f"compare measures tasks causal-lm and classification, not {recipe.task}")
+    classification = recipe.task == "classification"
+    if classification and recipe.compare.reference:
+        raise UserError("compare.reference (forgetting) applies to causal-lm comparisons; remove it for classification")
     names = methods or [m.name for m in recipe.compare.methods] or list(DEFAULT_METHODS)
     configs = method_configs(recipe, names)
     folder = Path(output or recipe.output.dir.rstrip("/") + "-compare")
@@ -322,16 +361,19 @@ def compare(recipe, methods: Optional[list[str]] = None, output: Optional[str] =
         job = {"mode": "train", "recipe": jobs[n], "progress": progress, "result": str(work_dir / f"{n}.result.json")}
         results[n] = _run_worker(job, work_dir / f"{n}.job.json", f"[{i}/{len(names)}] training {n} "
                                  f"(lr {jobs[n]['train']['lr']:g})", log)
-    base_job = {"mode": "base", "recipe": jobs[names[0]], "run": str(folder / names[0]),
-                "result": str(work_dir / "base.result.json")}
-    base = _run_worker(base_job, work_dir / "base.job.json", "scoring the base model", log)
-
-    rows = [_row(n, jobs[n]["train"]["lr"], results[n], base, folder / n) for n in names]
+    if classification:
+        base: dict = {}
+        rows = [_cls_row(n, jobs[n]["train"]["lr"], results[n], folder / n) for n in names]
+    else:
+        base_job = {"mode": "base", "recipe": jobs[names[0]], "run": str(folder / names[0]),
+                    "result": str(work_dir / "base.result.json")}
+        base = _run_worker(base_job, work_dir / "base.job.json", "scoring the base model", log)
+        rows = [_row(n, jobs[n]["train"]["lr"], results[n], base, folder / n) for n in names]
     import torch
 
     t = recipe.train
     meta = {
-        "data": recipe.data.source, "base": recipe.model.name or f"scratch:{recipe.model.size}",
+        "task": recipe.task, "data": recipe.data.source, "base": recipe.model.name or f"scratch:{recipe.model.size}",
         "steps": rows[0]["steps"], "batch_size": t.batch_size, "max_length": recipe.data.max_length, "seed": t.seed,
         "precision": t.precision, "reference": recipe.compare.reference,
         "reference_samples": base.get("reference_samples", 0),
