@@ -23,7 +23,7 @@ from gpt2tune.chat.template import ChatTemplate, end_id, load_template
 from gpt2tune.errors import UserError
 from gpt2tune.generate.decode import Decoder
 from gpt2tune.generate.sampling import Sampling
-from gpt2tune.generate.text import Detokenizer, suppressed_ids
+from gpt2tune.generate.text import Detokenizer, cut_at_stop, suppressed_ids
 from gpt2tune.model.quiet import quiet_transformers
 from gpt2tune.model.tokenizer import decode
 
@@ -129,8 +129,8 @@ class Reply:
                         continue
                     full = text = detok.push(t)
                     if stops:
-                        cut = _cut_at_stop(text, stops)
-                        if cut is not None:
+                        cut, hit = cut_at_stop(text, stops)
+                        if hit:
                             dec.finish(0, "stop")
                             stopped = True
                             full = text = cut
@@ -146,16 +146,8 @@ class Reply:
         self.completion_tokens = len(res.ids)
         self.raw = decode(chat.tok, res.ids)
         if stops:
-            cut = _cut_at_stop(self.raw, stops)
-            if cut is not None:
-                self.raw = cut
+            self.raw, _ = cut_at_stop(self.raw, stops)
         self.finish_reason = "stop" if res.finish in ("eos", "stop") or stopped else res.finish
-
-
-def _cut_at_stop(text: str, stops: list[str]):
-    """`text` up to the first stop string, or None when none occurs."""
-    at = [i for i in (text.find(x) for x in stops) if i >= 0]
-    return text[:min(at)] if at else None
 
 
 def reply(chat: ChatModel, messages: list[dict], s: Sampling) -> str:

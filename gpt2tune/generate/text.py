@@ -105,7 +105,8 @@ class Detokenizer:
         return self.text
 
 
-def _cut_at_stop(text: str, stops: list[str]) -> tuple[str, bool]:
+def cut_at_stop(text: str, stops: list[str]) -> tuple[str, bool]:
+    """(`text` up to the first of `stops`, whether one occurred)."""
     cut = min((i for i in (text.find(s) for s in stops) if i >= 0), default=-1)
     return (text[:cut], True) if cut >= 0 else (text, False)
 
@@ -114,7 +115,7 @@ def _sample(tok, prep: Prepared, r: Result, stops: list[str]) -> Sample:
     completion = detok(tok, r.ids)
     finish = r.finish
     if stops:
-        completion, hit = _cut_at_stop(completion, stops)
+        completion, hit = cut_at_stop(completion, stops)
         finish = "stop" if hit else finish
     loop = find_loop(r.ids)
     loop_d = None
@@ -149,7 +150,7 @@ def stream_texts(model, tok, framing, prompts: list[str], s: Sampling, form=None
                 continue
             text = detoks[r].push(t)
             if s.stop:
-                cut, hit = _cut_at_stop(text, s.stop)
+                cut, hit = cut_at_stop(text, s.stop)
                 if hit:
                     dec.finish(r, "stop")
                     text = cut

@@ -30,6 +30,7 @@ from typing import Optional
 
 from gpt2tune.errors import UserError
 from gpt2tune.generate.sampling import Sampling
+from gpt2tune.generate.text import cut_at_stop
 from gpt2tune.serve.schemas import APIError
 
 log = logging.getLogger("gpt2tune.serve")
@@ -108,11 +109,6 @@ class ClassifyJob(Job):
     @property
     def rows(self) -> int:
         return len(self.texts)
-
-
-def _cut_at_stop(text: str, stops: list[str]) -> tuple[str, bool]:
-    cut = min((i for i in (text.find(s) for s in stops) if i >= 0), default=-1)
-    return (text[:cut], True) if cut >= 0 else (text, False)
 
 
 @dataclass
@@ -313,7 +309,7 @@ class Batcher:
         def close(i: int, finish: str) -> None:
             r = rows[i]
             r.done, r.finish = True, finish
-            final, _ = _cut_at_stop(detok(tok, dec.results[i].ids), r.job.sampling.stop)
+            final, _ = cut_at_stop(detok(tok, dec.results[i].ids), r.job.sampling.stop)
             final = visible(r, final)
             texts[i] = final
             if len(final) > r.sent:
@@ -339,7 +335,7 @@ class Batcher:
                 text = r.detok.push(t)
                 stops = r.job.sampling.stop
                 if stops:
-                    cut, hit = _cut_at_stop(text, stops)
+                    cut, hit = cut_at_stop(text, stops)
                     if hit:
                         dec.finish(i, "stop")
                         close(i, "stop")

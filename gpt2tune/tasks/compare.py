@@ -195,15 +195,8 @@ def _saved_bytes(run_dir: Path) -> int:
                if f.is_file() and not f.name.startswith(TOKENIZER_FILES))
 
 
-CLS_COLUMNS = [  # classification: accuracy and macro-F1 instead of perplexities
-    ("method", "method", "{}"),
-    ("lr", "lr", "{:g}"),
-    ("trainable", "trainable params", "{:,}"),
-    ("trainable_percent", "trainable %", "{:.2f}"),
-    ("peak_rss_mb", "peak RSS MB", "{:.0f}"),
-    ("seconds_per_step", "s/step", "{:.3f}"),
-    ("saved_mb", "saved MB", "{:.3f}"),
-    ("val_accuracy", "val accuracy %", "{:.2f}"),
+CLS_COLUMNS = [c for c in COLUMNS if c[0] not in ("tokens_per_s",) and not c[0].startswith(("val_", "ref_", "forg"))] + [
+    ("val_accuracy", "val accuracy %", "{:.2f}"),  # classification: accuracy and macro-F1 instead of perplexities
     ("test_accuracy", "test accuracy %", "{:.2f}"),
     ("test_macro_f1", "test macro-F1", "{:.4f}"),
 ]
