@@ -134,3 +134,23 @@ def test_weight_only_int8_paths_agree(monkeypatch):
     assert torch.allclose(a, b, atol=0.1) and (a - exact).abs().max() < 1.0
     assert a.argmax(-1).tolist() == exact.argmax(-1).tolist()
     fast._CACHE.clear()
+
+
+def test_bottleneck_adapters_decode_on_the_fast_runner():
+    from gpt2tune.method.adapter import add_adapters
+    from gpt2tune.method.config import AdapterMethod
+
+    m = add_adapters(tiny(), AdapterMethod(bottleneck=8, placement=["attention", "mlp"]))
+    torch.manual_seed(3)
+    with torch.no_grad():  # adapters that change the output (a fresh one is the identity)
+        for mod in m.modules():
+            if type(mod).__name__ == "Bottleneck":
+                mod.up.weight.normal_(0, 0.5)
+    assert fast_supported(m) is None and type(make_runner(m, 50)).__name__ == "FastRunner"
+    s = Sampling(max_new_tokens=40, greedy=True)
+    fast = generate_ids(m, PROMPT, None, s)
+    assert fast == generate_ids(m, PROMPT, None, s, runner="hf")
+    plain = generate_ids(tiny(), PROMPT, None, s)
+    assert fast != plain  # the adapters are really applied
+    m.transformer.h[0].mlp.c_fc.register_forward_hook(lambda *a: None)
+    assert "forward hooks on transformer.h.0.mlp.c_fc" in fast_supported(m)

@@ -113,10 +113,10 @@ def test_peft_run_saves_only_the_adapter_and_reloads_same_logits(name, tiny_zh_m
     merged, _, _ = load_run(run)  # LoRA / IA3 fold into the base for inference: a plain GPT-2
     from gpt2tune.generate.fast import fast_supported
 
-    assert (fast_supported(merged) is None) == (name in ("lora", "ia3"))  # adapters keep hooks, prompts a wrapper
+    assert (fast_supported(merged) is None) == (name in ("lora", "ia3", "adapter"))  # prompts keep a wrapper
     with torch.no_grad():
         assert torch.allclose(merged(input_ids=x).logits, model(input_ids=x).logits, atol=1e-5)
-    if name in ("lora", "ia3"):
+    if name in ("lora", "ia3", "adapter"):
         from gpt2tune.generate.runner import make_runner
 
         assert type(make_runner(merged, 16)).__name__ == "FastRunner"

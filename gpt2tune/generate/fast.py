@@ -5,7 +5,7 @@
 stop strings, finished rows leaving the batch) and beam search run unchanged on top of it.
 `generate.runner.make_runner` picks it for every plain GPT-2 LM.
 
-Decoding one token reads every weight once, so at small batch sizes its speed is the memory
+Bottleneck adapters (`method.adapter`) run inside it too. Decoding one token reads every weight once, so at small batch sizes its speed is the memory
 bandwidth divided by the bytes of the weights. `weights` chooses them (`Sampling.weights`):
 
 - "model" (default): the model's own tensors, no copy; fp32 computes exactly what `transformers`
@@ -52,9 +52,13 @@ def fast_supported(model) -> Optional[str]:
             return "non-LayerNorm norms"
     if type(model.lm_head).__name__ != "Linear" or model.lm_head.bias is not None:
         return "unusual lm_head"
+    from gpt2tune.method.adapter import _apply_adapter
+
     for name, mod in model.named_modules():
-        if mod._forward_hooks or mod._forward_pre_hooks:
-            return f"forward hooks on {name or 'the model'} (e.g. bottleneck adapters)"
+        hooks = list(mod._forward_hooks.values())
+        adapter_site = name.endswith(("attn.c_proj", "mlp.c_proj")) and all(h is _apply_adapter for h in hooks)
+        if mod._forward_pre_hooks or (hooks and not adapter_site):
+            return f"forward hooks on {name or 'the model'}"
     return None
 
 
@@ -147,16 +151,35 @@ class _Linear:
         return y if self.b is None else y.add_(self.b)
 
 
+class _Adapted:
+    """A projection followed by its bottleneck adapter (`method.adapter`, which the model applies
+    with a forward hook): the adapter runs in its own dtype on the projection's output."""
+
+    def __init__(self, lin: _Linear, adapter):
+        self.lin, self.adapter = lin, adapter
+        self.kind, self.act = lin.kind, lin.act
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.lin(x)
+        return self.adapter(y.to(self.adapter.up.weight.dtype)).to(y.dtype)
+
+
+def _proj(mod, kind: str):
+    lin = _Linear(mod.weight, mod.bias, kind)
+    adapter = mod._modules.get("adapter")
+    return lin if adapter is None else _Adapted(lin, adapter)
+
+
 class _Weights:
-    """The projections of one GPT-2 in one format; norms and embeddings are the model's own."""
+    """The projections of one GPT-2 in one format; norms, embeddings and bottleneck adapters are
+    the model's own."""
 
     def __init__(self, model, kind: str):
         tr = model.transformer
         self.kind = kind
-        self.blocks = [(b.ln_1, _Linear(b.attn.c_attn.weight, b.attn.c_attn.bias, kind),
-                        _Linear(b.attn.c_proj.weight, b.attn.c_proj.bias, kind), b.ln_2,
-                        _Linear(b.mlp.c_fc.weight, b.mlp.c_fc.bias, kind),
-                        _Linear(b.mlp.c_proj.weight, b.mlp.c_proj.bias, kind)) for b in tr.h]
+        self.blocks = [(b.ln_1, _Linear(b.attn.c_attn.weight, b.attn.c_attn.bias, kind), _proj(b.attn.c_proj, kind),
+                        b.ln_2, _Linear(b.mlp.c_fc.weight, b.mlp.c_fc.bias, kind), _proj(b.mlp.c_proj, kind))
+                       for b in tr.h]
         self.head = _Linear(model.lm_head.weight, None, kind, conv1d=False)
         self.dtype = self.head.act  # activations and KV cache
 
