@@ -291,3 +291,26 @@ def test_fast_loss_keeps_gradient_buffers_and_refuses_two_forwards_before_backwa
     l2, _, _ = fn(m, batch(seed=2))
     with pytest.raises(RuntimeError, match="before this one's backward"):
         l1.backward()
+
+
+@pytest.mark.parametrize("dtype,tol", [(None, 1e-4), (torch.bfloat16, 2e-2)])
+def test_fast_loss_applies_bottleneck_adapters(dtype, tol):
+    from gpt2tune.method.adapter import add_adapters
+    from gpt2tune.method.config import AdapterMethod
+
+    m = add_adapters(tiny(), AdapterMethod(bottleneck=8))
+    with torch.no_grad():  # a fresh adapter is the identity: make it do something
+        for n, p in m.named_parameters():
+            if ".adapter.up." in n:
+                p.normal_(0, 0.1)
+    m.train()
+    assert supported(m) is None
+    b = batch()
+    l1, _, _, g1 = losses_and_grads(m, lm_loss, b, dtype)
+    l2, _, _, g2 = losses_and_grads(m, make_fast_loss(m), b, dtype)
+    assert abs(l1 - l2) <= tol
+    assert g1.keys() == g2.keys() and g1 and all(".adapter." in k for k in g1)
+    for k in g1:
+        assert torch.allclose(g1[k], g2[k], atol=1e-5 if dtype is None else 5e-2, rtol=1e-3 if dtype is None else 1e-1), k
+    m.transformer.h[1].mlp.c_fc.register_forward_hook(lambda *a: None)
+    assert "forward hooks" in supported(m) and make_fast_loss(m) is None

@@ -13,7 +13,9 @@ and `save_pretrained` keep working on the HF model while training runs through t
   `tokens x vocab` logits in fp32 and computes their gradient chunk by chunk.
 
 Numerics: fp32 gives HF's loss to ~1e-6; under bf16 autocast both run their matmuls in bf16.
-Only GPT-2 configurations HF computes the same way are accepted (`supported` says why not).
+Bottleneck adapters (`method.adapter`, forward hooks on the `c_proj`s) are applied where their
+hooks would; any other forward hook makes the model unsupported. Only GPT-2 configurations HF
+computes the same way are accepted (`supported` says why not).
 """
 
 from __future__ import annotations
@@ -83,6 +85,13 @@ def supported(model) -> Optional[str]:
         return "embeddings or head replaced (e.g. prompt tuning, adapters on the head)"
     if getattr(inner.lm_head, "bias", None) is not None:
         return "lm_head has a bias"
+    from gpt2tune.method.adapter import _apply_adapter
+
+    for name, mod in inner.named_modules():  # forward hooks this forward would not run
+        hooks = list(mod._forward_hooks.values())
+        adapter_site = name.endswith(("attn.c_proj", "mlp.c_proj")) and all(h is _apply_adapter for h in hooks)
+        if mod._forward_pre_hooks or (hooks and not adapter_site):
+            return f"forward hooks on {name or 'the model'}"
     return None
 
 
@@ -244,6 +253,13 @@ class FrozenCast:
         return low
 
 
+def _adapted(mod, y: torch.Tensor) -> torch.Tensor:
+    """The output of projection `mod` through its bottleneck adapter, if it has one (what the
+    adapter's forward hook does in the HF forward)."""
+    adapter = mod._modules.get("adapter")
+    return y if adapter is None else adapter(y)
+
+
 def _linear(mod, x: torch.Tensor, training: bool, cast=None) -> torch.Tensor:
     parts = _lora_parts(mod)
     base = mod if parts is None else parts[0]
@@ -314,13 +330,13 @@ class FastGPT2:
             else:  # long sequences without dropout: the flash kernel (no T x T matrix kept)
                 a = F.scaled_dot_product_attention(q, k, v, is_causal=True)
             a = a.transpose(1, 2).reshape(B, T, -1)
-            a = _linear(blk.attn.c_proj, a, training, self.cast)
+            a = _adapted(blk.attn.c_proj, _linear(blk.attn.c_proj, a, training, self.cast))
             if training and self.p_resid:
                 a = dropout(a, self.p_resid)
             x = x + a
             h = F.layer_norm(x, (x.size(-1),), blk.ln_2.weight, blk.ln_2.bias, self.eps)
             h = F.gelu(_linear(blk.mlp.c_fc, h, training, self.cast), approximate=self.gelu)
-            h = _linear(blk.mlp.c_proj, h, training, self.cast)
+            h = _adapted(blk.mlp.c_proj, _linear(blk.mlp.c_proj, h, training, self.cast))
             if training and self.p_resid:
                 h = dropout(h, self.p_resid)
             x = x + h
