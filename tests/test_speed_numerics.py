@@ -314,3 +314,9 @@ def test_fast_loss_applies_bottleneck_adapters(dtype, tol):
         assert torch.allclose(g1[k], g2[k], atol=1e-5 if dtype is None else 5e-2, rtol=1e-3 if dtype is None else 1e-1), k
     m.transformer.h[1].mlp.c_fc.register_forward_hook(lambda *a: None)
     assert "forward hooks" in supported(m) and make_fast_loss(m) is None
+
+
+def test_raw_peft_prompt_tuning_keeps_the_hf_path():
+    peft = pytest.importorskip("peft")
+    pm = peft.get_peft_model(tiny(), peft.PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4))
+    assert "prompt" in supported(pm) and make_fast_loss(pm) is None

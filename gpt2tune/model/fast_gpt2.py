@@ -66,6 +66,9 @@ def _lora_parts(mod):
 
 def supported(model) -> Optional[str]:
     """None when `FastGPT2` computes exactly what this model computes; else the reason it does not."""
+    peft_cfg = getattr(model, "peft_config", None)
+    if isinstance(peft_cfg, dict) and any(getattr(c, "is_prompt_learning", False) for c in peft_cfg.values()):
+        return "prompt / prefix tuning (virtual tokens)"
     inner = _unwrap(model)
     if type(inner).__name__ != "GPT2LMHeadModel":
         return f"{type(inner).__name__} is not a GPT2LMHeadModel"
