@@ -308,6 +308,8 @@ def plot_comparison(rows: list[dict], path: Path, classification: bool = False) 
             ax.legend()
         if log and all(v > 0 for v in vals):
             ax.set_yscale("log")
+        if key.endswith("accuracy") and any(vals):  # differences of a few points: zoom in
+            ax.set_ylim(max(0.0, min(v for v in vals if v) - 5.0), 100.0)
         ax.set_title(title)
         ax.tick_params(axis="x", rotation=30)
         ax.grid(axis="y", alpha=0.3)
