@@ -175,3 +175,32 @@ def test_two_process_resume_restores_every_ranks_random_stream(tmp_path):
     assert "resumed from" in p.stderr and "step 4 of 12" in p.stderr
     a, b = weights(tmp_path / "ref"), weights(tmp_path / "res")
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_fp16_training_scales_the_loss_and_resumes_the_scale(tmp_path):
+    """fp16 (what `auto` picks on GPUs without bf16) trains through a GradScaler: gradients
+    that would underflow in fp16 still update the weights, and checkpoints keep the scale.
+    Run on the CPU by forcing the Trainer's dtype (CPU autocast has fp16)."""
+    import json as _json
+
+    from gpt2tune.model.build import build_scratch
+    from gpt2tune.model.tokenizer import Framing
+    from gpt2tune.recipe import TrainSection
+    from gpt2tune.train.loop import Data, Trainer
+
+    seqs = [[1, 3 + i % 10, 4, 5, 2] for i in range(40)]
+
+    def run(steps, resume=False):
+        torch.manual_seed(0)
+        model = build_scratch("nano", 20, Framing(1, 2, 0, True), n_positions=16)
+        cfg = TrainSection(precision="fp32", max_steps=steps, batch_size=4, save_every=2, lr=1e-2)
+        (tmp_path / "run").mkdir(exist_ok=True)
+        t = Trainer(model, Data(seqs, seqs[:4], 0), cfg, tmp_path / "run", progress=False, log=lambda m: None)
+        t.dtype = torch.float16
+        return t.fit(resume=resume)
+
+    res = run(6)
+    assert res.final_eval["loss"] < res.first_eval["loss"]
+    st = _json.loads((tmp_path / "run" / "checkpoints" / "step-6" / "state.json").read_text())
+    assert st["grad_scaler"]["scale"] > 1.0  # the loss really was scaled
+    assert run(6, resume=True).steps == 6  # the saved scale loads back

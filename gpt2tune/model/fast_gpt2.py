@@ -7,8 +7,8 @@ and `save_pretrained` keep working on the HF model while training runs through t
 - fused qkv (`c_attn`, HF Conv1D layout `x @ W + b` through one `addmm`),
 - causal attention without HF's mask machinery (right-padded and packed batches need no mask: a
   real token never attends to a later pad; left-padded batches are left to the HF forward):
-  written out with a cheap dropout mask when attention dropout is on or sequences are short,
-  `F.scaled_dot_product_attention(is_causal=True)` otherwise,
+  on the CPU written out with a cheap dropout mask when attention dropout is on or sequences are
+  short, `F.scaled_dot_product_attention(is_causal=True)` otherwise (and always on GPUs),
 - a chunked linear + cross-entropy (`linear_cross_entropy`) that never materialises the full
   `tokens x vocab` logits in fp32 and computes their gradient chunk by chunk.
 
@@ -328,10 +328,10 @@ class FastGPT2:
             h = F.layer_norm(x, (x.size(-1),), blk.ln_1.weight, blk.ln_1.bias, self.eps)
             qkv = _linear(blk.attn.c_attn, h, training, self.cast)
             q, k, v = qkv.view(B, T, 3, H, -1).permute(2, 0, 3, 1, 4).unbind(0)
-            if p_attn > 0 or T <= 128:
+            if q.device.type == "cpu" and (p_attn > 0 or T <= 128):
                 a = causal_attention(q, k, v, p_attn)
-            else:  # long sequences without dropout: the flash kernel (no T x T matrix kept)
-                a = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+            else:  # GPUs (fused kernels, dropout included) and long CPU sequences without dropout
+                a = F.scaled_dot_product_attention(q, k, v, dropout_p=p_attn, is_causal=True)
             a = a.transpose(1, 2).reshape(B, T, -1)
             a = _adapted(blk.attn.c_proj, _linear(blk.attn.c_proj, a, training, self.cast))
             if training and self.p_resid:

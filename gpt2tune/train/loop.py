@@ -125,6 +125,8 @@ class Trainer:
         torch.manual_seed(cfg.seed + self.rank)  # each rank its own dropout masks
         opt = build_optimizer(model, cfg.lr, cfg.weight_decay, cfg.betas, self.device, fused=getattr(cfg, "fast", False))
         sched = build_scheduler(opt, cfg.schedule, self.warmup, self.total_steps)
+        # fp16 (GPUs without bf16) needs loss scaling, or small gradients underflow to zero
+        scaler = torch.amp.GradScaler(self.device.type) if self.dtype == torch.float16 else None
         ck_root = self.run_dir / "checkpoints"
         metrics_path = self.run_dir / "metrics.jsonl"
         step, epoch, pos, tokens_seen, records = 0, 0, 0, 0, []
@@ -137,6 +139,8 @@ class Trainer:
             st = ckpt.load_checkpoint(last, model, opt, sched, self.rank)
             step, epoch, pos, tokens_seen = st["step"], st["epoch"], st["pos"], st["tokens"]
             records, first_eval = st["metrics"], st.get("first_eval", {})
+            if scaler is not None and st.get("grad_scaler"):
+                scaler.load_state_dict(st["grad_scaler"])
             if st.get("total_steps") != self.total_steps:
                 raise UserError(f"--resume: the checkpoint was made for {st.get('total_steps')} steps, "
                                 f"this recipe asks for {self.total_steps}; resume with the same recipe")
@@ -160,7 +164,8 @@ class Trainer:
 
         def state() -> dict:
             return {"epoch": epoch, "pos": pos, "tokens": tokens_seen, "metrics": records,
-                    "first_eval": first_eval, "total_steps": self.total_steps}
+                    "first_eval": first_eval, "total_steps": self.total_steps,
+                    "grad_scaler": scaler.state_dict() if scaler is not None else None}
 
         if step == 0:
             first_eval = self.evaluate()
@@ -203,7 +208,8 @@ class Trainer:
                                 f"train.on_nonfinite: skip)")
                         bad = True
                         continue
-                    (scaled / (cfg.grad_accum * self.world)).backward()
+                    part = scaled / (cfg.grad_accum * self.world)
+                    (scaler.scale(part) if scaler is not None else part).backward()
                     win_loss += float(loss.detach()) * n
                     win_n += n
                     win_correct += int(correct)
@@ -217,7 +223,14 @@ class Trainer:
                     self.log(f"warning: non-finite loss at step {step + 1}; update skipped")
                     opt.zero_grad(set_to_none=True)
                 else:
-                    clip_and_step(opt, trainable, cfg.grad_clip)
+                    if scaler is not None:  # unscale, clip, step unless a gradient overflowed, adapt the scale
+                        scaler.unscale_(opt)
+                        if cfg.grad_clip:
+                            torch.nn.utils.clip_grad_norm_(trainable, cfg.grad_clip)
+                        scaler.step(opt)
+                        scaler.update()
+                    else:
+                        clip_and_step(opt, trainable, cfg.grad_clip)
                 sched.step()
                 opt.zero_grad(set_to_none=True)
                 step += 1
