@@ -52,14 +52,9 @@ def fast_supported(model) -> Optional[str]:
             return "non-LayerNorm norms"
     if type(model.lm_head).__name__ != "Linear" or model.lm_head.bias is not None:
         return "unusual lm_head"
-    from gpt2tune.method.adapter import _apply_adapter
+    from gpt2tune.model.fast_gpt2 import foreign_hooks
 
-    for name, mod in model.named_modules():
-        hooks = list(mod._forward_hooks.values())
-        adapter_site = name.endswith(("attn.c_proj", "mlp.c_proj")) and all(h is _apply_adapter for h in hooks)
-        if mod._forward_pre_hooks or (hooks and not adapter_site):
-            return f"forward hooks on {name or 'the model'}"
-    return None
+    return foreign_hooks(model)
 
 
 def fbgemm_int8(device) -> bool:

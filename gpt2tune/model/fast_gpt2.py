@@ -88,9 +88,15 @@ def supported(model) -> Optional[str]:
         return "embeddings or head replaced (e.g. prompt tuning, adapters on the head)"
     if getattr(inner.lm_head, "bias", None) is not None:
         return "lm_head has a bias"
+    return foreign_hooks(inner)
+
+
+def foreign_hooks(model) -> Optional[str]:
+    """Where `model` has forward hooks other than bottleneck adapters on the `c_proj`s (which the
+    fast forward and the fast decoder apply themselves); None when it has none."""
     from gpt2tune.method.adapter import _apply_adapter
 
-    for name, mod in inner.named_modules():  # forward hooks this forward would not run
+    for name, mod in model.named_modules():
         hooks = list(mod._forward_hooks.values())
         adapter_site = name.endswith(("attn.c_proj", "mlp.c_proj")) and all(h is _apply_adapter for h in hooks)
         if mod._forward_pre_hooks or (hooks and not adapter_site):
