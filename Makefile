@@ -17,7 +17,7 @@ install: $(STAMP)
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install -q -c constraints.txt -e ".[builtin,dev,serve]"
+	$(BIN)/python -m pip install -q -c constraints.txt -e ".[builtin,dev,serve,bench]"
 	touch $(STAMP)
 
 test: $(STAMP)

@@ -78,6 +78,33 @@ def bandwidth_gbs(mb=512, reps=5) -> float:
     return 2 * src.numel() * 4 / best / 1e9  # read + write
 
 
+# --------------------------------------------------------------------------- the machine
+
+
+class Machine:
+    """What this CPU offers and the precision `precision: auto` trains in on it: every workload
+    times gpt2tune at that precision against HF at the same precision (and HF fp32, its default)."""
+
+    def __init__(self):
+        from gpt2tune.train.device import auto_precision, cpu_flags, cpu_has_bf16
+
+        self.flags = cpu_flags()
+        self.native_bf16 = cpu_has_bf16(self.flags)
+        self.dtype = auto_precision("cpu", cpu_bf16=self.native_bf16)
+        self.prec = "bf16" if self.dtype == torch.bfloat16 else "fp32"
+        try:
+            self.model = next(ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name"))
+        except (OSError, StopIteration):
+            self.model = "unknown CPU"
+
+    def describe(self) -> str:
+        have = [f for f in ("avx2", "fma", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_bf16", "amx_int8")
+                if f in self.flags]
+        return (f"cpu: {self.model}; features: {' '.join(have) or 'none of avx2/avx512/amx'}; native bf16: "
+                f"{'yes' if self.native_bf16 else 'no (bf16 is emulated: training and the bf16 rows run in fp32)'}; "
+                f"precision auto = {self.prec}")
+
+
 # --------------------------------------------------------------------------- memory sampler
 
 
@@ -191,8 +218,9 @@ def ratio(a: float, b: float) -> str:
     return f"{b / a:.2f}x"
 
 
-def row(name: str, hf: str, ours: str, r: str, note: str = "") -> None:
-    out(f"{name:<48} | HF {hf:>11} | gpt2tune {ours:>8} | {r:>6}" + (f"  ({note})" if note else ""))
+def row(name: str, hf: str, ours: str, r: str, note: str = "", base: str = "HF") -> None:
+    """One result line: the baseline's figure (HF, or CT2 for CTranslate2), ours, ours / baseline."""
+    out(f"{name:<48} | {base} {hf:>11} | gpt2tune {ours:>8} | {r:>6}" + (f"  ({note})" if note else ""))
 
 
 # --------------------------------------------------------------------------- workloads
@@ -213,41 +241,50 @@ def bench_full(args, ceil) -> dict:
         kept = [t for _, t in f.cast.cache.values()] + list(f.grads.bufs.values()) + list(f.scratch.flat.values())
         return sum(t.numel() * t.element_size() for t in kept)
 
-    hf32 = Side("HF fp32", m, lm_loss, torch.float32, fused=False)
-    hfbf = Side("HF bf16 autocast", m, lm_loss, torch.bfloat16, fused=False)
-    ours = Side("gpt2tune fast bf16", m, fast, torch.bfloat16, fused=True)
-    sides = [hf32, hfbf, ours]
-    if args.all:
+    mc = args.machine
+    # HF fp32 (its default) always; HF bf16 autocast only where bf16 is native (elsewhere it is emulated,
+    # many times slower than fp32: no user would pick it). Ours at what precision auto picks here.
+    hf = {"fp32": Side("HF fp32", m, lm_loss, torch.float32, fused=False)}
+    if mc.native_bf16:
+        hf["bf16"] = Side("HF bf16 autocast", m, lm_loss, torch.bfloat16, fused=False)
+    ours = Side(f"gpt2tune fast {mc.prec}", m, fast, mc.dtype, fused=True)
+    sides = [*hf.values(), ours]
+    if args.all and mc.prec != "fp32":
         sides.append(Side("gpt2tune fast fp32", m, fast, torch.float32, fused=True))
     run_sides(sides, lambda s: batches, args.steps, args.warmup)
-    peaks = peak_memories(args.size)
+    peaks = peak_memories(args.size, ["hf32", *(["hfbf"] if mc.native_bf16 else []), "ours"], mc.prec)
     fpt = flops_per_token(m, 128)
-    mfu = lambda s, c: s.tps * fpt / (c * 1e9)  # noqa: E731
-    row("full fine-tuning vs HF fp32 (tok/s)", f"{hf32.tps:.1f}", f"{ours.tps:.1f}", ratio(hf32.tps, ours.tps),
-        "ours: train.fast + precision bf16")
-    row("full fine-tuning vs HF bf16 autocast (tok/s)", f"{hfbf.tps:.1f}", f"{ours.tps:.1f}", ratio(hfbf.tps, ours.tps))
-    row("full fine-tuning vs HF fp32 (tok/CPU-s)", f"{hf32.cpu_tps:.1f}", f"{ours.cpu_tps:.1f}",
-        ratio(hf32.cpu_tps, ours.cpu_tps), "per CPU-second: robust to load")
-    row("full fine-tuning vs HF bf16 autocast (tok/CPU-s)", f"{hfbf.cpu_tps:.1f}", f"{ours.cpu_tps:.1f}",
-        ratio(hfbf.cpu_tps, ours.cpu_tps))
-    if args.all:
-        f32 = sides[3]
-        row("full fine-tuning fp32 vs HF fp32 (tok/s)", f"{hf32.tps:.1f}", f"{f32.tps:.1f}", ratio(hf32.tps, f32.tps),
-            "same precision")
-        row("full fine-tuning fp32 vs HF fp32 (tok/CPU-s)", f"{hf32.cpu_tps:.1f}", f"{f32.cpu_tps:.1f}",
-            ratio(hf32.cpu_tps, f32.cpu_tps), "same precision")
-    row("full fine-tuning peak memory (MiB)", f"{peaks['hf32'] / 2**20:.0f} / {peaks['hfbf'] / 2**20:.0f}",
-        f"{peaks['ours'] / 2**20:.0f}", ratio(peaks["ours"], peaks["hfbf"]),
-        "peak RSS of each side alone in a fresh process, 3 steps; HF fp32 / bf16; ratio HF bf16 / ours, >1 = ours smaller")
-    out(f"  kept between steps by the fast path: {cached() / 2**20:.0f} MiB (bf16 weight copies, gradient and head "
-        f"buffers); peak RSS growth within a step, shared process: HF fp32 {hf32.mem / 2**20:.0f}, HF bf16 "
-        f"{hfbf.mem / 2**20:.0f}, ours {ours.mem / 2**20:.0f} MiB")
-    out(f"  MFU: HF fp32 {100 * mfu(hf32, ceil['fp32']):.1f}% of fp32 ceiling, HF bf16 {100 * mfu(hfbf, ceil['bf16']):.1f}%"
-        f" and gpt2tune {100 * mfu(ours, ceil['bf16']):.1f}% of bf16 ceiling ({fpt / 1e6:.0f} MFLOP/token)")
-    return {"hf_fp32": hf32.tps, "hf_bf16": hfbf.tps, "ours_bf16": ours.tps,
-            "cpu": {"hf_fp32": hf32.cpu_tps, "hf_bf16": hfbf.cpu_tps, "ours_bf16": ours.cpu_tps},
-            "peak_rss_mib": {k: v / 2**20 for k, v in peaks.items()}, "kept_mib": cached() / 2**20,
-            **({"ours_fp32": sides[3].tps} if args.all else {})}
+    mfu = lambda s, prec: s.tps * fpt / (ceil[prec] * 1e9)  # noqa: E731
+    for prec, side in hf.items():
+        label = "HF fp32" if prec == "fp32" else "HF bf16 autocast"
+        note = f"ours: train.fast + precision {mc.prec}" + (" (same precision)" if prec == mc.prec else "")
+        row(f"full fine-tuning vs {label} (tok/s)", f"{side.tps:.1f}", f"{ours.tps:.1f}", ratio(side.tps, ours.tps), note)
+    for prec, side in hf.items():
+        label = "HF fp32" if prec == "fp32" else "HF bf16 autocast"
+        row(f"full fine-tuning vs {label} (tok/CPU-s)", f"{side.cpu_tps:.1f}", f"{ours.cpu_tps:.1f}",
+            ratio(side.cpu_tps, ours.cpu_tps), "per CPU-second: robust to load")
+    if len(sides) > len(hf) + 1:
+        f32 = sides[-1]
+        row("full fine-tuning fp32 vs HF fp32 (tok/s)", f"{hf['fp32'].tps:.1f}", f"{f32.tps:.1f}",
+            ratio(hf["fp32"].tps, f32.tps), "same precision")
+    ref = "hfbf" if "hfbf" in peaks else "hf32"
+    row("full fine-tuning peak memory (MiB)", " / ".join(f"{peaks[k] / 2**20:.0f}" for k in peaks if k != "ours"),
+        f"{peaks['ours'] / 2**20:.0f}", ratio(peaks["ours"], peaks[ref]),
+        f"peak RSS of each side alone in a fresh process, 3 steps; HF {' / '.join(hf)}; ratio HF {hf_name(ref)} / ours, "
+        ">1 = ours smaller")
+    out(f"  kept between steps by the fast path: {cached() / 2**20:.0f} MiB (low-precision weight copies, gradient and "
+        f"head buffers); peak RSS growth within a step, shared process: "
+        + ", ".join(f"{s.name} {s.mem / 2**20:.0f}" for s in sides) + " MiB")
+    out("  MFU (of the matmul ceiling at each side's precision): "
+        + ", ".join(f"HF {p} {100 * mfu(s, p):.1f}%" for p, s in hf.items())
+        + f", gpt2tune {mc.prec} {100 * mfu(ours, mc.prec):.1f}% ({fpt / 1e6:.0f} MFLOP/token)")
+    return {"precision": mc.prec, **{f"hf_{p}": s.tps for p, s in hf.items()}, f"ours_{mc.prec}": ours.tps, "ours": ours.tps,
+            "cpu": {**{f"hf_{p}": s.cpu_tps for p, s in hf.items()}, "ours": ours.cpu_tps},
+            "peak_rss_mib": {k: v / 2**20 for k, v in peaks.items()}, "kept_mib": cached() / 2**20}
+
+
+def hf_name(key: str) -> str:
+    return {"hf32": "fp32", "hfbf": "bf16"}[key]
 
 
 def bench_compile(args, ceil) -> dict:
@@ -259,18 +296,19 @@ def bench_compile(args, ceil) -> dict:
     ids = torch.randint(0, m.config.vocab_size, (4, 128), generator=g)
     batches = [{"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}]
     cm = torch.compile(m)
-    hf = Side("HF compiled bf16", cm, lm_loss, torch.bfloat16, fused=True)
-    ours = Side("gpt2tune fast bf16", m, make_fast_loss(m, tune_malloc=False), torch.bfloat16, fused=True)
+    mc = args.machine
+    hf = Side(f"HF compiled {mc.prec}", cm, lm_loss, mc.dtype, fused=True)
+    ours = Side(f"gpt2tune fast {mc.prec}", m, make_fast_loss(m, tune_malloc=False), mc.dtype, fused=True)
     t = time.perf_counter()
     hf.step(batches[0], timed=False)
     compile_s = time.perf_counter() - t
     run_sides([hf, ours], lambda s: batches, args.steps, args.warmup)
-    row("full fine-tuning vs torch.compile(HF) bf16 (tok/s)", f"{hf.tps:.1f}", f"{ours.tps:.1f}", ratio(hf.tps, ours.tps),
-        f"HF's first step, compiling: {compile_s:.0f} s; ours: eager, no compile")
-    return {"hf_compiled_bf16": hf.tps, "ours_bf16": ours.tps, "compile_s": compile_s}
+    row(f"full fine-tuning vs torch.compile(HF) {mc.prec} (tok/s)", f"{hf.tps:.1f}", f"{ours.tps:.1f}",
+        ratio(hf.tps, ours.tps), f"HF's first step, compiling: {compile_s:.0f} s; ours: eager, no compile")
+    return {"hf_compiled": hf.tps, "ours": ours.tps, "compile_s": compile_s, "precision": mc.prec}
 
 
-def memory_probe(side: str, size: str, steps: int = 3) -> None:
+def memory_probe(side: str, size: str, prec: str, steps: int = 3) -> None:
     """Child process of `peak_memories`: a few full fine-tuning steps of one side; prints its peak RSS."""
     m = gpt2(size)
     m.train()
@@ -278,7 +316,7 @@ def memory_probe(side: str, size: str, steps: int = 3) -> None:
     ids = torch.randint(0, m.config.vocab_size, (4, 128), generator=g)
     batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
     if side == "ours":  # exactly what train.fast sets up in a real run (allocator tuning included)
-        s = Side(side, m, make_fast_loss(m), torch.bfloat16, fused=True)
+        s = Side(side, m, make_fast_loss(m), torch.bfloat16 if prec == "bf16" else torch.float32, fused=True)
     else:
         s = Side(side, m, lm_loss, torch.float32 if side == "hf32" else torch.bfloat16, fused=False)
     for _ in range(steps):
@@ -288,15 +326,16 @@ def memory_probe(side: str, size: str, steps: int = 3) -> None:
     print(json.dumps({"peak": int(hwm.split()[1]) * 1024}))
 
 
-def peak_memories(size: str) -> dict:
+def peak_memories(size: str, sides: list, prec: str) -> dict:
     """Peak resident memory of full fine-tuning, each side alone in a fresh process (same model,
     batch, AdamW): what a user's machine must hold. In one shared process the sides' allocations
     would overlap and RSS deltas would hide memory kept from step to step."""
     import subprocess
 
     res = {}
-    for side in ("hf32", "hfbf", "ours"):
-        r = subprocess.run([sys.executable, __file__, "--memory-probe", side, "--size", size], capture_output=True,
+    for side in sides:
+        r = subprocess.run([sys.executable, __file__, "--memory-probe", side, "--size", size, "--probe-precision", prec],
+                           capture_output=True,
                            text=True, check=True, env=dict(os.environ, OMP_NUM_THREADS=str(torch.get_num_threads())))
         res[side] = json.loads(r.stdout.strip().splitlines()[-1])["peak"]
     return res
@@ -315,16 +354,17 @@ def bench_lora(args, ceil) -> dict:
                fan_in_fan_out=True, bias="none")
     pm = peft.get_peft_model(gpt2(args.size), peft.LoraConfig(**cfg))
     pm.train()
+    mc = args.machine
     hf = Side("HF+peft fp32", pm, lm_loss, torch.float32, fused=False)
-    ours = Side("gpt2tune fast bf16", pm, make_fast_loss(pm, tune_malloc=False), torch.bfloat16, fused=True)
+    ours = Side(f"gpt2tune fast {mc.prec}", pm, make_fast_loss(pm, tune_malloc=False), mc.dtype, fused=True)
     run_sides([hf, ours], lambda s: batches, args.steps, args.warmup)
     fpt = flops_per_token(pm.get_base_model(), 128, trainable_all=False)
     row("LoRA r=8 c_attn vs HF+peft fp32 (tok/s)", f"{hf.tps:.1f}", f"{ours.tps:.1f}", ratio(hf.tps, ours.tps),
-        "ours: train.fast + precision bf16")
+        f"ours: train.fast + precision {mc.prec}")
     row("LoRA r=8 c_attn vs HF+peft fp32 (tok/CPU-s)", f"{hf.cpu_tps:.1f}", f"{ours.cpu_tps:.1f}",
         ratio(hf.cpu_tps, ours.cpu_tps), "per CPU-second")
     out(f"  MFU: HF+peft fp32 {100 * hf.tps * fpt / (ceil['fp32'] * 1e9):.1f}% of fp32 ceiling, "
-        f"gpt2tune {100 * ours.tps * fpt / (ceil['bf16'] * 1e9):.1f}% of bf16 ceiling")
+        f"gpt2tune {100 * ours.tps * fpt / (ceil[mc.prec] * 1e9):.1f}% of {mc.prec} ceiling")
     res.update(hf=hf.tps, ours=ours.tps, hf_cpu=hf.cpu_tps, ours_cpu=ours.cpu_tps)
     return res
 
@@ -362,8 +402,9 @@ def bench_tang(args, ceil) -> dict:
     fast = make_fast_loss(m, tune_malloc=False)
     seed = Side("seed loop (pad, HF fp32)", m, lm_loss, torch.float32, fused=False)
     hfgroup = Side("HF fp32 + group", m, lm_loss, torch.float32, fused=False)
-    ours_p = Side("gpt2tune pack + fast bf16", m, fast, torch.bfloat16, fused=True)
-    ours_g = Side("gpt2tune group + fast bf16", m, fast, torch.bfloat16, fused=True)
+    mc = args.machine
+    ours_p = Side(f"gpt2tune pack + fast {mc.prec}", m, fast, mc.dtype, fused=True)
+    ours_g = Side(f"gpt2tune group + fast {mc.prec}", m, fast, mc.dtype, fused=True)
     sides = [seed, hfgroup, ours_p, ours_g]
     bmap = {id(seed): seed_b, id(hfgroup): group_b, id(ours_p): pack_b, id(ours_g): group_b}
     # the same number of samples' worth of batches for everyone: step i takes batch i of its own list
@@ -378,6 +419,50 @@ def bench_tang(args, ceil) -> dict:
         ratio(seed.useful_tps, hfgroup.useful_tps), "batching alone")
     return {"seed": seed.useful_tps, "hf_group": hfgroup.useful_tps, "pack_fast": ours_p.useful_tps,
             "group_fast": ours_g.useful_tps, "cpu": {"seed": seed.useful_cpu_tps, "pack_fast": ours_p.useful_cpu_tps}}
+
+
+class CT2:
+    """CTranslate2, the established CPU inference engine, decoding the same GPT-2 weights (optional:
+    `pip install ctranslate2`, the `bench` extra). The model is converted once per compute type
+    through CTranslate2's own Transformers converter; token strings come from a stand-in vocabulary
+    (ids are what is compared)."""
+
+    def __init__(self, model, compute_type: str, threads: int, workdir: Path):
+        import ctranslate2
+        from ctranslate2.converters import TransformersConverter
+
+        src, dst = workdir / "hf", workdir / f"ct2-{compute_type}"
+        if not src.exists():
+            model.save_pretrained(src)
+            V = model.config.vocab_size
+            (src / "vocab.json").write_text(json.dumps({f"<{i}>": i for i in range(V)}))
+            (src / "merges.txt").write_text("#version: 0.2\n")
+            eos = f"<{V - 1}>"
+            (src / "tokenizer_config.json").write_text(json.dumps(
+                {"tokenizer_class": "GPT2Tokenizer", "bos_token": eos, "eos_token": eos, "unk_token": eos}))
+        if not dst.exists():
+            TransformersConverter(str(src), low_cpu_mem_usage=True).convert(str(dst), quantization=compute_type)
+        self.gen = ctranslate2.Generator(str(dst), device="cpu", compute_type=compute_type, intra_threads=threads)
+        self.version = ctranslate2.__version__
+
+    def generate(self, prompt: list, new: int, bs: int, sample: bool):
+        start = [[f"<{i}>" for i in prompt]] * bs
+        t, c = time.perf_counter(), time.process_time()
+        res = self.gen.generate_batch(start, max_length=new, min_length=new, include_prompt_in_result=False,
+                                      sampling_topk=50 if sample else 1)
+        dt, dc = time.perf_counter() - t, time.process_time() - c
+        ids = [r.sequences_ids[0] for r in res]
+        n = sum(map(len, ids))
+        return ids, (n / dt, n / dc)
+
+
+def ct2_sides(m, threads: int, workdir: Path) -> dict:
+    try:
+        import ctranslate2  # noqa: F401
+    except ImportError:
+        out("  CTranslate2 not installed (pip install -e '.[bench]'): its rows are skipped")
+        return {}
+    return {"model": CT2(m, "float32", threads, workdir), "int8": CT2(m, "int8", threads, workdir)}
 
 
 def bench_decode(args, ceil) -> dict:
@@ -407,10 +492,19 @@ def bench_decode(args, ceil) -> dict:
         return ids, (n / dt, n / dc)
 
     kinds = ("model", "bf16", "int8")
+    import tempfile
+
+    tmp = tempfile.TemporaryDirectory(prefix="gpt2tune-bench-")
+    ct2 = ct2_sides(m, torch.get_num_threads(), Path(tmp.name))
     # warm-up (and the greedy equality check; converted weights are cached after their first use)
     hf_gen(1, False)
     for w in kinds:
         ours(1, False, w)
+    for c in ct2.values():
+        c.generate(prompt, new, 1, False)
+    c1 = {w: [] for w in ct2}
+    c8 = {w: [] for w in ct2}
+    ct2_same = {}
     reps = max(1, args.decode_reps)
     hf1, hf8 = [], []
     o1 = {w: [] for w in kinds}
@@ -427,9 +521,15 @@ def bench_decode(args, ceil) -> dict:
                 same &= a[0] == b[0]
             else:  # how many leading greedy tokens equal HF fp32's
                 agree[w] = next((i for i, (u, v) in enumerate(zip(a[0], b[0])) if u != v), len(a[0]))
+        for w, c in ct2.items():
+            b, y = c.generate(prompt, new, 1, False)
+            c1[w].append(y)
+            ct2_same[w] = b[0] == a[0]
         hf8.append(hf_gen(8, True)[1])
         for w in kinds:
             o8[w].append(ours(8, True, w)[1])
+        for w, c in ct2.items():
+            c8[w].append(c.generate(prompt, new, 8, True)[1])
     med = lambda v: sorted(x[0] for x in v)[len(v) // 2]  # noqa: E731
     cmed = lambda v: sorted(x[1] for x in v)[len(v) // 2]  # noqa: E731
     label = {"model": "", "bf16": " bf16 weights", "int8": " int8 weights"}
@@ -445,10 +545,20 @@ def bench_decode(args, ceil) -> dict:
     for w in kinds:
         row(f"greedy decode bs1{label[w]} (tok/CPU-s)", f"{cmed(hf1):.1f}", f"{cmed(o1[w]):.1f}",
             ratio(cmed(hf1), cmed(o1[w])), "per CPU-second")
+    ct_name = {"model": "float32", "int8": "int8"}
+    for w in ct2:
+        row(f"greedy decode bs1{label[w] or ' fp32'} vs CTranslate2 {ct_name[w]} (tok/s)", f"{med(c1[w]):.1f}",
+            f"{med(o1[w]):.1f}", ratio(med(c1[w]), med(o1[w])),
+            f"CTranslate2 {ct2[w].version}; its tokens equal HF's: {ct2_same[w]}", base="CT2")
+    for w in ct2:
+        row(f"sampling bs8{label[w] or ' fp32'} vs CTranslate2 {ct_name[w]} (tok/s)", f"{med(c8[w]):.1f}",
+            f"{med(o8[w]):.1f}", ratio(med(c8[w]), med(o8[w])), "top-k 50", base="CT2")
+    tmp.cleanup()
     weights = sum(p.numel() for n, p in m.named_parameters() if "wpe" not in n) * 4
     out(f"  decode floor from bandwidth: fp32 weights {weights / 1e6:.0f} MB per token -> at most "
         f"{ceil['bw'] * 1e9 / weights:.0f} tok/s at bs1 (bf16: {2 * ceil['bw'] * 1e9 / weights:.0f}, "
         f"int8: {4 * ceil['bw'] * 1e9 / weights:.0f})")
+    res.update({f"greedy_ct2_{w}": med(c1[w]) for w in ct2}, **{f"sample_ct2_{w}": med(c8[w]) for w in ct2})
     res.update(greedy_hf=med(hf1), greedy_same=same, sample_hf=med(hf8), greedy_agree=agree,
                **{f"greedy_ours_{w}": med(o1[w]) for w in kinds}, **{f"sample_ours_{w}": med(o8[w]) for w in kinds})
     return res
@@ -473,9 +583,10 @@ def main() -> None:
                          "the HF baseline gets it too. plain (default): neither side")
     ap.add_argument("--json", default=None)
     ap.add_argument("--memory-probe", choices=["hf32", "hfbf", "ours"], help=argparse.SUPPRESS)
+    ap.add_argument("--probe-precision", choices=["fp32", "bf16"], default="bf16", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.memory_probe:
-        memory_probe(args.memory_probe, args.size)
+        memory_probe(args.memory_probe, args.size, args.probe_precision)
         return
     if args.threads == "auto":
         if os.getloadavg()[0] > (os.cpu_count() or 1):
@@ -485,6 +596,7 @@ def main() -> None:
     import transformers
 
     transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
     if args.malloc == "tuned":
         from gpt2tune.model.fast_gpt2 import tune_allocator
 
@@ -493,9 +605,13 @@ def main() -> None:
     out(f"gpt2tune bench: torch {torch.__version__}, transformers {transformers.__version__}, "
         f"{torch.get_num_threads()} threads, model {'GPT-2 124M' if args.size == 'small' else 'mini'}, "
         f"malloc {args.malloc}, load average {os.getloadavg()[0]:.1f}")
-    ceil = {"bf16": matmul_gflops(torch.bfloat16), "fp32": matmul_gflops(torch.float32), "bw": bandwidth_gbs()}
-    out(f"ceilings: bf16 matmul {ceil['bf16']:.0f} GFLOP/s, fp32 matmul {ceil['fp32']:.0f} GFLOP/s, "
-        f"memory bandwidth {ceil['bw']:.1f} GB/s")
+    args.machine = mc = Machine()
+    out(mc.describe())
+    ceil = {"fp32": matmul_gflops(torch.float32), "bw": bandwidth_gbs()}
+    if mc.native_bf16:
+        ceil["bf16"] = matmul_gflops(torch.bfloat16)
+    out("ceilings: " + (f"bf16 matmul {ceil['bf16']:.0f} GFLOP/s, " if "bf16" in ceil else "")
+        + f"fp32 matmul {ceil['fp32']:.0f} GFLOP/s, memory bandwidth {ceil['bw']:.1f} GB/s")
     res = {"ceilings": ceil}
     for name in args.only.split(","):
         t = time.perf_counter()

@@ -381,6 +381,11 @@ class _LinearCE(torch.autograd.Function):
     def forward(ctx, h, w, labels, chunk, dtype, need_grad, cast, sc):
         n_valid = int((labels != IGNORE).sum())
         denom = max(n_valid, 1)
+        # the logits' gradient is softmax / n. In fp16 (5 exponent bits) probabilities below ~1e-4 over
+        # a few thousand tokens would underflow to zero in that form, before any loss scale is applied:
+        # there the low-precision products take softmax (<= 1) and the 1/n is applied after them, in fp32
+        pre = 1.0 if dtype == torch.float16 else 1.0 / denom
+        post = 1.0 / denom / pre
         hc_all = h.to(dtype)
         wc = cast.raw(w, dtype) if cast is not None else w
         wc = wc if wc.dtype == dtype else wc.to(dtype)
@@ -415,13 +420,16 @@ class _LinearCE(torch.autograd.Function):
             lse = mx + se.log()
             total += ((lse - tgt) * valid).sum()
             if need_grad:
-                g = e.mul_((valid.float() / (se * denom))[:, None])  # softmax / n, in place
-                g.scatter_add_(1, safe[:, None], -(valid.float() / denom)[:, None])
+                g = e.mul_((valid.float() * pre / se)[:, None])  # softmax * pre, in place
+                g.scatter_add_(1, safe[:, None], -(valid.float() * pre)[:, None])
                 if sc is not None:
                     gc = g if dtype == torch.float32 else low.copy_(g)  # the low-precision logits are spent
                 else:
                     gc = g.to(dtype)
-                grad_h[s:s + chunk] = (gc @ wc).to(h.dtype)
+                gh = grad_h[s:s + chunk]
+                gh.copy_(gc @ wc)
+                if post != 1.0:
+                    gh.mul_(post)
                 if need_w:
                     if sc is not None:
                         part = torch.mm(gc.t(), hc, out=sc.get("head-grad", (V, D), dtype, dev))
@@ -439,12 +447,15 @@ class _LinearCE(torch.autograd.Function):
                             grad_w.add_(part)
         ctx.need_w = need_w
         ctx.sc = sc
+        ctx.post = post
         if need_grad:
             if sc is not None:
                 sc.epoch += 1
                 ctx.epoch, ctx.w, ctx.grads, ctx.grad_w = sc.epoch, w, grads, grad_w
                 ctx.save_for_backward(grad_h)
             else:
+                if need_w and post != 1.0:
+                    grad_w = grad_w.float().mul_(post)
                 ctx.save_for_backward(grad_h, grad_w.to(w.dtype) if need_w else None)
         n = torch.tensor(n_valid)
         ctx.mark_non_differentiable(correct, n)
@@ -459,8 +470,7 @@ class _LinearCE(torch.autograd.Function):
                 if ctx.epoch != ctx.sc.epoch:
                     raise RuntimeError("fast GPT-2 loss: another loss was computed before this one's backward; "
                                        "call backward on each loss before computing the next")
-                scale = float(grad_loss)
-                ctx.grads.add(ctx.w, ctx.grad_w, scale)
+                ctx.grads.add(ctx.w, ctx.grad_w, float(grad_loss) * ctx.post)
             gh = grad_h if float(grad_loss) == 1.0 else grad_h * grad_loss.to(grad_h.dtype)
             return (gh, None) + none
         grad_h, grad_w = ctx.saved_tensors

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+from typing import Optional
 
 import torch
 
@@ -27,13 +28,31 @@ def pick_device(name: str = "auto") -> torch.device:
     return dev
 
 
-def cpu_has_bf16() -> bool:
-    """True where the CPU has native bf16 matmuls (AVX512-BF16 or AMX)."""
+def cpu_flags() -> frozenset:
+    """The feature flags of this machine's CPU (`/proc/cpuinfo`; empty where it cannot be read)."""
     try:
-        flags = open("/proc/cpuinfo").read()
+        text = open("/proc/cpuinfo").read()
     except OSError:
-        return False
+        return frozenset()
+    line = next((ln for ln in text.splitlines() if ln.startswith(("flags", "Features"))), "")
+    return frozenset(line.partition(":")[2].split())
+
+
+def cpu_has_bf16(flags: Optional[frozenset] = None) -> bool:
+    """True where the CPU has native bf16 matmuls (AVX512-BF16 or AMX). Elsewhere bf16 is emulated
+    through fp32 and slower than fp32 itself."""
+    flags = cpu_flags() if flags is None else flags
     return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def auto_precision(device_type: str, cpu_bf16: bool = False, cuda_bf16: bool = False) -> torch.dtype:
+    """What `precision: auto` trains in: bf16 where the device computes it natively (Ampere+ GPUs,
+    CPUs with AMX / AVX512-BF16), fp16 on older GPUs (with loss scaling), fp32 everywhere else."""
+    if device_type == "cuda":
+        return torch.bfloat16 if cuda_bf16 else torch.float16
+    if device_type == "cpu" and cpu_bf16:
+        return torch.bfloat16
+    return torch.float32
 
 
 def pick_precision(precision: str, device: torch.device) -> torch.dtype:
@@ -45,12 +64,8 @@ def pick_precision(precision: str, device: torch.device) -> torch.dtype:
         if device.type == "cpu":
             raise UserError("train.precision fp16 needs a GPU; use bf16 or fp32 on the CPU")
         return torch.float16
-    # auto
-    if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    if device.type == "cpu":
-        return torch.bfloat16 if cpu_has_bf16() else torch.float32
-    return torch.float32
+    return auto_precision(device.type, cpu_bf16=device.type == "cpu" and cpu_has_bf16(),
+                          cuda_bf16=device.type == "cuda" and torch.cuda.is_bf16_supported())
 
 
 def autocast(device: torch.device, dtype: torch.dtype):
