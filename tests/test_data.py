@@ -15,9 +15,14 @@ def test_text_lines_and_documents(tmp_path):
     p.write_text("one\ntwo\nthree\n", encoding="utf-8")
     assert [r["text"] for r in load_source(f"text:{p}").records] == ["one", "two", "three"]
     p.write_text("para one\nstill one\n\npara two\n", encoding="utf-8")
-    assert [r["text"] for r in load_source(f"text:{p}").records] == ["para one\nstill one", "para two"]
+    # one blank line is not enough for auto to read documents (see test_data_readers.py)
+    assert len(load_source(f"text:{p}").records) == 3
+    docs = load_source(f"text:{p}", SourceOptions(text_mode="documents")).records
+    assert [r["text"] for r in docs] == ["para one\nstill one", "para two"]
+    p.write_text("\n\n".join(["para one\nstill one", "para two\nand more"] * 2) + "\n", encoding="utf-8")
+    assert [r["text"] for r in load_source(f"text:{p}").records] == ["para one\nstill one", "para two\nand more"] * 2
     lines = load_source(f"text:{p}", SourceOptions(text_mode="lines")).records
-    assert len(lines) == 3
+    assert len(lines) == 8
 
 
 @pytest.mark.parametrize("content,match", [

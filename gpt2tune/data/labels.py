@@ -99,6 +99,8 @@ def read_labeled(data_cfg, spec: str) -> Labeled:
     out = labeled_from_records(loaded.records, data_cfg.field, data_cfg.label_field, spec, data_cfg.normalize,
                                data_cfg.whitespace, data_cfg.min_chars, data_cfg.max_chars)
     out.stats["skipped_records"] = loaded.skipped
+    if loaded.notes:
+        out.stats["notes"] = loaded.notes
     return out
 
 
@@ -164,27 +166,57 @@ def check_fractions(fractions: Sequence[float]) -> tuple[float, float, float]:
     return tuple(float(f) for f in fractions)
 
 
-def stratified_split(labels: Sequence[str], fractions: Sequence[float], seed: int) -> tuple[list[int], list[int], list[int]]:
+def _part_sizes(n: int, f_val: float, f_test: float) -> tuple[int, int]:
+    """Validation and test counts of a class of `n` samples (rounded; train keeps at least one)."""
+    n_test = int(round(n * f_test))
+    n_val = int(round(n * f_val))
+    if n_test + n_val >= n:
+        n_val = max(0, n - 1 - n_test)
+        n_test = min(n_test, n - 1)
+    return n_val, n_test
+
+
+def _fills(n: int, f_val: float, f_test: float) -> bool:
+    """Whether a class of `n` samples gets a validation and a test sample where the split asks for them."""
+    return all(k >= 1 for k, f in zip(_part_sizes(n, f_val, f_test), (f_val, f_test)) if f > 0)
+
+
+def _min_per_class(f_val: float, f_test: float) -> int:
+    """The smallest class size that `_fills` the split (no smaller n can round a fraction f up to 1 below 0.5/f)."""
+    n = max([1] + [int(0.5 / f) for f in (f_val, f_test) if f > 0])
+    while not _fills(n, f_val, f_test):
+        n += 1
+    return n
+
+
+def stratified_split(labels: Sequence[str], fractions: Sequence[float], seed: int,
+                     shown: Optional[Sequence[float]] = None, after: str = "") -> tuple[list[int], list[int], list[int]]:
     """Indices of train/validation/test: every class is cut in the same proportions (seeded).
 
     Per class, the validation and test counts are rounded from the fractions; train gets
-    the rest. Each part is shuffled.
+    the rest. Each part is shuffled. A class too small to get a validation or test sample
+    (where its fraction is > 0) is a UserError: the run would measure that class, or with
+    tiny data anything, on training data only. `shown` is the data.split the error names
+    (default `fractions`), `after` says where the class counts come from.
     """
     f_train, f_val, f_test = check_fractions(fractions)
     rng = random.Random(f"split:{seed}")
     by_class: dict[str, list[int]] = {}
     for i, l in enumerate(labels):
         by_class.setdefault(l, []).append(i)
+    small = [(name, len(idx)) for name, idx in sorted(by_class.items()) if not _fills(len(idx), f_val, f_test)]
+    if small:
+        need = _min_per_class(f_val, f_test)
+        parts = " and ".join(p for p, f in (("validation", f_val), ("test", f_test)) if f > 0)
+        have = ", ".join(f"class {name!r} has {n} sample{'s' if n != 1 else ''}" for name, n in small)
+        split = [round(f, 4) for f in (shown if shown is not None else fractions)]
+        raise UserError(f"{have}{after}; data.split {split} needs at least {need} per class for non-empty {parts}; "
+                        f"add data or change data.split")
     train, val, test = [], [], []
     for name in sorted(by_class):
         idx = by_class[name]
         rng.shuffle(idx)
-        n = len(idx)
-        n_test = int(round(n * f_test))
-        n_val = int(round(n * f_val))
-        if n_test + n_val >= n:  # keep at least one training example per class
-            n_val = max(0, n - 1 - n_test)
-            n_test = min(n_test, n - 1)
+        n_val, n_test = _part_sizes(len(idx), f_val, f_test)
         test += idx[:n_test]
         val += idx[n_test:n_test + n_val]
         train += idx[n_test + n_val:]

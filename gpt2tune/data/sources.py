@@ -3,12 +3,17 @@
 Every reader returns a list of records (dicts) plus a count of skipped records.
 Text-like readers put the text under "text"; tabular readers keep every column.
 
-  text:PATH            one sample per line, or blank-line separated documents
+  text:PATH            one sample per line, or blank-line separated documents (see _text)
   jsonl:PATH           one JSON object per line
-  csv:PATH / tsv:PATH  a header row, or `columns` given; stray quotes in TSV are kept as text
+  csv:PATH / tsv:PATH  a header row, or `columns` given; stray quotes in TSV are kept as text;
+                       a row with more fields than columns is an error, one with fewer is skipped
   chinese-poetry:PATH  a file, glob or folder in the chinese-poetry JSON format
   builtin:NAME         data shipped by an installed PyPI package (see BUILTINS)
   hf:NAME[:SPLIT]      a Hugging Face dataset through `datasets` (needs the internet or its cache)
+
+Lines end at "\n" ("\r\n" too; text and CSV/TSV also take a lone "\r" as a line end) and nowhere
+else: U+2028, U+2029, U+0085 and the other separators `str.splitlines()` knows are text
+(`json.dumps(ensure_ascii=False)` writes them raw inside strings).
 """
 
 from __future__ import annotations
@@ -32,7 +37,8 @@ KINDS = ["text", "jsonl", "csv", "tsv", "chinese-poetry", "builtin", "hf"]
 class Loaded:
     records: list[dict]
     skipped: int = 0
-    notes: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)  # decisions a reader took for the user (logged, in data.json)
+    text_mode: Optional[str] = None  # text: sources: "lines" or "documents", as read
 
 
 @dataclass
@@ -77,24 +83,49 @@ def read_text_file(path: str | Path) -> str:
     return text
 
 
+# auto text mode: documents only when blank lines cut most of the file into multi-line blocks
+DOC_MIN_SEPARATORS = 3
+
+
 def _text(path: str, opts: SourceOptions) -> Loaded:
+    """Lines or documents (runs of non-blank lines; a blank line may hold spaces).
+
+    `text_mode: auto` reads documents when there are at least DOC_MIN_SEPARATORS blank-line
+    separators (4+ blocks) and at least half of the non-blank lines sit in blocks of 2+ lines;
+    else lines, so a stray blank line or two in a one-sample-per-line file changes nothing.
+    When the file has a blank line, the decision and its numbers go to `notes`.
+    """
     text = read_text_file(path).replace("\r\n", "\n").replace("\r", "\n")
-    mode = opts.text_mode
+    blocks: list[list[str]] = [[]]
+    for line in text.split("\n"):
+        if line.strip():
+            blocks[-1].append(line)
+        elif blocks[-1]:
+            blocks.append([])
+    blocks = [b for b in blocks if b]
+    mode, notes = opts.text_mode, []
     if mode == "auto":
-        blocks = [b for b in text.split("\n\n") if b.strip()]
-        multi_line = any(len([l for l in b.split("\n") if l.strip()]) > 1 for b in blocks)
-        mode = "documents" if len(blocks) > 1 and multi_line else "lines"
+        n_lines = sum(map(len, blocks))
+        in_multi = sum(len(b) for b in blocks if len(b) > 1)
+        seps = len(blocks) - 1
+        mode = "documents" if seps >= DOC_MIN_SEPARATORS and 2 * in_multi >= n_lines else "lines"
+        if seps:  # without a blank line there is nothing to decide
+            notes.append(f"{path}: text_mode auto -> {mode} ({seps} blank-line separators, {in_multi} of {n_lines} "
+                         f"non-blank lines in blocks of 2+ lines; documents needs {DOC_MIN_SEPARATORS}+ separators "
+                         f"and half the lines in such blocks; set data.text_mode to choose)")
     if mode == "lines":
-        items = [l for l in text.split("\n") if l.strip()]
+        items = [line for b in blocks for line in b]
     else:
-        items = [b.strip("\n") for b in text.split("\n\n") if b.strip()]
-    return Loaded([{"text": t} for t in items])
+        items = ["\n".join(b) for b in blocks]
+    return Loaded([{"text": t} for t in items], notes=notes, text_mode=mode)
 
 
 def _jsonl(path: str, opts: SourceOptions) -> Loaded:
+    """One object per "\n"-ended line (not `splitlines()`: U+2028 etc. may sit raw inside strings)."""
     text = read_text_file(path)
     out = []
-    for i, line in enumerate(text.splitlines(), 1):
+    for i, line in enumerate(text.split("\n"), 1):
+        line = line.removesuffix("\r")
         if not line.strip():
             continue
         try:
@@ -110,38 +141,54 @@ def _jsonl(path: str, opts: SourceOptions) -> Loaded:
 
 
 def _table(path: str, opts: SourceOptions, delimiter: str) -> Loaded:
+    """Rows of a CSV/TSV file as dicts.
+
+    A row with more fields than columns is an error naming file:line (an unquoted delimiter
+    inside a field; merging the extras into the last column would corrupt it silently); a
+    row with fewer fields is skipped and counted. With `columns` given and `header` unset, a
+    first row equal to the columns is the file's header, not a sample.
+    """
     text = read_text_file(path).replace("\r\n", "\n").replace("\r", "\n")
     if delimiter == "\t":
         # TSV: fields never quoted; a stray quote is part of the text (the UCI SMS file needs this).
         reader = csv.reader(io.StringIO(text), delimiter="\t", quoting=csv.QUOTE_NONE)
     else:
         reader = csv.reader(io.StringIO(text), delimiter=",")
+    rows, lines, end = [], [], 0  # lines: where each row starts (a quoted field may span lines)
     try:
-        rows = [r for r in reader if r and any(c.strip() for c in r)]
+        for r in reader:
+            if r and any(c.strip() for c in r):
+                rows.append(r)
+                lines.append(end + 1)
+            end = reader.line_num
     except csv.Error as err:
         raise UserError(f"{path}:{reader.line_num}: malformed CSV ({err})") from None
     if not rows:
         raise UserError(f"{path} has no rows")
     header = opts.header if opts.header is not None else opts.columns is None
+    notes = []
     if opts.columns is not None:
         names = list(opts.columns)
+        first = [c.strip().casefold() for c in rows[0]]
+        if opts.header is None and first == [n.casefold() for n in names]:
+            header = True
+            notes.append(f"{path}: the first row equals data.columns; read as the header")
         if header:
-            rows = rows[1:]
+            rows, lines = rows[1:], lines[1:]
     elif header:
-        names, rows = [c.strip() for c in rows[0]], rows[1:]
+        names, rows, lines = [c.strip() for c in rows[0]], rows[1:], lines[1:]
     else:
         names = [str(i) for i in range(max(len(r) for r in rows))]
     out, skipped = [], 0
-    for r in rows:
+    for r, line in zip(rows, lines):
+        if len(r) > len(names):
+            hint = "a tab inside a field?" if delimiter == "\t" else 'quote a field that holds commas ("a, b")'
+            raise UserError(f"{path}:{line}: {len(r)} fields but {len(names)} columns ({', '.join(names)}); {hint}")
         if len(r) < len(names):
-            if len(r) == 0:
-                continue
             skipped += 1
             continue
-        if len(r) > len(names):  # extra delimiters inside the last field: keep them as text
-            r = r[: len(names) - 1] + [("\t" if delimiter == "\t" else ",").join(r[len(names) - 1 :])]
         out.append(dict(zip(names, r)))
-    return Loaded(out, skipped)
+    return Loaded(out, skipped, notes)
 
 
 def _poetry(path: str, opts: SourceOptions) -> Loaded:

@@ -51,6 +51,8 @@ def effective_method(recipe: Recipe):
 def load_splits(d) -> Splits:
     """Read, balance and split the data as the recipe's `data` section says."""
     data = read_labeled(d, d.source)
+    for note in data.stats.get("notes", []):
+        log(f"note: {note}")
     stats = {"source": data.stats, "source_counts": data.counts()}
     if d.balance == "undersample":
         data = undersample(data, d.seed)
@@ -61,7 +63,9 @@ def load_splits(d) -> Splits:
     # parts not given as files are cut from the source, in the configured proportions
     fr = [f_train, 0.0 if val_file else f_val, 0.0 if test_file else f_test]
     total = sum(fr)
-    tr, va, te = stratified_split(data.labels, [f / total for f in fr], d.seed)
+    after = " (after data.balance: undersample)" if d.balance == "undersample" else ""
+    tr, va, te = stratified_split(data.labels, [f / total for f in fr], d.seed,
+                                  shown=list(d.split or DEFAULT_SPLIT), after=after)
     train = data.subset(tr)
     val = val_file if val_file is not None else data.subset(va)
     test = test_file if test_file is not None else data.subset(te)

@@ -81,6 +81,12 @@ def read_texts(data_cfg, spec: str) -> tuple[list[str], dict]:
     texts, stats = clean_all(texts, data_cfg.normalize, data_cfg.whitespace, data_cfg.min_chars,
                              data_cfg.max_chars, data_cfg.dedupe)
     stats["skipped_records"] = loaded.skipped
+    if loaded.text_mode:
+        stats["text_mode"] = loaded.text_mode
+    if loaded.notes:
+        stats["notes"] = loaded.notes
+        for note in loaded.notes:
+            log(f"note: {note}")
     if not texts:
         raise UserError(f"{spec}: no usable samples (after cleaning: {stats})")
     return texts, stats
