@@ -5,11 +5,12 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: help install test demo bench clean
+.PHONY: help install test test-gpu demo bench clean
 
 help:
 	@echo "make demo   - install into .venv, train the quickstart recipe, print generated poems"
 	@echo "make test   - install into .venv and run the test suite"
+	@echo "make test-gpu - the GPU tests (CUDA torch; 2-GPU equivalence when two GPUs are present)"
 	@echo "make bench  - speed benchmarks against plain Hugging Face (see BENCHMARKS.md)"
 	@echo "make clean  - remove .venv and runs/"
 
@@ -22,6 +23,10 @@ $(STAMP): pyproject.toml constraints.txt
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+# GPU users: install the CUDA build of torch into .venv first (README), then this
+test-gpu: $(STAMP)
+	$(BIN)/python -m pytest -q -m gpu -rs $(PYTEST_ARGS)
 
 demo: $(STAMP)
 	$(BIN)/gpt2tune train recipes/quickstart.yaml --overwrite

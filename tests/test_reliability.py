@@ -77,18 +77,36 @@ def test_sigkill_mid_epoch_then_resume_is_bit_identical(tmp_path):
     assert [m["step"] for m in ma] == [m["step"] for m in mb]
 
 
-def test_ctrl_c_saves_a_checkpoint_and_exits_cleanly(tmp_path):
-    r = recipe(tmp_path, "int", steps=100000, save=10)
-    p = gpt2tune("train", r, "--no-progress")
-    wait_for(tmp_path / "int" / "checkpoints" / "step-10", p)
-    time.sleep(0.3)
-    p.send_signal(signal.SIGINT)
-    out, err = p.communicate(timeout=60)
-    assert p.returncode == 130, err
-    assert "interrupted at step" in err and "--resume" in err and "Traceback" not in err
-    steps = sorted(int(d.name.split("-")[1]) for d in (tmp_path / "int" / "checkpoints").glob("step-*"))
-    assert steps[-1] > 10 or steps == [10]
-    assert not list((tmp_path / "int" / "checkpoints").glob(".tmp-*"))
+@pytest.mark.parametrize("first,second", [(signal.SIGINT, signal.SIGTERM), (signal.SIGTERM, signal.SIGINT)])
+def test_signals_at_random_moments_then_resume_is_bit_identical(tmp_path, first, second):
+    """Ctrl-C (SIGINT) and SIGTERM (schedulers, containers) stop at the next step boundary with a
+    checkpoint of that step; resuming twice ends with the uninterrupted run's exact weights."""
+    import random
+
+    ref = gpt2tune("train", recipe(tmp_path, "ref", steps=200, save=10), "--no-progress")
+    r = recipe(tmp_path, "int", steps=200, save=10)
+    delays = [random.uniform(0.0, 1.0), random.uniform(0.0, 1.0)]
+    ck = tmp_path / "int" / "checkpoints"
+    stopped = []
+    for sig, delay, extra in [(first, delays[0], ()), (second, delays[1], ("--resume",))]:
+        p = gpt2tune("train", r, "--no-progress", *extra)
+        nxt = 10 * (max(stopped, default=0) // 10 + 1)  # the next regular checkpoint: training is under way
+        wait_for(ck / f"step-{nxt}", p)
+        time.sleep(delay)
+        p.send_signal(sig)
+        out, err = p.communicate(timeout=120)
+        assert p.returncode == 130, (sig, delays, err[-2000:])
+        assert f"({sig.name})" in err and "--resume" in err and "Traceback" not in err, err[-2000:]
+        at = int(err.split("interrupted at step ")[1].split()[0])
+        assert (ck / f"step-{at}").is_dir(), (at, sorted(d.name for d in ck.iterdir()))  # saved the step it stopped at
+        assert not list(ck.glob(".tmp-*"))
+        stopped.append(at)
+    assert stopped[1] > stopped[0], stopped
+    p = gpt2tune("train", r, "--no-progress", "--resume")
+    assert p.wait(timeout=300) == 0, p.communicate()[1][-2000:]
+    assert ref.wait(timeout=300) == 0, ref.communicate()[1][-2000:]
+    a, b = weights(tmp_path / "ref"), weights(tmp_path / "int")
+    assert all(torch.equal(a[k], b[k]) for k in a), (stopped, delays)
 
 
 def _trainer(tmp_path, on_nonfinite, bad_call=3):

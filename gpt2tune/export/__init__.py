@@ -6,7 +6,9 @@
   (peft's format for peft methods, so `PeftModel.from_pretrained(base, DIR/adapter)` works;
   gpt2tune's for bottleneck adapters), and adapter/rebuild.json pointing at the base in DIR.
 
-Every export has the tokenizer, generation_config.json and a README.md model card.
+Every export has the tokenizer, generation_config.json and a README.md model card. The tokenizer is
+saved by `save_tokenizer`, so plain `transformers` frames and decodes Chinese character vocabularies
+as gpt2tune does.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from gpt2tune.method.io import base_folder, load_trained
 from gpt2tune.method.via_peft import MERGEABLE, unwrap
 from gpt2tune.model.build import load_pretrained
 from gpt2tune.model.quiet import quiet_transformers
+from gpt2tune.model.tokenizer import save_tokenizer
 
 
 def _prepare(out: Path, overwrite: bool) -> None:
@@ -57,8 +60,8 @@ def export_run(run: str | Path, out: str | Path, merge: bool = False, overwrite:
             model.save_pretrained(str(out))
         else:
             model, layout = _export_base_and_adapter(loaded, out), "base+adapter"
-        loaded.tokenizer.save_pretrained(str(out))
-        model.generation_config.save_pretrained(str(out))
+        model.generation_config.save_pretrained(str(out))  # first: save_tokenizer adds to it
+        save_tokenizer(loaded.tokenizer, out, generation=not hasattr(model, "score"))
     (out / "README.md").write_text(model_card(run, out, method, layout), encoding="utf-8")
     return {"layout": layout, "method": method, "folder": str(out)}
 

@@ -56,16 +56,30 @@ def _base_name(model) -> str:
     return getattr(inner.config, "_name_or_path", "") or ""
 
 
+def _generates(model) -> bool:
+    """Whether the model continues text (a classifier has a `score` head and no `lm_head`)."""
+    from gpt2tune.method.via_peft import unwrap
+
+    inner = unwrap(model)
+    inner = inner.get_base_model() if hasattr(inner, "get_base_model") else inner  # a peft model's base
+    return not hasattr(inner, "score")
+
+
 def save_trained(model, tokenizer, run_dir, cfg) -> str:
-    """Save what the method trained in the run folder; return the sub-folder name."""
+    """Save what the method trained in the run folder; return the sub-folder name.
+
+    Tokenizers go through `save_tokenizer`: a language model's folder then works with plain
+    `transformers`' text-generation pipeline as with gpt2tune (BERT-style Chinese vocabularies)."""
     from gpt2tune.model.quiet import quiet_transformers
+    from gpt2tune.model.tokenizer import save_tokenizer
 
     run_dir = Path(run_dir)
+    gen = _generates(model)
     if cfg.name not in PEFT_METHODS:
         out = run_dir / "model"
         with quiet_transformers():
             model.save_pretrained(str(out))
-            tokenizer.save_pretrained(str(out))
+        save_tokenizer(tokenizer, out, gen)
         return "model"
 
     out = run_dir / "adapter"
@@ -75,12 +89,12 @@ def save_trained(model, tokenizer, run_dir, cfg) -> str:
         if not name:  # a scratch base exists nowhere else: keep it
             plain = _plain_base(model, cfg)
             plain.save_pretrained(str(run_dir / "base"))
-            tokenizer.save_pretrained(str(run_dir / "base"))
+            save_tokenizer(tokenizer, run_dir / "base", gen)
             base = {"name": None, "folder": "../base"}
         elif Path(name).is_dir():
             base["path"] = os.path.abspath(name)
         if not (run_dir / "tokenizer").is_dir():
-            tokenizer.save_pretrained(str(run_dir / "tokenizer"))
+            save_tokenizer(tokenizer, run_dir / "tokenizer", gen)
     _save_method_tensors(model, cfg, out, base)
     info = {"method": cfg.model_dump(mode="json"), "format": "gpt2tune-adapter" if cfg.name == "adapter" else "peft",
             "base": base, "tokenizer": "../tokenizer"}

@@ -290,7 +290,7 @@ def _linear(mod, x: torch.Tensor, training: bool, cast=None) -> torch.Tensor:
 class FastGPT2:
     """Lean forward of a HF GPT-2 LM (shares its parameters; follows its train/eval mode)."""
 
-    def __init__(self, model):
+    def __init__(self, model, direct_grads: bool = True):
         why = supported(model)
         if why:
             raise ValueError(f"fast GPT-2 forward not applicable: {why}")
@@ -301,7 +301,9 @@ class FastGPT2:
         self.eps = c.layer_norm_epsilon
         self.gelu = "none" if c.activation_function == "gelu" else "tanh"
         self.p_embd, self.p_attn, self.p_resid = c.embd_pdrop, c.attn_pdrop, c.resid_pdrop
-        self.grads = GradBuffers()
+        # direct_grads: weight gradients written into kept buffers, bypassing autograd's accumulation
+        # (fewer allocations); off where something must see them arrive through autograd (DDP's hooks)
+        self.grads = GradBuffers() if direct_grads else None
         self.cast = FrozenCast(self.grads)
         self.scratch = Scratch()
 
@@ -316,7 +318,8 @@ class FastGPT2:
         B, T = input_ids.shape
         pos = torch.arange(T, device=input_ids.device)
         wte = tr.wte.weight
-        if training and torch.is_grad_enabled() and wte.requires_grad and wte is self.hf.lm_head.weight:
+        if training and torch.is_grad_enabled() and wte.requires_grad and wte is self.hf.lm_head.weight \
+                and self.grads is not None:
             # tied embeddings: scatter the lookup's gradient straight into wte.grad (which the head's dense
             # gradient fills anyway) instead of autograd's extra zero-filled [V, D] embedding gradient
             emb = F.embedding(input_ids, wte.detach()).requires_grad_()
@@ -510,15 +513,15 @@ def tune_allocator() -> bool:
         return False
 
 
-def make_fast_loss(model, tune_malloc: bool = True):
+def make_fast_loss(model, tune_malloc: bool = True, direct_grads: bool = True):
     """A loss function bound to `model` (what `Trainer(loss_fn=...)` takes), or None when the
     model is not a plain GPT-2 LM (the caller then keeps `lm_loss`). `tune_malloc`: see
-    `tune_allocator` (on CPU only)."""
+    `tune_allocator` (on CPU only); `direct_grads`: see `FastGPT2`."""
     if supported(model):
         return None
     if tune_malloc and next(iter(model.parameters())).device.type == "cpu":
         tune_allocator()
-    fast = FastGPT2(model)
+    fast = FastGPT2(model, direct_grads)
 
     def loss_fn(m, batch):
         if m is not model:  # another model (should not happen): the exact HF path

@@ -5,10 +5,14 @@ Two families, and the markers that frame a sample (`Framing`):
   attention mask 0 (and label -100).
 - BERT-style Chinese character vocabularies (`uer/gpt2-chinese-*`): `[CLS] ... [SEP]`,
   padding `[PAD]`; generation stops at `[SEP]`.
+
+`save_tokenizer` writes a model folder's tokenizer; for a model that continues text, a BERT-style
+vocabulary is saved so that plain `transformers` frames prompts and decodes as gpt2tune does.
 """
 
 from __future__ import annotations
 
+import json
 import re
 from collections import Counter
 from dataclasses import dataclass
@@ -127,6 +131,85 @@ def decode(tok, ids, skip_special: bool = True) -> str:
     """Decode ids to text: no special tokens, and no spaces between Chinese characters
     (BERT-style decoding puts a space between every token)."""
     text = tok.decode(list(ids), skip_special_tokens=skip_special, clean_up_tokenization_spaces=False)
-    if getattr(tok, "cls_token_id", None) is not None:  # WordPiece inserts spaces everywhere
+    if getattr(tok, "cls_token_id", None) is not None and not joins_cjk(tok):  # WordPiece spaces everywhere
         text = _CJK_GAP.sub("", text)
     return text
+
+
+def joins_cjk(tok) -> bool:
+    """Whether the tokenizer's own decoder already drops `_CJK_GAP` (a `generation_format` folder): a
+    second pass is not a no-op (an empty vocabulary entry leaves a double space, and each pass drops one)."""
+    dec = getattr(getattr(tok, "backend_tokenizer", None), "decoder", None)
+    if dec is None:
+        return False
+    state = json.loads(dec.__getstate__())
+    return any(d.get("type") == "Replace" and d.get("pattern") == {"Regex": _CJK_GAP.pattern}
+               for d in state.get("decoders", []))
+
+
+def _bert_style(tok) -> bool:
+    return getattr(tok, "cls_token_id", None) is not None and getattr(tok, "sep_token_id", None) is not None
+
+
+def save_tokenizer(tok, folder: str | Path, generation: bool = True) -> None:
+    """Save `tok` in `folder` (as `save_pretrained`); with `generation` (the folder's model continues
+    text) a BERT-style vocabulary then goes through `generation_format`, since `BertTokenizer` ends
+    every prompt with `[SEP]` and decodes Chinese with a space between characters.
+    A classifier's tokenizer is saved unchanged: it was trained on `[CLS] ... [SEP]`."""
+    folder = Path(folder)
+    with quiet_transformers():
+        tok.save_pretrained(str(folder))
+    if generation and _bert_style(tok):
+        generation_format(folder, tok)
+
+
+def generation_format(folder: str | Path, tok) -> bool:
+    """Make the WordPiece tokenizer saved in `folder` (`tok`'s) work in plain `transformers` as in gpt2tune.
+
+    - post-processor `[CLS] $A`: `tokenizer(prompt)` gives gpt2tune's prompt ids (`[bos] + text`),
+      without the `[SEP]` that tells the model the text has ended;
+    - decoder WordPiece -> Fuse -> Replace(`_CJK_GAP`, ""): the joined text loses the spaces next to
+      Chinese characters and punctuation exactly as `decode` removes them (English words keep theirs);
+    - `tokenizer_class: PreTrainedTokenizerFast`: `BertTokenizer` rebuilds its decoder and `[CLS] ... [SEP]`
+      post-processor from the vocabulary, ignoring tokenizer.json's; no `token_type_ids` (GPT-2 would
+      add them to the embeddings);
+    - generation_config.json (if the model's is there already) gets `suppress_tokens`: `[PAD]`, `[UNK]`,
+      `[CLS]`, `[MASK]`, which gpt2tune never generates either (a model that learned `[UNK]` would
+      otherwise write it, invisibly, and go on differently).
+    Idempotent; returns whether the folder was rewritten (False: no WordPiece tokenizer.json)."""
+    from tokenizers import Regex, Tokenizer, decoders, processors
+
+    folder = Path(folder)
+    tj, cfg_path = folder / "tokenizer.json", folder / "tokenizer_config.json"
+    if not (tj.is_file() and cfg_path.is_file()):
+        return False
+    data = json.loads(tj.read_text(encoding="utf-8"))
+    model = data.get("model") or {}
+    if model.get("type") != "WordPiece":
+        return False
+    old = data.get("decoder") or {}
+    wordpiece = next((d for d in [old, *old.get("decoders", [])] if d.get("type") == "WordPiece"), {})
+    backend = Tokenizer.from_file(str(tj))
+    backend.decoder = decoders.Sequence([
+        decoders.WordPiece(prefix=wordpiece.get("prefix", model.get("continuing_subword_prefix", "##")),
+                           cleanup=wordpiece.get("cleanup", True)),
+        decoders.Fuse(),
+        decoders.Replace(Regex(_CJK_GAP.pattern), ""),
+    ])
+    cls = str(tok.cls_token)
+    backend.post_processor = processors.TemplateProcessing(
+        single=f"{cls}:0 $A:0", pair=f"{cls}:0 $A:0 $B:1", special_tokens=[(cls, tok.cls_token_id)])
+    backend.save(str(tj))
+    cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
+    for key in ("do_lower_case", "tokenize_chinese_chars", "strip_accents"):  # BertTokenizer's; in the normalizer
+        cfg.pop(key, None)
+    cfg.update(tokenizer_class="PreTrainedTokenizerFast", clean_up_tokenization_spaces=False,
+               model_input_names=["input_ids", "attention_mask"])
+    cfg_path.write_text(json.dumps(cfg, indent=2, sort_keys=True, ensure_ascii=False) + "\n", encoding="utf-8")
+    gen_path = folder / "generation_config.json"
+    if gen_path.is_file():
+        gen = json.loads(gen_path.read_text(encoding="utf-8"))
+        named = (tok.pad_token_id, tok.unk_token_id, tok.cls_token_id, tok.mask_token_id)
+        gen["suppress_tokens"] = sorted({i for i in named if i is not None} - {tok.sep_token_id})
+        gen_path.write_text(json.dumps(gen, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    return True

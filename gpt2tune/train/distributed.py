@@ -1,14 +1,18 @@
-"""Multi-process data parallelism on plain `torch.distributed` (launched by torchrun or
-`accelerate launch`, which set RANK / WORLD_SIZE / MASTER_ADDR).
+"""Multi-process data parallelism through PyTorch's own engine (launched by torchrun or
+`accelerate launch`, which set RANK / LOCAL_RANK / WORLD_SIZE / MASTER_ADDR).
 
-Each optimizer step takes one global batch of `batch_size x world` rows; rank r trains on
-its contiguous slice. Losses are weighted by the global count of real tokens and
-gradients are summed across ranks, so N processes x batch b give the same update as one
-process x batch N*b. Logging, progress and saving happen on rank 0 only.
+Each optimizer step takes one global batch of `batch_size x world` rows; rank r trains on its
+share (`shard`). Gradients are averaged by `DistributedDataParallel` (bucketed all-reduce
+overlapped with the backward pass; no communication inside gradient accumulation), and the loss
+of every micro-batch is weighted by its share of the real tokens of the whole window on all ranks,
+so N processes x batch b give the same update as one process x batch N*b. One device per rank
+(`cuda:LOCAL_RANK` on GPUs, NCCL; the CPU with gloo), and every tensor handed to a collective
+lives on the backend's device (`comm_device`). Logging, progress and saving happen on rank 0.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
@@ -23,13 +27,33 @@ def rank() -> int:
     return int(os.environ.get("RANK", "0"))
 
 
+def local_rank() -> int:
+    return int(os.environ.get("LOCAL_RANK", "0"))
+
+
 def is_main() -> bool:
     return rank() == 0
 
 
+def rank_device(device: torch.device) -> torch.device:
+    """This rank's own device: GPU number LOCAL_RANK when several processes share a machine's GPUs."""
+    if device.type == "cuda" and device.index is None and world_size() > 1:
+        return torch.device("cuda", local_rank())
+    return device
+
+
 def init(device_type: str = "cpu") -> None:
     if world_size() > 1 and not dist.is_initialized():
+        if device_type == "cuda":  # before any CUDA work: otherwise every rank lands on GPU 0
+            torch.cuda.set_device(local_rank())
         dist.init_process_group("nccl" if device_type == "cuda" else "gloo")
+
+
+def comm_device() -> torch.device:
+    """Where tensors handed to collectives must live: the current GPU for NCCL, the CPU for gloo."""
+    if dist.is_initialized() and dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
 
 
 def barrier() -> None:
@@ -38,25 +62,12 @@ def barrier() -> None:
 
 
 def sum_all(values: list[float]) -> list[float]:
+    """Element-wise sum of `values` over all ranks (one all-reduce)."""
     if not dist.is_initialized():
         return values
-    t = torch.tensor(values, dtype=torch.float64)
+    t = torch.tensor(values, dtype=torch.float64, device=comm_device())
     dist.all_reduce(t)
     return t.tolist()
-
-
-def sum_gradients(params: list[torch.nn.Parameter]) -> None:
-    """All-reduce (sum) the gradients of `params` in one flat buffer."""
-    if not dist.is_initialized():
-        return
-    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-    flat = torch.cat([g.reshape(-1) for g in grads])
-    dist.all_reduce(flat)
-    offset = 0
-    for p, g in zip(params, grads):
-        n = g.numel()
-        p.grad = flat[offset : offset + n].view_as(p).clone()
-        offset += n
 
 
 def gather_states(states: dict) -> list[dict]:
@@ -64,7 +75,7 @@ def gather_states(states: dict) -> list[dict]:
     every rank, in rank order: what a checkpoint needs to restore each rank's own RNG."""
     if not dist.is_initialized():
         return [states]
-    dev = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+    dev = comm_device()
     out: list[dict] = [{} for _ in range(world_size())]
     for key in sorted(states):
         x = states[key].to(dev)
@@ -76,6 +87,44 @@ def gather_states(states: dict) -> list[dict]:
 
 
 def shard(rows: list, r: int, world: int) -> list:
-    """Rank r's contiguous slice of a global batch."""
-    per = -(-len(rows) // world)
-    return rows[r * per : (r + 1) * per]
+    """Rank r's share of a global batch: contiguous, sizes differing by at most one row, so no rank
+    is empty unless the batch has fewer rows than there are ranks."""
+    per, extra = divmod(len(rows), world)
+    start = r * per + min(r, extra)
+    return rows[start : start + per + (r < extra)]
+
+
+class LossModule(torch.nn.Module):
+    """`loss_fn(model, batch)` as a module, so that DDP sees the forward it must synchronise."""
+
+    def __init__(self, model, loss_fn):
+        super().__init__()
+        self.model = model
+        self.loss_fn = loss_fn
+
+    def forward(self, batch):
+        return self.loss_fn(self.model, batch)
+
+
+class Parallel:
+    """How the loop computes a micro-batch's loss: directly, or through DDP when world > 1.
+
+    `loss(batch)` runs the forward; `sync(last)` is the context for a micro-batch's forward and
+    backward: gradients are all-reduced only on the last micro-batch of an accumulation window."""
+
+    def __init__(self, model, loss_fn, device: torch.device):
+        self.model, self.loss_fn = model, loss_fn
+        self.ddp = None
+        if dist.is_initialized() and world_size() > 1:
+            from torch.nn.parallel import DistributedDataParallel as DDP
+
+            ids = [device.index if device.index is not None else torch.cuda.current_device()] \
+                if device.type == "cuda" else None
+            # gradient_as_bucket_view: .grad are views into DDP's buckets (no copy after the all-reduce)
+            self.ddp = DDP(LossModule(model, loss_fn), device_ids=ids, gradient_as_bucket_view=True)
+
+    def loss(self, batch):
+        return self.loss_fn(self.model, batch) if self.ddp is None else self.ddp(batch)
+
+    def sync(self, last: bool):
+        return self.ddp.no_sync() if self.ddp is not None and not last else contextlib.nullcontext()

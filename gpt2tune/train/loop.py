@@ -6,6 +6,7 @@ objective and a config object with the attributes of the recipe's `train` sectio
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import sys
@@ -22,13 +23,13 @@ from gpt2tune.errors import UserError
 from gpt2tune.train import checkpoint as ckpt
 from gpt2tune.train import distributed as dist
 from gpt2tune.train.device import autocast, pick_device, pick_precision
-from gpt2tune.train.objective import evaluate, lm_loss
+from gpt2tune.train.objective import count_targets, evaluate, lm_loss
 from gpt2tune.train.optim import build_optimizer, build_scheduler, clip_and_step
 from gpt2tune.train.plots import plot_training
 
 
 class TrainingInterrupted(Exception):
-    """Ctrl-C during training; a checkpoint was saved."""
+    """Ctrl-C or SIGTERM during training; a checkpoint was saved at the step boundary."""
 
 
 @dataclass
@@ -69,10 +70,11 @@ class Trainer:
         if getattr(cfg, "fast", False) and loss_fn is lm_loss:  # train.fast: lean GPT-2 forward, same loss
             from gpt2tune.model.fast_gpt2 import make_fast_loss
 
-            self.loss_fn = make_fast_loss(model) or lm_loss
+            # several processes: gradients through autograd, where DDP's all-reduce hooks see them
+            self.loss_fn = make_fast_loss(model, direct_grads=dist.world_size() == 1) or lm_loss
         self.log = log or (lambda msg: print(msg, file=sys.stderr))
         self.progress = progress
-        self.device = pick_device(cfg.device)
+        self.device = dist.rank_device(pick_device(cfg.device))
         self.dtype = pick_precision(cfg.precision, self.device)
         if cfg.num_threads:
             torch.set_num_threads(cfg.num_threads)
@@ -86,6 +88,7 @@ class Trainer:
         self.total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * self.steps_per_epoch))
         self.warmup = cfg.warmup_steps or int(cfg.warmup_ratio * self.total_steps)
         self._batches_cache: dict[int, list] = {}
+        self._stop_signal: Optional[str] = None  # set by SIGINT / SIGTERM (see `_signals`)
 
     # -- data -----------------------------------------------------------------
     def _epoch_rows(self) -> int:
@@ -117,14 +120,68 @@ class Trainer:
         return evaluate(self.model, self._val_batches(), self._to_device, lambda: autocast(self.device, self.dtype),
                         self.loss_fn)
 
+    # -- one optimizer step ---------------------------------------------------
+    def _window(self, epoch: int, pos: int) -> tuple[list, int, int]:
+        """The micro-batches of the next optimizer step, as (this rank's batch, its weight), and the
+        epoch / position after them. Each micro-batch's mean loss is weighted by its share of the real
+        targets of the whole window on all ranks (DDP then averages over ranks), so k micro-batches x N
+        processes give the update of one batch of all their rows. A rank whose share of a batch is
+        empty runs a stand-in row with weight 0: every rank must take part in DDP's all-reduce."""
+        parts = []
+        for _ in range(self.cfg.grad_accum):
+            batches = self._batches(epoch)
+            if pos >= len(batches):
+                epoch, pos = epoch + 1, 0
+                batches = self._batches(epoch)
+            rows = batches[pos]
+            pos += 1
+            mine = dist.shard(rows, self.rank, self.world) if self.world > 1 else rows
+            batch = self._to_device(self.data.collate(mine or rows[:1]))
+            parts.append((batch, count_targets(batch) if mine else 0))
+        total = sum(n for _, n in parts)
+        if self.world > 1:
+            total = dist.sum_all([float(total)])[0]
+        scale = self.world / max(total, 1.0)
+        return [(b, n * scale) for b, n in parts], epoch, pos
+
+    def _signals(self):
+        """SIGINT / SIGTERM (Ctrl-C, schedulers, containers) ask the loop to stop at the next step
+        boundary, where it saves a checkpoint: never a half-done step. A second signal stops at once."""
+        import signal
+        import threading
+
+        if threading.current_thread() is not threading.main_thread():
+            return contextlib.nullcontext()
+
+        def handler(signum, frame):
+            if self._stop_signal is not None:
+                raise KeyboardInterrupt
+            self._stop_signal = signal.Signals(signum).name
+
+        @contextlib.contextmanager
+        def installed():
+            old = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+            try:
+                yield
+            finally:
+                for s, h in old.items():
+                    signal.signal(s, h)
+
+        return installed()
+
     # -- loop -----------------------------------------------------------------
     def fit(self, resume: bool = False) -> Result:
+        with self._signals():
+            return self._fit(resume)
+
+    def _fit(self, resume: bool) -> Result:
         cfg = self.cfg
         model = self.model.to(self.device)
         model.train()
         torch.manual_seed(cfg.seed + self.rank)  # each rank its own dropout masks
         opt = build_optimizer(model, cfg.lr, cfg.weight_decay, cfg.betas, self.device, fused=getattr(cfg, "fast", False))
         sched = build_scheduler(opt, cfg.schedule, self.warmup, self.total_steps)
+        par = dist.Parallel(model, self.loss_fn, self.device)
         # fp16 (GPUs without bf16) needs loss scaling, or small gradients underflow to zero
         scaler = torch.amp.GradScaler(self.device.type) if self.dtype == torch.float16 else None
         ck_root = self.run_dir / "checkpoints"
@@ -180,57 +237,44 @@ class Trainer:
         win_t0 = time.perf_counter()
         t_start = time.perf_counter()
         last_saved = step
+        stop = False
         try:
             while step < self.total_steps:
-                bad = False
-                for _ in range(cfg.grad_accum):
-                    batches = self._batches(epoch)
-                    if pos >= len(batches):
-                        epoch, pos = epoch + 1, 0
-                        batches = self._batches(epoch)
-                    rows = batches[pos]
-                    if self.world > 1:
-                        rows = dist.shard(rows, self.rank, self.world)
-                    batch = self._to_device(self.data.collate(rows))
-                    pos += 1
-                    with autocast(self.device, self.dtype):
-                        loss, n, correct = self.loss_fn(model, batch)
-                    if self.world > 1:  # weight by this rank's share of the global real tokens
-                        n_all = dist.sum_all([float(n)])[0]
-                        scaled = loss * (n * self.world / max(n_all, 1.0))
-                    else:
-                        scaled = loss
-                    if not torch.isfinite(loss):
-                        if cfg.on_nonfinite == "stop":
-                            raise UserError(
-                                f"loss became {float(loss.detach())} at step {step + 1}; stopped. The last good checkpoint "
-                                f"is kept in {ck_root} (lower train.lr, use precision fp32, or set "
-                                f"train.on_nonfinite: skip)")
-                        bad = True
+                window, epoch, pos = self._window(epoch, pos)
+                bad_loss = None
+                for i, (batch, weight) in enumerate(window):
+                    with par.sync(last=i == len(window) - 1):
+                        with autocast(self.device, self.dtype):
+                            loss, n, correct = par.loss(batch)
+                        part = loss * weight
+                        (scaler.scale(part) if scaler is not None else part).backward()
+                    if not torch.isfinite(loss.detach()):  # every rank still ran its backward: no one waits
+                        bad_loss = float(loss.detach())
                         continue
-                    part = scaled / (cfg.grad_accum * self.world)
-                    (scaler.scale(part) if scaler is not None else part).backward()
-                    win_loss += float(loss.detach()) * n
-                    win_n += n
-                    win_correct += int(correct)
-                    win_tokens += int(batch["attention_mask"].sum()) if "attention_mask" in batch else n
-                if self.world > 1:
-                    bad = bool(dist.sum_all([float(bad)])[0])
-                    if not bad:
-                        dist.sum_gradients(trainable)
+                    if weight:
+                        win_loss += float(loss.detach()) * n
+                        win_n += n
+                        win_correct += int(correct)
+                        win_tokens += int(batch["attention_mask"].sum()) if "attention_mask" in batch else n
+                bad, stop = bad_loss is not None, self._stop_signal is not None
+                if self.world > 1:  # every rank takes the same decision
+                    bad, stop = (bool(v) for v in dist.sum_all([float(bad), float(stop)]))
+                if bad and cfg.on_nonfinite == "stop":
+                    raise UserError(
+                        f"loss became {bad_loss if bad_loss is not None else 'non-finite'} at step {step + 1}; "
+                        f"stopped. The last good checkpoint is kept in {ck_root} (lower train.lr, use precision "
+                        f"fp32, or set train.on_nonfinite: skip)")
                 if bad:  # on_nonfinite: skip -> drop this update, keep going
                     skipped_steps += 1
                     self.log(f"warning: non-finite loss at step {step + 1}; update skipped")
-                    opt.zero_grad(set_to_none=True)
+                elif scaler is not None:  # unscale, clip, step unless a gradient overflowed, adapt the scale
+                    scaler.unscale_(opt)
+                    if cfg.grad_clip:
+                        torch.nn.utils.clip_grad_norm_(trainable, cfg.grad_clip)
+                    scaler.step(opt)
+                    scaler.update()
                 else:
-                    if scaler is not None:  # unscale, clip, step unless a gradient overflowed, adapt the scale
-                        scaler.unscale_(opt)
-                        if cfg.grad_clip:
-                            torch.nn.utils.clip_grad_norm_(trainable, cfg.grad_clip)
-                        scaler.step(opt)
-                        scaler.update()
-                    else:
-                        clip_and_step(opt, trainable, cfg.grad_clip)
+                    clip_and_step(opt, trainable, cfg.grad_clip)
                 sched.step()
                 opt.zero_grad(set_to_none=True)
                 step += 1
@@ -249,6 +293,8 @@ class Trainer:
                     bar.set_postfix(loss=f"{rec['loss']:.3f}", lr=f"{rec['lr']:.2e}", tok_s=f"{rec['tokens_per_s']:.0f}")
                     win_loss = win_n = win_correct = win_tokens = 0.0
                     win_t0 = time.perf_counter()
+                if stop:
+                    break
                 if cfg.eval_every and step % cfg.eval_every == 0 and step != self.total_steps:
                     ev = self.evaluate()
                     if ev:
@@ -256,14 +302,11 @@ class Trainer:
                 if cfg.save_every and step % cfg.save_every == 0:
                     save()
                     last_saved = step
-        except KeyboardInterrupt:
-            bar.close()
-            if step > last_saved and main:
-                ckpt.save_checkpoint(ck_root, step, model, opt, sched, state(), cfg.keep_checkpoints)
-            if mfile is not None:
-                mfile.close()
-            raise TrainingInterrupted(f"interrupted at step {step}; checkpoint saved in {ck_root}; "
-                                      f"continue with --resume") from None
+            if stop:
+                if step > last_saved:
+                    save()
+                raise TrainingInterrupted(f"interrupted at step {step} ({self._stop_signal or 'signal on another rank'}); "
+                                          f"checkpoint saved in {ck_root}; continue with --resume")
         except BaseException:
             bar.close()
             if mfile is not None:

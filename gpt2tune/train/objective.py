@@ -18,11 +18,22 @@ def lm_loss(model, batch: dict) -> tuple[torch.Tensor, int, torch.Tensor]:
     logits = out.logits[:, -batch["labels"].size(1):-1, :]
     flat = logits.reshape(-1, logits.size(-1)).float()
     flat_labels = labels.reshape(-1)
-    loss = F.cross_entropy(flat, flat_labels, ignore_index=IGNORE)
+    valid = flat_labels != IGNORE
+    n = int(valid.sum())
+    # sum / count rather than "mean": a batch without targets gives 0 with zero gradients, not nan
+    loss = F.cross_entropy(flat, flat_labels, ignore_index=IGNORE, reduction="sum") / max(n, 1)
     with torch.no_grad():
-        valid = flat_labels != IGNORE
         correct = (flat.argmax(-1) == flat_labels) & valid
-    return loss, int(valid.sum()), correct.sum()
+    return loss, n, correct.sum()
+
+
+def count_targets(batch: dict) -> int:
+    """How many targets a batch trains on, before its forward: next-token labels other than -100
+    (labels [B, T]) or one per example (classification labels [B])."""
+    labels = batch["labels"]
+    if labels.dim() == 1:
+        return labels.numel()
+    return int((labels[:, 1:] != IGNORE).sum())
 
 
 @torch.no_grad()
