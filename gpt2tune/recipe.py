@@ -81,6 +81,9 @@ class TrainSection(_Section):
     batch_size: int = Field(8, ge=1)
     epochs: float = Field(1.0, gt=0)
     max_steps: Optional[int] = Field(None, gt=0, description="optimizer steps; overrides epochs")
+    max_minutes: Optional[float] = Field(None, gt=0, description="time budget for the training steps: after the first "
+                                         "steps the run measures its speed and, if the planned steps do not fit, plans "
+                                         "fewer, with the learning-rate schedule stretched to end on the last of them")
     seed: int = 42
     eval_every: int = Field(0, ge=0, description="evaluate every N steps (0: only at start and end)")
     eval_batches: Optional[int] = Field(None, gt=0, description="cap validation batches per evaluation")

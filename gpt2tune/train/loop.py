@@ -24,7 +24,7 @@ from gpt2tune.train import checkpoint as ckpt
 from gpt2tune.train import distributed as dist
 from gpt2tune.train.device import autocast, pick_device, pick_precision
 from gpt2tune.train.objective import count_targets, evaluate, lm_loss
-from gpt2tune.train.optim import build_optimizer, build_scheduler, clip_and_step
+from gpt2tune.train.optim import build_optimizer, build_scheduler, clip_and_step, lr_lambda
 from gpt2tune.train.plots import plot_training
 
 
@@ -51,7 +51,7 @@ class Data:
 
 @dataclass
 class Result:
-    steps: int
+    steps: int  # done (fewer than the recipe's when train.max_minutes cut them)
     final_eval: dict
     first_eval: dict
     tokens: int
@@ -86,6 +86,7 @@ class Trainer:
         per_epoch = num_batches(self._epoch_rows(), self.global_batch)
         self.steps_per_epoch = max(1, per_epoch // cfg.grad_accum)
         self.total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * self.steps_per_epoch))
+        self.planned_steps = self.total_steps  # what the recipe asks; a time budget may plan fewer
         self.warmup = cfg.warmup_steps or int(cfg.warmup_ratio * self.total_steps)
         self._batches_cache: dict[int, list] = {}
         self._stop_signal: Optional[str] = None  # set by SIGINT / SIGTERM (see `_signals`)
@@ -169,6 +170,17 @@ class Trainer:
 
         return installed()
 
+    # -- time budget ----------------------------------------------------------
+    def _fit_budget(self, step: int, step_seconds: float, elapsed: float, eval_seconds: float) -> Optional[int]:
+        """How many steps fit in `train.max_minutes`, measured after the first steps: the remaining
+        budget over the measured seconds per step, less the evaluations still to come (each as long as
+        the first). None when the planned steps fit."""
+        cfg = self.cfg
+        left = cfg.max_minutes * 60 - elapsed
+        evals = (self.total_steps - step) // cfg.eval_every if cfg.eval_every else 0
+        fit = step + int(max(0.0, left - (evals + 1) * eval_seconds) / max(step_seconds, 1e-9))
+        return max(step + 1, fit) if fit < self.total_steps else None
+
     # -- loop -----------------------------------------------------------------
     def fit(self, resume: bool = False) -> Result:
         with self._signals():
@@ -198,9 +210,12 @@ class Trainer:
             records, first_eval = st["metrics"], st.get("first_eval", {})
             if scaler is not None and st.get("grad_scaler"):
                 scaler.load_state_dict(st["grad_scaler"])
-            if st.get("total_steps") != self.total_steps:
-                raise UserError(f"--resume: the checkpoint was made for {st.get('total_steps')} steps, "
-                                f"this recipe asks for {self.total_steps}; resume with the same recipe")
+            if st.get("planned_steps", st.get("total_steps")) != self.planned_steps:
+                raise UserError(f"--resume: the checkpoint was made for {st.get('planned_steps', st.get('total_steps'))} "
+                                f"steps, this recipe asks for {self.planned_steps}; resume with the same recipe")
+            if st["total_steps"] != self.total_steps:  # a time budget had planned fewer steps: keep its schedule
+                self.total_steps = st["total_steps"]
+                sched.lr_lambdas[0] = lr_lambda(cfg.schedule, self.warmup, self.total_steps)
             self.log(f"resumed from {last} (step {step} of {self.total_steps})")
         main = self.rank == 0
         if main:
@@ -221,13 +236,15 @@ class Trainer:
 
         def state() -> dict:
             return {"epoch": epoch, "pos": pos, "tokens": tokens_seen, "metrics": records,
-                    "first_eval": first_eval, "total_steps": self.total_steps,
+                    "first_eval": first_eval, "total_steps": self.total_steps, "planned_steps": self.planned_steps,
                     "grad_scaler": scaler.state_dict() if scaler is not None else None}
 
+        t_fit = time.perf_counter()
         if step == 0:
             first_eval = self.evaluate()
             if first_eval:
                 emit({"step": 0, "split": "validation", **first_eval})
+        eval_seconds = time.perf_counter() - t_fit  # 0 on resume: no evaluation measured
 
         trainable = [p for p in model.parameters() if p.requires_grad]
         skipped_steps = 0
@@ -238,8 +255,13 @@ class Trainer:
         t_start = time.perf_counter()
         last_saved = step
         stop = False
+        # time budget: measure the speed over the first steps of this process, then plan what fits
+        budget = cfg.max_minutes * 60 if cfg.max_minutes else None
+        n_measure = min(20, max(2, self.total_steps // 20))
+        measure_at, step_seconds = step + n_measure, 0.0
         try:
             while step < self.total_steps:
+                t_step = time.perf_counter()
                 window, epoch, pos = self._window(epoch, pos)
                 bad_loss = None
                 for i, (batch, weight) in enumerate(window):
@@ -279,6 +301,19 @@ class Trainer:
                 opt.zero_grad(set_to_none=True)
                 step += 1
                 bar.update(1)
+                step_seconds += time.perf_counter() - t_step
+                if budget is not None and step == measure_at:
+                    fit = self._fit_budget(step, step_seconds / n_measure, time.perf_counter() - t_fit, eval_seconds)
+                    if self.world > 1:  # every rank plans the same number of steps (rank 0's)
+                        fit = int(dist.sum_all([float(fit or 0) if main else 0.0])[0]) or None
+                    if fit is not None:
+                        self.log(f"time budget {cfg.max_minutes:g} min: {fit} of {self.total_steps} steps fit "
+                                 f"({step_seconds / n_measure:.3f} s/step over {n_measure}); the {cfg.schedule} "
+                                 f"schedule now ends at step {fit}")
+                        self.total_steps = fit
+                        sched.lr_lambdas[0] = lr_lambda(cfg.schedule, self.warmup, fit)
+                        bar.total = fit
+                        bar.refresh()
 
                 if step % cfg.log_every == 0 or step == self.total_steps:
                     dt = time.perf_counter() - win_t0
@@ -293,6 +328,13 @@ class Trainer:
                     bar.set_postfix(loss=f"{rec['loss']:.3f}", lr=f"{rec['lr']:.2e}", tok_s=f"{rec['tokens_per_s']:.0f}")
                     win_loss = win_n = win_correct = win_tokens = 0.0
                     win_t0 = time.perf_counter()
+                if budget is not None and step < self.total_steps:  # slower than measured: stop rather than overrun
+                    over = time.perf_counter() - t_fit > budget
+                    if self.world > 1:  # rank 0's clock decides for everyone
+                        over = bool(dist.sum_all([float(over and main)])[0])
+                    if over:
+                        self.log(f"time budget {cfg.max_minutes:g} min spent at step {step} of {self.total_steps}")
+                        break
                 if stop:
                     break
                 if cfg.eval_every and step % cfg.eval_every == 0 and step != self.total_steps:
