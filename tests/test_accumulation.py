@@ -53,3 +53,25 @@ def test_k_micro_batches_equal_one_batch_of_all_rows(tmp_path, kind):
     # weighting each micro-batch's mean loss alike, as before, moved weights by ~5e-2
     worst = max(float((one[k] - acc[k]).abs().max()) for k in one)
     assert worst < 5e-4, worst
+
+
+def test_validation_subset_is_a_fixed_random_sample_not_the_shortest(tmp_path):
+    """train.eval_batches: a seeded random subset (the same at every evaluation), not the first
+    batches of the length-sorted set, which hold only the shortest samples."""
+    from gpt2tune.model.build import build_scratch
+    from gpt2tune.model.tokenizer import Framing
+    from gpt2tune.recipe import TrainSection
+    from gpt2tune.train.loop import Data, Trainer
+
+    val = [[1] + [5] * n + [2] for n in range(1, 101)]  # lengths 3..102, one of each
+    logs = []
+    cfg = TrainSection(precision="fp32", max_steps=1, batch_size=8, eval_batches=2)
+    t = Trainer(build_scratch("nano", 10, Framing(1, 2, 0, True), n_positions=128), Data(val, val, 0), cfg, tmp_path,
+                progress=False, log=logs.append)
+    first = t._val_batches()
+    lengths = sorted(int(n) for b in first for n in b["attention_mask"].sum(1))
+    assert len(lengths) == 16
+    assert max(lengths) > 40 and sum(lengths) / 16 > 25  # spread over the set; the shortest 16 average 10.5
+    assert t._val_batches() is first or all(torch.equal(a["input_ids"], b["input_ids"])
+                                            for a, b in zip(first, t._val_batches()))
+    assert any("16 of 100 samples" in m for m in logs), logs

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import random
 import sys
 import time
 from dataclasses import dataclass, field
@@ -89,6 +90,7 @@ class Trainer:
         self.planned_steps = self.total_steps  # what the recipe asks; a time budget may plan fewer
         self.warmup = cfg.warmup_steps or int(cfg.warmup_ratio * self.total_steps)
         self._batches_cache: dict[int, list] = {}
+        self._val: Optional[list] = None  # validation batches, built once
         self._stop_signal: Optional[str] = None  # set by SIGINT / SIGTERM (see `_signals`)
 
     # -- data -----------------------------------------------------------------
@@ -108,12 +110,19 @@ class Trainer:
         return {k: v.to(self.device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
 
     def _val_batches(self):
-        rows = sorted(self.data.val, key=len)
-        bs = max(self.cfg.batch_size, 8)
-        chunks = [rows[i : i + bs] for i in range(0, len(rows), bs)]
-        if self.cfg.eval_batches:
-            chunks = chunks[: self.cfg.eval_batches]
-        return [self.data.collate(c) for c in chunks]
+        """The validation batches: every sample, or with `train.eval_batches` a seeded random subset
+        of that many batches' worth (the same at every evaluation; the first batches of the
+        length-sorted set would hold only the shortest samples), sorted by length for little padding."""
+        if self._val is None:
+            rows, bs = self.data.val, max(self.cfg.batch_size, 8)
+            if self.cfg.eval_batches and self.cfg.eval_batches * bs < len(rows):
+                pick = random.Random(f"val:{self.cfg.seed}").sample(range(len(rows)), self.cfg.eval_batches * bs)
+                rows = [rows[i] for i in pick]
+                self.log(f"validation: a fixed random subset of {len(rows):,} of {len(self.data.val):,} samples "
+                         f"(train.eval_batches {self.cfg.eval_batches} x {bs})")
+            rows = sorted(rows, key=len)
+            self._val = [self.data.collate(rows[i : i + bs]) for i in range(0, len(rows), bs)]
+        return self._val
 
     def evaluate(self) -> dict:
         if not self.data.val:
