@@ -73,16 +73,29 @@ def epoch_batches(seqs: list[list[int]], batch_size: int, mode: str, seed: int, 
     pad:   shuffle, then consecutive samples (each batch padded to its longest)
     group: shuffle, sort by length inside windows of 64 batches, shuffle the batches
            (little padding, still random order)
-    pack:  shuffle, concatenate, cut into rows of exactly `block` tokens (no padding)
+    pack:  shuffle, concatenate, cut into rows of exactly `block` tokens (no padding); each row is
+           a `Packed` that knows where its documents start, so that `collate` gives every document its
+           own causal attention, positions from 0 and no label across a boundary
     """
     rng = random.Random(f"{seed}:{epoch}")
     order = list(range(len(seqs)))
     rng.shuffle(order)
     if mode == "pack":
         stream: list[int] = []
+        starts: list[int] = []  # offsets in the stream where a document begins
         for i in order:
+            starts.append(len(stream))
             stream += seqs[i]
-        rows = [stream[i : i + block] for i in range(0, len(stream), block)]
+        rows, k = [], 0
+        for a in range(0, len(stream), block):
+            while k < len(starts) and starts[k] < a:
+                k += 1
+            j = k
+            while j < len(starts) and starts[j] < a + block:
+                j += 1
+            # a row that begins inside a document starts a fragment of it: offset 0 is a start too
+            rows.append(Packed(stream[a : a + block], sorted({0, *(s - a for s in starts[k:j])})))
+            k = j
         rows = [r for r in rows if len(r) > 1]
         return [rows[i : i + batch_size] for i in range(0, len(rows), batch_size)]
     if mode == "group":
@@ -96,8 +109,22 @@ def epoch_batches(seqs: list[list[int]], batch_size: int, mode: str, seed: int, 
     return [[seqs[i] for i in order[b : b + batch_size]] for b in range(0, len(order), batch_size)]
 
 
+class Packed(list):
+    """A packed row: token ids, plus `starts`, the offsets where its documents begin."""
+
+    def __init__(self, ids, starts):
+        super().__init__(ids)
+        self.starts = list(starts)
+
+
 def collate(rows: list[list[int]], pad_id: int, left: bool = False) -> dict[str, torch.Tensor]:
-    """Pad rows to the longest; padding gets attention 0 and label -100 (never in the loss)."""
+    """Pad rows to the longest; padding gets attention 0 and label -100 (never in the loss).
+
+    Packed rows also get `position_ids` that restart at 0 with every document (the segment of
+    padding at the end of a short last row included): the model then attends within each document
+    only (Hugging Face builds that block-diagonal causal mask from the positions when the batch has
+    no `attention_mask` for it, see `model_inputs`; `train.fast` does the same) and the first token of
+    a document is never a label of the one before it."""
     width = max(len(r) for r in rows)
     ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(rows), width), dtype=torch.long)
@@ -106,7 +133,24 @@ def collate(rows: list[list[int]], pad_id: int, left: bool = False) -> dict[str,
         ids[i, sl] = torch.tensor(r, dtype=torch.long)
         mask[i, sl] = 1
     labels = ids.masked_fill(mask == 0, IGNORE)
+    if rows and isinstance(rows[0], Packed):
+        pos = torch.zeros_like(ids)
+        for i, r in enumerate(rows):
+            bounds = [*r.starts, len(r)] + ([width] if len(r) < width else [])
+            for a, b in zip(bounds, bounds[1:]):
+                pos[i, a:b] = torch.arange(b - a)
+                if a > 0:
+                    labels[i, a] = IGNORE  # the previous document's last token does not predict this one
+        return {"input_ids": ids, "attention_mask": mask, "labels": labels, "position_ids": pos}
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+def model_inputs(batch: dict) -> dict:
+    """What a Hugging Face forward takes from a batch: packed batches pass their per-document
+    positions and no 2D mask (from which HF would build one causal mask across documents)."""
+    if "position_ids" in batch:  # (HF looks for packing only without a KV cache)
+        return {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"], "use_cache": False}
+    return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
 
 
 def num_batches(n: int, batch_size: int) -> int:

@@ -7,12 +7,12 @@ import math
 import torch
 import torch.nn.functional as F
 
-from gpt2tune.data.dataset import IGNORE
+from gpt2tune.data.dataset import IGNORE, model_inputs
 
 
 def lm_loss(model, batch: dict) -> tuple[torch.Tensor, int, torch.Tensor]:
     """Mean next-token cross-entropy over real tokens; also their count and #correct."""
-    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+    out = model(**model_inputs(batch))
     labels = batch["labels"][:, 1:]
     # methods that prepend virtual tokens (prompt tuning) return longer logits: align on the right
     logits = out.logits[:, -batch["labels"].size(1):-1, :]
