@@ -51,7 +51,7 @@ def test_loss_only_on_the_completion_and_its_end_marker(gpt2ish_tok):
     segs = pt.segments(v, "<|endoftext|>", "<|endoftext|>")
     row = encode_segments(tok, segs)
     text = "<|endoftext|>apple river stone\ncloud tiger\nTL;DR: piano lemon<|endoftext|>"
-    assert "".join(s for s, _ in segs) == text
+    assert "".join(s[0] for s in segs) == text
     assert row.ids == tok(text, add_special_tokens=False)["input_ids"]
     trained = [i for i, l in zip(row.ids, row.labels) if l != IGNORE]
     masked = [i for i, l in zip(row.ids, row.labels) if l == IGNORE]

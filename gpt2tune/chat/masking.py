@@ -1,14 +1,16 @@
 """Token rows with a loss mask: only answers are trained.
 
 A row is `Masked(ids, labels)`: `labels[i]` is `ids[i]` where the loss applies and -100
-elsewhere (system/user turns, role prefixes, prompts, padding). The text is tokenized in
-one piece (so the ids are exactly those of the rendered string) and the trained
-character spans are mapped onto tokens with the tokenizer's offsets; a token that
-straddles a boundary counts as trained.
+elsewhere (system/user turns, role prefixes, prompts, padding). The text is tokenized
+between the template's markers, as the tokenizer does (so the ids are those of the rendered
+string), special-token strings inside messages staying text, and the trained character spans
+are mapped onto tokens with the tokenizer's offsets; a token that straddles a boundary counts
+as trained.
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 
 import torch
@@ -45,28 +47,55 @@ def collate_masked(rows: list[Masked], pad_id: int) -> dict[str, torch.Tensor]:
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
 
-def encode_segments(tok, segments: list[tuple[str, bool]]) -> Masked:
-    """Tokenize the concatenated segments; label the tokens that overlap trained segments."""
-    text = "".join(t for t, _ in segments)
-    spans, pos = [], 0
-    for t, trained in segments:
-        if trained:
-            spans.append((pos, pos + len(t)))
-        pos += len(t)
-    if getattr(tok, "is_fast", False):
-        enc = tok(text, add_special_tokens=False, return_offsets_mapping=True)
-        ids = list(enc["input_ids"])
-        labels = []
-        for i, (a, b) in zip(ids, enc["offset_mapping"]):
+def encode_segments(tok, segments: list[tuple[str, bool, bool]]) -> Masked:
+    """Tokenize the concatenated (piece, trained, content) segments; label the tokens that overlap
+    trained pieces.
+
+    Only the template's own pieces may hold special tokens (markers such as `<|endoftext|>` or
+    `<|user|>`); in content a special-token string is plain text. The text is cut at the template's
+    markers and each stretch between them tokenized as text, which is what the tokenizer itself does
+    around special tokens: without special strings in the content, the ids are exactly the
+    tokenizer's ids for the whole rendered string (what `apply_chat_template` gives)."""
+    specials = special_strings(tok)
+    runs: list[list] = [["", []]]  # text stretches between markers: [text, trained spans]; markers as ints
+    trained_marker: dict[int, bool] = {}
+    for text, trained, content in segments:
+        pieces = [text] if content or not specials else re.split("(" + "|".join(map(re.escape, specials)) + ")", text)
+        for j, piece in enumerate(pieces):
+            if j % 2:  # a marker of the template
+                mid = tok.convert_tokens_to_ids(piece)
+                runs.append(mid)
+                trained_marker[len(runs) - 1] = trained
+                runs.append(["", []])
+            elif piece:
+                run = runs[-1]
+                if trained:
+                    run[1].append((len(run[0]), len(run[0]) + len(piece)))
+                run[0] += piece
+    ids, labels = [], []
+    for k, run in enumerate(runs):
+        if isinstance(run, int):
+            ids.append(run)
+            labels.append(run if trained_marker[k] else IGNORE)
+            continue
+        text, spans = run
+        if not text:
+            continue
+        enc = tok(text, add_special_tokens=False, split_special_tokens=True, return_offsets_mapping=True)
+        for i, (a, b) in zip(enc["input_ids"], enc["offset_mapping"]):
             hit = any(a < e and b > s for s, e in spans) if b > a else any(s <= a < e for s, e in spans)
+            ids.append(i)
             labels.append(i if hit else IGNORE)
-        return Masked(ids, labels)
-    ids, labels = [], []  # slow tokenizers: no offsets, tokenize piece by piece
-    for t, trained in segments:
-        piece = list(tok(t, add_special_tokens=False)["input_ids"])
-        ids += piece
-        labels += piece if trained else [IGNORE] * len(piece)
     return Masked(ids, labels)
+
+
+def special_strings(tok) -> list[str]:
+    """The tokenizer's special-token strings (added chat markers included), longest first."""
+    found = set(getattr(tok, "all_special_tokens", []) or [])
+    for t in getattr(tok, "added_tokens_decoder", {}).values():
+        if getattr(t, "special", False):
+            found.add(str(t))
+    return sorted((s for s in found if s), key=len, reverse=True)
 
 
 @dataclass

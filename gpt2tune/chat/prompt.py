@@ -21,6 +21,7 @@ from typing import Optional
 
 from gpt2tune.chat.masking import FitStats, Masked, cut_to_fit, encode_segments
 from gpt2tune.errors import UserError
+from gpt2tune.model.tokenizer import encode_text
 
 META_FILE = "completion.json"
 
@@ -57,9 +58,15 @@ class PromptTemplate:
                             f"object with string values for {', '.join(self.prompt_fields)}")
         return self.prompt(values)
 
-    def segments(self, values: dict, bos: str, eos: str) -> list[tuple[str, bool]]:
-        out = [(bos, False), (self.prompt(values), False), (self.completion(values) + eos, True)]
-        return [(t, trained) for t, trained in out if t]
+    def segments(self, values: dict, bos: str, eos: str) -> list[tuple[str, bool, bool]]:
+        """(piece, trained, content) triples: the template's literals and markers, and the records'
+        field values (content: special-token strings in them stay text, see `masking.encode_segments`)."""
+        out = [(bos, False, False)]
+        for trained, parts in ((False, self.prompt_parts), (True, self.completion_parts)):
+            for lit, f in parts:
+                out += [(lit, trained, False)] + ([(str(values[f]), trained, True)] if f is not None else [])
+        out.append((eos, True, False))
+        return [s for s in out if s[0]]
 
     def to_dict(self) -> dict:
         return {"format": 1, "template": self.template, "prompt_fields": list(self.prompt_fields),
@@ -142,7 +149,7 @@ def encode_pair(tok, pt: PromptTemplate, values: dict, bos: str, eos: str, max_l
         if excess <= 0 or not pt.prompt_fields:
             break
         f = max(pt.prompt_fields, key=lambda name: len(values[name]))
-        n = len(tok(values[f], add_special_tokens=False)["input_ids"])
+        n = len(encode_text(tok, values[f]))
         if n <= excess:
             break
         keep = int(len(values[f]) * (n - excess - 1) / n)

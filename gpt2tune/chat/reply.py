@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Iterator, Optional
 
 from gpt2tune.chat.history import fit_messages
+from gpt2tune.chat.masking import encode_segments
 from gpt2tune.chat.messages import check_messages
 from gpt2tune.chat.template import ChatTemplate, end_id, load_template
 from gpt2tune.errors import UserError
@@ -69,10 +70,11 @@ def prompt_ids(chat: ChatModel, messages: list[dict], max_new_tokens: int) -> tu
     cache: dict[str, list[int]] = {}
 
     def ids_of(msgs: list[dict]) -> list[int]:
-        text = chat.template.render(msgs, add_generation_prompt=True)
-        if text not in cache:
-            cache[text] = list(chat.tok(text, add_special_tokens=False)["input_ids"])
-        return cache[text]
+        segs = chat.template.segments(msgs, add_generation_prompt=True)
+        key = "".join(s[0] for s in segs)
+        if key not in cache:  # markers from the template only: a message cannot open a turn
+            cache[key] = encode_segments(chat.tok, segs).ids
+        return cache[key]
 
     kept, dropped = fit_messages(messages, lambda ms: len(ids_of(ms)) <= budget)
     if kept is None:

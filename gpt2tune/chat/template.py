@@ -70,23 +70,26 @@ class ChatTemplate:
     added_tokens: tuple = ()
 
     # -- rendering ------------------------------------------------------------
-    def segments(self, messages: list[dict], add_generation_prompt: bool = False) -> list[tuple[str, bool]]:
-        """The rendered text as (piece, trained) pairs; `trained` marks assistant answers and their end marker."""
-        out: list[tuple[str, bool]] = [(self.bos, False)] if self.bos else []
+    def segments(self, messages: list[dict], add_generation_prompt: bool = False) -> list[tuple[str, bool, bool]]:
+        """The rendered text as (piece, trained, content) triples: `trained` marks assistant answers
+        and their end marker; `content` marks what the messages said, where a special-token string is
+        text, never a marker (a message cannot open a system turn; see `masking.encode_segments`)."""
+        out: list[tuple[str, bool, bool]] = [(self.bos, False, False)]
         for m in messages:
             role, content = m["role"], m["content"]
             if role not in ROLES:
                 raise UserError(f"unknown chat role {role!r}; roles are {', '.join(ROLES)}")
             if role == "assistant":
-                out += [(self.heads[role], False), (self.lead + content + self.end, True), (self.sep, False)]
+                out += [(self.heads[role], False, False), (self.lead, True, False), (content, True, True),
+                        (self.end, True, False), (self.sep, False, False)]
             else:
-                out.append((self.heads[role] + content + self.tail, False))
+                out += [(self.heads[role], False, False), (content, False, True), (self.tail, False, False)]
         if add_generation_prompt:
-            out.append((self.heads["assistant"], False))
-        return [(t, trained) for t, trained in out if t]
+            out.append((self.heads["assistant"], False, False))
+        return [s for s in out if s[0]]
 
     def render(self, messages: list[dict], add_generation_prompt: bool = False) -> str:
-        return "".join(t for t, _ in self.segments(messages, add_generation_prompt))
+        return "".join(s[0] for s in self.segments(messages, add_generation_prompt))
 
     def clean_reply(self, text: str) -> str:
         """A generated reply as message content: without the template's leading space."""

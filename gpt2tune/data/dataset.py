@@ -45,7 +45,8 @@ def tokenize_texts(tokenizer, texts: list[str], bos: Optional[int], eos: Optiona
                    split_long: bool = False) -> tuple[list[list[int]], int]:
     if not texts:
         return [], 0
-    enc = tokenizer(texts, add_special_tokens=False)["input_ids"]
+    # text is text: a literal `<|endoftext|>` or `[SEP]` in a sample is not the control token
+    enc = tokenizer(texts, add_special_tokens=False, split_special_tokens=True)["input_ids"]
     out, truncated = [], 0
     for ids in enc:
         pieces, cut = frame(list(ids), bos, eos, max_length, split_long)

@@ -127,6 +127,12 @@ _CJK_GAP = re.compile(
 )
 
 
+def encode_text(tok, text: str) -> list[int]:
+    """The ids of user text (a training sample, a prompt, a message): a special-token string in it
+    (`<|endoftext|>`, `[SEP]`, `<|user|>`) is text like any other, never the control token itself."""
+    return list(tok(text, add_special_tokens=False, split_special_tokens=True)["input_ids"])
+
+
 def decode(tok, ids, skip_special: bool = True) -> str:
     """Decode ids to text: no special tokens, and no spaces between Chinese characters
     (BERT-style decoding puts a space between every token)."""
