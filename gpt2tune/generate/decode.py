@@ -19,7 +19,7 @@ import torch
 
 from gpt2tune.generate.processors import NEG_INF, Processors
 from gpt2tune.generate.runner import make_runner
-from gpt2tune.generate.sampling import Sampling, filter_logits
+from gpt2tune.generate.sampling import Sampling, filter_candidates
 
 
 @dataclass
@@ -61,35 +61,20 @@ def make_generator(seed: Optional[int]) -> torch.Generator:
     return gen
 
 
-def pick(logits: torch.Tensor, s: Sampling, gen: torch.Generator) -> torch.Tensor:
-    """The next token of every row: argmax, or a sample after temperature / top-k / top-p.
-
-    With top-k, sampling happens among the k candidates only (the same distribution as masking
-    the rest of the vocabulary, at a fraction of the cost for large vocabularies and batches)."""
-    if s.greedy:
-        return logits.argmax(-1)
-    if s.top_k and s.top_k < logits.size(-1):
-        vals, idx = torch.topk(logits, s.top_k, dim=-1)  # sorted, so top-p applies directly
-        vals = filter_logits(vals, s.temperature, 0, 1.0)
-        if s.top_p < 1.0:
-            probs = vals.softmax(-1)
-            vals = vals.masked_fill(probs.cumsum(-1) - probs > s.top_p, NEG_INF)
-        choice = torch.multinomial(vals.softmax(-1).cpu(), 1, generator=gen).to(logits.device)
-        return idx.gather(-1, choice).squeeze(-1)
-    probs = filter_logits(logits, s.temperature, 0, s.top_p).softmax(-1)
-    return torch.multinomial(probs.cpu(), 1, generator=gen).squeeze(-1).to(logits.device)
-
-
 class RowSampling:
-    """Per-row sampling settings for one batch whose rows asked for different ones (the server
-    batches such requests together): greedy, temperature, top-k, top-p and repetition penalty as
-    [B] tensors that follow the rows as they leave the batch."""
+    """Each row's sampling settings as [B] tensors that follow the rows as they leave the batch:
+    greedy, temperature, top-k, top-p (and the repetition penalties, for `Processors`). The server
+    batches requests with different settings together; a plain decode has one `Sampling` for all.
+    Greedy rows filter as top-k 1 (their draw is replaced by the argmax)."""
 
     def __init__(self, settings: list[Sampling], device):
-        self.greedy = torch.tensor([x.greedy for x in settings], dtype=torch.bool, device=device)
-        self.temperature = torch.tensor([x.temperature for x in settings], dtype=torch.float32, device=device)
-        self.top_k = torch.tensor([x.top_k for x in settings], dtype=torch.long, device=device)
-        self.top_p = torch.tensor([x.top_p for x in settings], dtype=torch.float32, device=device)
+        g = [x.greedy for x in settings]
+        self.greedy = torch.tensor(g, dtype=torch.bool, device=device)
+        self.temperature = torch.tensor([1.0 if gr else x.temperature for gr, x in zip(g, settings)],
+                                        dtype=torch.float32, device=device)
+        self.top_k = torch.tensor([1 if gr else x.top_k for gr, x in zip(g, settings)], dtype=torch.long, device=device)
+        self.top_p = torch.tensor([1.0 if gr else x.top_p for gr, x in zip(g, settings)], dtype=torch.float64,
+                                  device=device)
         self.penalty = [x.repetition_penalty for x in settings]
 
     def select(self, index: torch.Tensor) -> None:
@@ -97,28 +82,16 @@ class RowSampling:
         self.top_k, self.top_p = self.top_k[index], self.top_p[index]
 
 
-def pick_rows(logits: torch.Tensor, rs: RowSampling, gen: torch.Generator) -> torch.Tensor:
-    """`pick` with each row's own settings: argmax for greedy rows; for the others temperature,
-    then top-k (ties with the k-th value kept) and top-p over the whole vocabulary, then one draw."""
-    best = logits.argmax(-1)
+def pick(logits: torch.Tensor, rs: RowSampling, gen: torch.Generator) -> torch.Tensor:
+    """The next token of every row: the argmax for greedy rows; for the others one draw after that
+    row's temperature, top-k and top-p (`sampling.filter_candidates`; with a top-k on every row
+    the draw is among the candidates only, a fraction of the cost for large vocabularies)."""
     if bool(rs.greedy.all()):
-        return best
-    x = logits / rs.temperature[:, None]
-    V = x.size(-1)
-    kmax = int(rs.top_k.max())
-    if 0 < kmax < V:
-        vals = torch.topk(x, kmax, dim=-1).values
-        kth = vals.gather(1, (rs.top_k.clamp(1, kmax) - 1)[:, None])
-        kth = torch.where(((rs.top_k > 0) & (rs.top_k < V))[:, None], kth, torch.full_like(kth, NEG_INF))
-        x = x.masked_fill(x < kth, NEG_INF)
-    if bool((rs.top_p < 1.0).any()):
-        srt, idx = torch.sort(x, descending=True, dim=-1)
-        probs = srt.softmax(-1)
-        srt = srt.masked_fill(probs.cumsum(-1) - probs > rs.top_p[:, None], NEG_INF)
-        x = torch.full_like(x, NEG_INF).scatter(-1, idx, srt)
-    x = torch.where(rs.greedy[:, None], logits, x)  # greedy rows: any finite row (their draw is replaced)
-    drawn = torch.multinomial(x.softmax(-1).cpu(), 1, generator=gen).squeeze(-1).to(logits.device)
-    return torch.where(rs.greedy, best, drawn)
+        return logits.argmax(-1)
+    vals, idx = filter_candidates(logits, rs.temperature, rs.top_k, rs.top_p)
+    choice = torch.multinomial(vals.softmax(-1).cpu(), 1, generator=gen).to(logits.device)
+    drawn = (choice if idx is None else idx.gather(-1, choice)).squeeze(-1)
+    return torch.where(rs.greedy, logits.argmax(-1), drawn) if bool(rs.greedy.any()) else drawn
 
 
 def constrain(logits: torch.Tensor, raw: torch.Tensor, allowed: Optional[torch.Tensor]) -> torch.Tensor:
@@ -172,7 +145,8 @@ class Decoder:
         self.gen = make_generator(s.seed)
         if per_row is not None and len(per_row) != len(self.rows):
             raise ValueError(f"per_row has {len(per_row)} settings for {len(self.rows)} rows")
-        self.row_sampling = RowSampling(per_row, self.device) if per_row is not None else None
+        self.per_row = per_row is not None
+        self.row_sampling = RowSampling(per_row if per_row is not None else [s] * len(self.rows), self.device)
 
     def finish(self, row: int, reason: str = "stop") -> None:
         """End result `row` before its next step (e.g. a stop string was found in its text)."""
@@ -200,15 +174,14 @@ class Decoder:
             self.runner = make_runner(self.model, self.width + self.budget, self.runner_kind or "auto", self.s.weights)
         logits = self.runner.prefill(ids, mask)
         self.proc = Processors(self.s, self.rows, logits.size(-1), self.eos, self.suppress, self.device,
-                               self.row_sampling.penalty if self.row_sampling is not None else None)
+                               self.row_sampling.penalty if self.per_row else None)
         return logits
 
     def _drop(self, keep: list[int]) -> None:
         index = torch.tensor(keep, dtype=torch.long, device=self.device)
         self.runner.select(index)
         self.proc.reorder(keep)
-        if self.row_sampling is not None:
-            self.row_sampling.select(index)
+        self.row_sampling.select(index)
         if self.constraint is not None:
             self.constraint.reorder(keep)
 
@@ -230,7 +203,7 @@ class Decoder:
         logits = self.proc(logits.clone(), self.step_no)
         allowed = self.constraint.allowed() if self.constraint is not None else None
         logits = constrain(logits, raw, allowed)
-        nxt = pick(logits, self.s, self.gen) if self.row_sampling is None else pick_rows(logits, self.row_sampling, self.gen)
+        nxt = pick(logits, self.row_sampling, self.gen)
         toks = nxt.tolist()
         self.step_no += 1
         self.tokens += len(toks)

@@ -3,7 +3,9 @@
 - `engine`: the loaded run (causal LM, chat or classifier) and how a request becomes token ids;
 - `batching`: the worker thread that micro-batches requests into one decoding batch, behind a
   bounded queue;
-- `schemas`: request bodies (OpenAI fields plus verse-form extensions) and OpenAI-style errors;
+- `schemas`: request bodies (OpenAI fields plus verse-form extensions), request size limits and
+  OpenAI-style errors;
+- `detok`: the text of a completion as tokens come, never a partial character;
 - `app`: the FastAPI application (endpoints, server-sent events, API key, the playground in
   `static/index.html`).
 

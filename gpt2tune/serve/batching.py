@@ -14,7 +14,9 @@ to `wait_ms` for more until `max_batch` rows are collected, then runs them:
 
 Events go back to each job's `Sink` (an asyncio queue of the HTTP handler, fed thread-safely):
 `("delta", choice_index, text)`, `("done", choices, usage)` or `("error", APIError)`.
-A cancelled job (timeout, client gone) is skipped, or its rows are ended at the next step.
+A cancelled job (timeout, client gone) is skipped, or its rows are ended at the next step;
+`stats` counts the tokens decoded and the jobs dropped so. Text goes out through `detok.TextStream`
+(never a partial character).
 """
 
 from __future__ import annotations
@@ -135,7 +137,7 @@ class Batcher:
         self._paused = False
         self._stopping = False
         self._thread: Optional[threading.Thread] = None
-        self.stats = {"batches": 0, "jobs": 0, "rows": 0, "max_rows": 0, "rejected": 0}
+        self.stats = {"batches": 0, "jobs": 0, "rows": 0, "max_rows": 0, "rejected": 0, "tokens": 0, "cancelled": 0}
 
     # -- control --------------------------------------------------------------
     def start(self) -> None:
@@ -191,6 +193,7 @@ class Batcher:
                     job = self._pending.popleft()
                     if not job.cancelled:
                         return job
+                    self.stats["cancelled"] += 1
                 if self._stopping:
                     return None
                 left = None if block_until is None else block_until - time.monotonic()
@@ -237,6 +240,7 @@ class Batcher:
                 self._guard(batch, self._decode)
 
     def _guard(self, jobs: list, fn) -> None:
+        self.stats["cancelled"] += sum(j.cancelled for j in jobs)
         jobs = [j for j in jobs if not j.cancelled]
         if not jobs:
             return
@@ -272,8 +276,8 @@ class Batcher:
 
     def _decode(self, jobs: list[GenJob]) -> None:
         from gpt2tune.generate.decode import Decoder
-        from gpt2tune.generate.text import Detokenizer, Prepared, suppressed_ids
-        from gpt2tune.model.tokenizer import decode as detok
+        from gpt2tune.generate.text import Prepared, suppressed_ids
+        from gpt2tune.serve.detok import TextStream
 
         eng = self.engine
         model, tok = eng.model, eng.tok
@@ -282,7 +286,7 @@ class Batcher:
         for j in jobs:
             for p, prompt_ids in enumerate(j.ids):
                 for k in range(j.n):
-                    rows.append(_Row(j, p * j.n + k, p, Detokenizer(tok)))
+                    rows.append(_Row(j, p * j.n + k, p, TextStream(tok)))
                     ids.append(prompt_ids)
         lead = jobs[0]
         s = dataclasses.replace(lead.sampling, max_new_tokens=max(j.max_tokens for j in jobs), num_return_sequences=1,
@@ -309,7 +313,7 @@ class Batcher:
         def close(i: int, finish: str) -> None:
             r = rows[i]
             r.done, r.finish = True, finish
-            final, _ = cut_at_stop(detok(tok, dec.results[i].ids), r.job.sampling.stop)
+            final, _ = cut_at_stop(r.detok.final(dec.results[i].ids), r.job.sampling.stop)
             final = visible(r, final)
             texts[i] = final
             if len(final) > r.sent:
@@ -320,14 +324,19 @@ class Batcher:
                 self._answer(r.job, [(rows[x], texts[x], dec.results[x]) for x in range(len(rows))
                                      if rows[x].job is r.job])
 
+        gone: set = set()
         for ev in dec:
+            self.stats["tokens"] += len(ev.rows)
             for i, t in zip(ev.rows, ev.tokens):
                 r = rows[i]
                 if r.done:
                     continue
-                if r.job.cancelled:
+                if r.job.cancelled:  # the client left (or timed out): drop the row at the next step
                     dec.finish(i, "length")
                     r.done = True
+                    if r.job not in gone:
+                        gone.add(r.job)
+                        self.stats["cancelled"] += 1
                     continue
                 if i in ev.finished:
                     close(i, "stop")

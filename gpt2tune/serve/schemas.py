@@ -7,13 +7,20 @@ suffix) are accepted only at their neutral values. Extensions: `top_k`,
 `repetition_penalty`, and the verse-form fields `form`, `acrostic`, `rhyme`, `no_repeat_chars`.
 
 Every error is `{"error": {"message", "type", "param", "code"}}` with a 4xx/5xx status.
+
+`Limits` bounds a request's size (body bytes, prompt characters, messages, stop-string length)
+before anything is tokenized, so one huge request cannot stall the server for the others.
 """
 
 from __future__ import annotations
 
+import os
+from dataclasses import dataclass, fields
 from typing import Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field
+
+from gpt2tune.errors import UserError
 
 MAX_N = 16
 MAX_STOP = 4
@@ -49,6 +56,60 @@ def utf8(texts: list[str], param: str) -> list[str]:
 
 def bad_request(message: str, param: Optional[str] = None, code: Optional[str] = None) -> APIError:
     return APIError(400, message, "invalid_request_error", param, code)
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Request size limits; each can also be set with an environment variable (`ENV`)."""
+
+    body_bytes: int = 4 * 1024 * 1024  # the whole body (413 beyond)
+    prompt_chars: int = 100_000  # all prompts, message contents or classify inputs of a request together
+    messages: int = 256  # chat messages in a request
+    stop_chars: int = 256  # each stop string
+
+    ENV = {"body_bytes": "GPT2TUNE_MAX_BODY_BYTES", "prompt_chars": "GPT2TUNE_MAX_PROMPT_CHARS",
+           "messages": "GPT2TUNE_MAX_MESSAGES", "stop_chars": "GPT2TUNE_MAX_STOP_CHARS"}
+
+    def __post_init__(self):
+        for f in fields(self):
+            if not isinstance(getattr(self, f.name), int) or getattr(self, f.name) < 1:
+                raise UserError(f"limit {f.name} ({self.ENV[f.name]}) must be a whole number >= 1")
+
+    @classmethod
+    def from_env(cls, env=None) -> "Limits":
+        """The defaults, replaced by the `GPT2TUNE_MAX_*` environment variables that are set."""
+        env = os.environ if env is None else env
+        given = {}
+        for name, var in cls.ENV.items():
+            if env.get(var):
+                try:
+                    given[name] = int(env[var])
+                except ValueError:
+                    raise UserError(f"{var} must be a whole number, not {env[var]!r}") from None
+        return cls(**given)
+
+    def _chars(self, texts: list, param: str, what: str) -> None:
+        n = sum(len(t) for t in texts if isinstance(t, str))
+        if n > self.prompt_chars:
+            raise bad_request(f"{what} has {n} characters; this server allows at most {self.prompt_chars} per request",
+                              param, "string_above_max_length")
+
+    def check(self, req) -> None:
+        """A 400 when `req` is over a limit (cheap: lengths only, nothing tokenized)."""
+        if isinstance(req, CompletionRequest):
+            self._chars([req.prompt] if isinstance(req.prompt, str) else list(req.prompt), "prompt", "the prompt")
+        elif isinstance(req, ChatRequest):
+            if len(req.messages) > self.messages:
+                raise bad_request(f"{len(req.messages)} messages; this server allows at most {self.messages}",
+                                  "messages", "array_above_max_length")
+            self._chars([m.content for m in req.messages], "messages", "the conversation")
+        elif isinstance(req, ClassifyRequest):
+            self._chars([req.input] if isinstance(req.input, str) else list(req.input), "input", "the input")
+        stop = getattr(req, "stop", None)
+        for x in [stop] if isinstance(stop, str) else list(stop or []):
+            if len(x) > self.stop_chars:
+                raise bad_request(f"a stop sequence has {len(x)} characters; this server allows at most "
+                                  f"{self.stop_chars}", "stop", "string_above_max_length")
 
 
 class _Strict(BaseModel):

@@ -1,0 +1,99 @@
+"""The text of a growing completion, for the server: never a partial character.
+
+Byte-level BPE (GPT-2) writes a character of several UTF-8 bytes over several tokens, so a
+completion cut by `max_tokens` (or a stream delta sent between two tokens) can end inside a
+character, which decodes to U+FFFD. For such tokenizers `TextStream` turns ids into bytes
+itself and decodes them with an incremental UTF-8 decoder: the bytes of an incomplete trailing
+character wait for the next token, and at the end they are dropped. Other tokenizers (character
+or WordPiece vocabularies, which cannot split a character) go through `generate.text.Detokenizer`,
+and their final text loses a trailing U+FFFD.
+"""
+
+from __future__ import annotations
+
+import codecs
+import json
+import threading
+import weakref
+from typing import Optional
+
+from gpt2tune.model.tokenizer import decode as detok
+
+_TABLES: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+_LOCK = threading.Lock()
+
+
+def _unicode_to_byte() -> dict[str, int]:
+    """GPT-2's byte <-> printable character map (`bytes_to_unicode`), inverted."""
+    bs = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return {chr(c): b for b, c in zip(bs, cs)}
+
+
+def _byte_level(tok) -> bool:
+    backend = getattr(tok, "backend_tokenizer", None)
+    if backend is not None:
+        dec = backend.decoder
+        return dec is not None and json.loads(dec.__getstate__()).get("type") == "ByteLevel"
+    return hasattr(tok, "byte_decoder")  # the slow GPT2Tokenizer
+
+
+def byte_table(tok) -> Optional[list[bytes]]:
+    """Each id's bytes as the tokenizer's decoding writes them (special tokens: none), for
+    byte-level BPE tokenizers; None for others. Built once per tokenizer."""
+    with _LOCK:
+        if tok in _TABLES:
+            return _TABLES[tok]
+    table = None
+    if _byte_level(tok):
+        to_byte = _unicode_to_byte()
+        n = len(tok)
+        special = set(tok.all_special_ids)
+        table = []
+        for i, piece in enumerate(tok.convert_ids_to_tokens(list(range(n)))):
+            if i in special or piece is None:
+                table.append(b"")
+            elif all(ch in to_byte for ch in piece):
+                table.append(bytes(to_byte[ch] for ch in piece))
+            else:  # an added token: its own text (as the ByteLevel decoder does)
+                table.append(piece.encode("utf-8"))
+    with _LOCK:
+        _TABLES[tok] = table
+    return table
+
+
+class TextStream:
+    """The text of one completion as its tokens come: `push(token)` returns the text so far (whole
+    characters only); `final(ids)` the text of all ids without an incomplete last character."""
+
+    def __init__(self, tok):
+        from gpt2tune.generate.text import Detokenizer
+
+        self.tok = tok
+        self.table = byte_table(tok)
+        if self.table is not None:
+            self.utf8 = codecs.getincrementaldecoder("utf-8")("replace")
+            self.text = ""
+        else:
+            self.detok = Detokenizer(tok)
+
+    def _bytes(self, ids) -> bytes:
+        t = self.table
+        return b"".join(t[i] if 0 <= i < len(t) else b"" for i in ids)
+
+    def push(self, token: int) -> str:
+        if self.table is None:
+            return self.detok.push(token)
+        self.text += self.utf8.decode(self._bytes([token]))  # an incomplete character waits in the decoder
+        return self.text
+
+    def final(self, ids: list[int]) -> str:
+        if self.table is None:
+            return detok(self.tok, ids).rstrip("\ufffd")
+        return codecs.getincrementaldecoder("utf-8")("replace").decode(self._bytes(ids))  # not final: drops the tail
