@@ -92,6 +92,10 @@ class TrainSection(_Section):
     log_every: int = Field(10, ge=1)
     on_nonfinite: Literal["stop", "skip"] = Field("stop", description="a NaN/inf loss stops the run, or skips that update")
     num_threads: Optional[int] = Field(None, gt=0)
+    distributed: Literal["ddp", "fsdp"] = Field(
+        "ddp", description="several processes (torchrun): ddp replicates the model on every rank; fsdp shards "
+                           "weights, gradients and optimizer state over the ranks (FSDP2) for models that do not fit "
+                           "one device (full or partial fine-tuning; the Hugging Face forward)")
     fast: bool = Field(False, description="GPT-2 fast path: lean forward (fused qkv, SDPA, chunked loss) and fused AdamW; "
                                           "same loss as the HF forward (1e-4 fp32), see BENCHMARKS.md")
     pretrain_steps: int = Field(0, ge=0, description="classification: language-model steps on the training texts before fine-tuning")

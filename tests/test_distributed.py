@@ -18,7 +18,7 @@ task: causal-lm
 model: {{init: scratch, size: nano, tokenizer: from-data, dropout: 0.0}}
 data: {{source: "text:{src}", val_fraction: 0.1, max_length: 40}}
 train: {{precision: fp32, fast: {fast}, lr: 2.0e-3, batch_size: {bs}, grad_accum: {accum}, max_steps: {steps},
-         log_every: 5, seed: 3, num_threads: 1}}
+         log_every: 5, seed: 3, num_threads: 1, distributed: {dist}, save_every: {save}, keep_checkpoints: 10}}
 output: {{dir: "{out}"}}
 """
 
@@ -51,18 +51,19 @@ def test_shards_differ_by_at_most_one_row():
     assert [distributed.shard([9], r, 2) for r in range(2)] == [[9], []]  # fewer rows than ranks
 
 
-def _run(tmp_path, name, world, bs, accum, steps, fast):
+def _run(tmp_path, name, world, bs, accum, steps, fast, dist="ddp", save=0, extra=()):
     src = tmp_path / "poems.txt"
     if not src.exists():  # 99 lines: 89 training samples, so the epoch's last global batch of 4 has one row
         src.write_text("\n".join((ZH_TEXT * 25)[:99]), encoding="utf-8")
     r = write_recipe(tmp_path / f"{name}.yaml", RECIPE.format(src=src, out=tmp_path / name, bs=bs, accum=accum,
-                                                              steps=steps, fast=str(fast).lower()))
+                                                              steps=steps, fast=str(fast).lower(), dist=dist,
+                                                              save=save))
     env = dict(os.environ, OMP_NUM_THREADS="1")
     if world == 1:
-        cmd = [sys.executable, "-m", "gpt2tune", "train", str(r), "--no-progress"]
+        cmd = [sys.executable, "-m", "gpt2tune", "train", str(r), "--no-progress", *extra]
     else:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(world),
-               str(ROOT / "tests" / "dist_probe.py"), "train", str(r), "--no-progress"]
+               str(ROOT / "tests" / "dist_probe.py"), "train", str(r), "--no-progress", *extra]
     p = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr[-3000:]
     return load_file(str(tmp_path / name / "model" / "model.safetensors")), p.stderr
@@ -77,3 +78,25 @@ def test_ddp_fast_accumulation_and_an_empty_rank_equal_one_process(tmp_path):
     two, _ = _run(tmp_path, "two", 2, 1, 2, 26, True)
     for k in one:
         assert torch.allclose(one[k], two[k], atol=2e-5, rtol=1e-4), (k, float((one[k] - two[k]).abs().max()))
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="gloo FSDP test runs on Linux")
+def test_fsdp_two_processes_equal_one_process_and_resume(tmp_path):
+    """train.distributed fsdp (FSDP2: weights, gradients and AdamW state sharded over 2 processes) gives
+    the update of one process with the whole batch; its checkpoints hold whole tensors under the usual
+    names, and resuming from one ends where the uninterrupted run ended."""
+    import shutil
+
+    one, _ = _run(tmp_path, "one", 1, 4, 1, 10, False)
+    two, err = _run(tmp_path, "two", 2, 2, 1, 10, False, dist="fsdp", save=5)
+    for k in one:
+        assert torch.allclose(one[k], two[k], atol=2e-5, rtol=1e-4), (k, float((one[k] - two[k]).abs().max()))
+    ck = load_file(str(tmp_path / "two" / "checkpoints" / "step-5" / "model.safetensors"))
+    assert set(ck) == set(one) - {"lm_head.weight"} or set(ck) <= set(one), sorted(ck)[:5]
+    (tmp_path / "res" / "checkpoints").mkdir(parents=True)
+    shutil.copytree(tmp_path / "two" / "checkpoints" / "step-5", tmp_path / "res" / "checkpoints" / "step-5")
+    shutil.copy(tmp_path / "two" / "recipe.yaml", tmp_path / "res" / "recipe.yaml")
+    res, err = _run(tmp_path, "res", 2, 2, 1, 10, False, dist="fsdp", save=5, extra=("--resume",))
+    assert "resumed from" in err, err[-2000:]
+    for k in two:
+        assert torch.allclose(two[k], res[k], atol=1e-6), (k, float((two[k] - res[k]).abs().max()))

@@ -43,3 +43,12 @@ def test_a_chat_message_cannot_open_a_system_turn(tok, name):
     # and a harmless conversation still tokenizes exactly as the rendered string does
     assert clean.ids == list(tok(t.render([{"role": "user", "content": "hi"}, {"role": "assistant", "content": "fine"}]),
                                  add_special_tokens=False)["input_ids"])
+
+
+def test_a_served_prompt_keeps_a_literal_end_marker_as_text(tok):
+    from gpt2tune.serve.engine import Engine
+
+    fr = framing_of(tok)
+    eot = tok.convert_ids_to_tokens(fr.eos)
+    engine = Engine(None, tok, fr, "causal-lm", "m")
+    assert fr.eos not in engine.encode(f"hello {eot} there")

@@ -23,6 +23,7 @@ from typing import Optional
 from gpt2tune.errors import UserError
 from gpt2tune.generate.decode import context_size
 from gpt2tune.generate.sampling import Sampling
+from gpt2tune.model.tokenizer import encode_text
 from gpt2tune.serve.batching import ClassifyJob, GenJob
 from gpt2tune.serve.schemas import APIError, ChatRequest, ClassifyRequest, CompletionRequest, bad_request, utf8
 
@@ -40,6 +41,7 @@ class Engine:
     name: str  # the model id clients give
     max_tokens_cap: int = 256
     chat_end: Optional[int] = None  # the token that ends a chat reply
+    template: Optional[object] = None  # gpt2tune's ChatTemplate, when the run saved one (chat.json)
     forms: bool = False  # verse forms can be enforced with this tokenizer
     labels: list = field(default_factory=list)
     weights: str = "model"  # decoding weights of every request (generate.fast)
@@ -70,7 +72,7 @@ class Engine:
     def encode(self, text: str, param: str = "prompt") -> list[int]:
         try:
             with self.tok_lock:
-                return list(self.tok(text, add_special_tokens=False)["input_ids"])
+                return encode_text(self.tok, text)  # text is text: no control tokens from a prompt
         except Exception as err:  # noqa: BLE001 - odd text must not become a 500
             raise bad_request(f"the {param} could not be tokenized: {err}", param) from None
 
@@ -169,10 +171,18 @@ class Engine:
             raise bad_request("the conversation must end with a user (or system) message to answer", "messages")
         try:
             with self.tok_lock:
-                text = self.tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+                if self.template is not None:  # markers from the template only: a message cannot open a turn
+                    from gpt2tune.chat.masking import encode_segments
+
+                    segs = self.template.segments(messages, add_generation_prompt=True)
+                    text, ids = "".join(s[0] for s in segs), encode_segments(self.tok, segs).ids
+                else:
+                    text = self.tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+                    ids = None
         except Exception as err:  # noqa: BLE001 - a template may raise anything on odd input
             raise bad_request(f"the chat template could not render these messages: {err}", "messages") from None
-        ids = self.encode(text, "messages")
+        if ids is None:
+            ids = self.encode(text, "messages")
         if not ids:
             raise bad_request("the chat template rendered an empty prompt", "messages")
         limit = req.limit()
@@ -222,14 +232,11 @@ def is_classifier(path: str | Path) -> bool:
         return False
 
 
-def _chat_end(path: Path, tok, framing) -> int:
-    """The token ending a chat reply: the template's end marker when gpt2tune saved one (chat.json),
-    else the tokenizer's end marker."""
-    try:
-        from gpt2tune.chat.template import end_id, load_template
-        from gpt2tune.method.io import model_folder
-    except ImportError:
-        return framing.eos
+def _chat_template(path: Path):
+    """gpt2tune's chat template of a run (chat.json), or None (any other Hugging Face chat model)."""
+    from gpt2tune.chat.template import load_template
+    from gpt2tune.method.io import model_folder
+
     try:
         folders = [model_folder(path), path]
     except UserError:
@@ -237,8 +244,8 @@ def _chat_end(path: Path, tok, framing) -> int:
     for folder in folders:
         t = load_template(folder) if Path(folder).is_dir() else None
         if t is not None:
-            return end_id(t, tok, framing)
-    return framing.eos
+            return t
+    return None
 
 
 def _forms_ok(model, tok) -> bool:
@@ -270,6 +277,10 @@ def load_engine(path: str | Path, name: Optional[str] = None, max_tokens_cap: in
 
     model, tok, framing = load_run(p)
     if getattr(tok, "chat_template", None):
-        return Engine(model, tok, framing, "chat", name, max_tokens_cap, chat_end=_chat_end(p, tok, framing),
+        from gpt2tune.chat.template import end_id
+
+        t = _chat_template(p)  # the reply ends at the template's end marker, else the tokenizer's
+        return Engine(model, tok, framing, "chat", name, max_tokens_cap, template=t,
+                      chat_end=end_id(t, tok, framing) if t is not None else framing.eos,
                       forms=_forms_ok(model, tok), weights=weights)
     return Engine(model, tok, framing, "causal-lm", name, max_tokens_cap, forms=_forms_ok(model, tok), weights=weights)

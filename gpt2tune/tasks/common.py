@@ -175,7 +175,7 @@ def fit_and_save(recipe, run_dir: Path, base: Base, model, data, params: dict, r
     result = trainer.fit(resume=resume)
     if not dist.is_main():
         return None
-    model = model.float().cpu()
+    model = trainer.model.float().cpu()  # (a plain copy when FSDP had sharded it)
     saved = run_dir / save_trained(model, base.tokenizer, run_dir, recipe.method)
     report = {
         "validation": result.final_eval,

@@ -79,19 +79,10 @@ def _set_rng_states(rng: dict[str, torch.Tensor], prefix: str) -> None:
     random.setstate((3, tuple(int(v) for v in rng[prefix + "python"].tolist()), None if math.isnan(g) else g))
 
 
-def save_checkpoint(root: Path, step: int, model, optimizer, scheduler, state: dict, keep: int,
-                    rank_rngs: Optional[list[dict]] = None) -> Path:
-    """Write RUN/checkpoints/step-N atomically. `rank_rngs`: every rank's `rng_states()` in a
-    multi-process run (saved as `rank{r}/...`, so each rank resumes with its own random stream)."""
-    root.mkdir(parents=True, exist_ok=True)
-    final = root / f"step-{step}"
-    tmp = root / f".tmp-step-{step}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
+def _state_tensors(model, optimizer) -> tuple[dict, dict, list]:
+    """(trainable parameters, optimizer state tensors keyed "<param name>/<key>", the optimizer's
+    groups with parameter names) of a model held whole by this process."""
     names = {id(p): n for n, p in model.named_parameters()}
-    save_file(trainable_state(model), str(tmp / "model.safetensors"))
-
     opt_tensors, groups = {}, []
     for g in optimizer.param_groups:
         hyper = {k: v for k, v in g.items() if k != "params"}
@@ -101,6 +92,40 @@ def save_checkpoint(root: Path, step: int, model, optimizer, scheduler, state: d
             for k, v in optimizer.state.get(p, {}).items():
                 t = v if torch.is_tensor(v) else torch.tensor(v)
                 opt_tensors[f"{names[id(p)]}/{k}"] = t.detach().cpu().contiguous()
+    return trainable_state(model), opt_tensors, groups
+
+
+def full_states(model, optimizer) -> tuple[dict, dict, list]:
+    """`_state_tensors` of a model sharded by FSDP: whole tensors gathered to rank 0 (the other ranks
+    get empty dicts; every rank must call). Same names and layout, so a checkpoint does not depend
+    on how the run was sharded."""
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                         get_optimizer_state_dict)
+
+    opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    weights = get_model_state_dict(model, options=opts)
+    osd = get_optimizer_state_dict(model, optimizer, options=opts)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    weights = {n: t.contiguous() for n, t in weights.items() if n in trainable}
+    opt_tensors = {f"{n}/{k}": (v if torch.is_tensor(v) else torch.tensor(v)).contiguous()
+                   for n, st in osd.get("state", {}).items() for k, v in st.items()}
+    groups = [dict(g) for g in osd.get("param_groups", [])]
+    return weights, opt_tensors, groups
+
+
+def save_checkpoint(root: Path, step: int, model, optimizer, scheduler, state: dict, keep: int,
+                    rank_rngs: Optional[list[dict]] = None, full: Optional[tuple] = None) -> Path:
+    """Write RUN/checkpoints/step-N atomically. `rank_rngs`: every rank's `rng_states()` in a
+    multi-process run (saved as `rank{r}/...`, so each rank resumes with its own random stream).
+    `full`: `full_states()` of a sharded model, gathered beforehand by every rank."""
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"step-{step}"
+    tmp = root / f".tmp-step-{step}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    weights, opt_tensors, groups = full if full is not None else _state_tensors(model, optimizer)
+    save_file(weights, str(tmp / "model.safetensors"))
     save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
 
     rng = {"torch": torch.get_rng_state()}
@@ -128,9 +153,24 @@ def save_checkpoint(root: Path, step: int, model, optimizer, scheduler, state: d
     return final
 
 
-def load_checkpoint(path: Path, model, optimizer, scheduler, rank: int = 0) -> dict:
+def _load_sharded(model, optimizer, weights: dict, opt_tensors: dict, groups: list) -> None:
+    """Whole tensors from a checkpoint into an FSDP-sharded model and its optimizer."""
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
+                                                         set_optimizer_state_dict)
+
+    opts = StateDictOptions(full_state_dict=True, strict=False)
+    set_model_state_dict(model, weights, options=opts)
+    state: dict = {}
+    for key, t in opt_tensors.items():
+        name, k = key.rsplit("/", 1)
+        state.setdefault(name, {})[k] = t
+    set_optimizer_state_dict(model, optimizer, {"state": state, "param_groups": groups}, options=opts)
+
+
+def load_checkpoint(path: Path, model, optimizer, scheduler, rank: int = 0, sharded: bool = False) -> dict:
     """Restore model, optimizer, scheduler and RNG states (rank `rank`'s own where the checkpoint
-    has per-rank states); return the JSON state."""
+    has per-rank states); return the JSON state. `sharded`: the model is sharded by FSDP, every
+    rank reads the whole checkpoint and keeps its own shards."""
     try:
         state = json.loads((path / "state.json").read_text(encoding="utf-8"))
         weights = load_file(str(path / "model.safetensors"))
@@ -142,15 +182,18 @@ def load_checkpoint(path: Path, model, optimizer, scheduler, rank: int = 0) -> d
     missing = [n for n, p in params.items() if p.requires_grad and n not in weights]
     if missing:
         raise UserError(f"checkpoint {path} does not match this model/method (missing {missing[0]} ...)")
-    with torch.no_grad():
-        for n, t in weights.items():
-            if n not in params:
-                raise UserError(f"checkpoint {path} has parameter {n} that this model lacks")
-            params[n].copy_(t)
-
-    if len(state["optimizer_groups"]) != len(optimizer.param_groups):
+    unknown = [n for n in weights if n not in params]
+    if unknown:
+        raise UserError(f"checkpoint {path} has parameter {unknown[0]} that this model lacks")
+    if sharded:
+        _load_sharded(model, optimizer, weights, opt_tensors, state["optimizer_groups"])
+    else:
+        with torch.no_grad():
+            for n, t in weights.items():
+                params[n].copy_(t)
+    if not sharded and len(state["optimizer_groups"]) != len(optimizer.param_groups):
         raise UserError(f"checkpoint {path}: optimizer groups differ from this run's")
-    for g, saved in zip(optimizer.param_groups, state["optimizer_groups"]):
+    for g, saved in zip([] if sharded else optimizer.param_groups, state["optimizer_groups"]):
         for k, v in saved.items():
             if k != "params":
                 g[k] = tuple(v) if isinstance(v, list) else v

@@ -107,15 +107,33 @@ class LossModule(torch.nn.Module):
 
 
 class Parallel:
-    """How the loop computes a micro-batch's loss: directly, or through DDP when world > 1.
+    """How the loop computes a micro-batch's loss: directly, through DDP, or on a model sharded by
+    FSDP2 (`sharded`) when world > 1.
 
     `loss(batch)` runs the forward; `sync(last)` is the context for a micro-batch's forward and
-    backward: gradients are all-reduced only on the last micro-batch of an accumulation window."""
+    backward: gradients are reduced only on the last micro-batch of an accumulation window."""
 
-    def __init__(self, model, loss_fn, device: torch.device):
+    def __init__(self, model, loss_fn, device: torch.device, sharded: bool = False):
         self.model, self.loss_fn = model, loss_fn
         self.ddp = None
-        if dist.is_initialized() and world_size() > 1:
+        self.fsdp = sharded and dist.is_initialized() and world_size() > 1
+        if self.fsdp:
+            from torch.distributed.fsdp import fully_shard
+
+            if hasattr(model, "peft_config") or not hasattr(type(model), "_from_config"):
+                from gpt2tune.errors import UserError
+
+                raise UserError("train.distributed fsdp shards Hugging Face models trained fully or partially; "
+                                "use ddp for adapter methods and classifiers")
+
+            # an empty copy (no memory) to rebuild a plain model from the gathered weights at the end
+            with torch.device("meta"):
+                self.skeleton = type(model)._from_config(model.config)
+            blocks = getattr(getattr(model, "transformer", None), "h", None)
+            for blk in blocks or []:  # one all-gather per block: only one block's weights whole at a time
+                fully_shard(blk)
+            fully_shard(model)
+        elif dist.is_initialized() and world_size() > 1:
             from torch.nn.parallel import DistributedDataParallel as DDP
 
             ids = [device.index if device.index is not None else torch.cuda.current_device()] \
@@ -127,4 +145,21 @@ class Parallel:
         return self.loss_fn(self.model, batch) if self.ddp is None else self.ddp(batch)
 
     def sync(self, last: bool):
+        if self.fsdp:
+            self.model.set_requires_gradient_sync(last)
+            return contextlib.nullcontext()
         return self.ddp.no_sync() if self.ddp is not None and not last else contextlib.nullcontext()
+
+    def gathered_model(self):
+        """A plain (unsharded) copy of an FSDP model with its trained weights (every rank must call)."""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        full = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        plain = self.skeleton.to_empty(device="cpu")
+        if full:  # rank 0 (the others get nothing and save nothing)
+            plain.load_state_dict(full, strict=False)
+            plain.tie_weights()
+        for n, p in self.model.named_parameters():  # keep the method's choice of trainable weights
+            q = plain.get_parameter(n)
+            q.requires_grad_(p.requires_grad)
+        return plain

@@ -68,12 +68,16 @@ class Trainer:
         self.cfg = cfg
         self.run_dir = Path(run_dir)
         self.loss_fn = loss_fn
+        self.log = log or (lambda msg: print(msg, file=sys.stderr))
+        self.sharded = getattr(cfg, "distributed", "ddp") == "fsdp" and dist.world_size() > 1
         if getattr(cfg, "fast", False) and loss_fn is lm_loss:  # train.fast: lean GPT-2 forward, same loss
             from gpt2tune.model.fast_gpt2 import make_fast_loss
 
-            # several processes: gradients through autograd, where DDP's all-reduce hooks see them
-            self.loss_fn = make_fast_loss(model, direct_grads=dist.world_size() == 1) or lm_loss
-        self.log = log or (lambda msg: print(msg, file=sys.stderr))
+            if self.sharded:  # the fast forward reads whole weights; FSDP gathers them in module forwards
+                self.log("note: train.fast is off with train.distributed fsdp (the Hugging Face forward runs)")
+            else:
+                # several processes: gradients through autograd, where DDP's all-reduce hooks see them
+                self.loss_fn = make_fast_loss(model, direct_grads=dist.world_size() == 1) or lm_loss
         self.progress = progress
         self.device = dist.rank_device(pick_device(cfg.device))
         self.dtype = pick_precision(cfg.precision, self.device)
@@ -200,9 +204,10 @@ class Trainer:
         model = self.model.to(self.device)
         model.train()
         torch.manual_seed(cfg.seed + self.rank)  # each rank its own dropout masks
-        opt = build_optimizer(model, cfg.lr, cfg.weight_decay, cfg.betas, self.device, fused=getattr(cfg, "fast", False))
+        par = dist.Parallel(model, self.loss_fn, self.device, sharded=self.sharded)  # before the optimizer: FSDP
+        opt = build_optimizer(model, cfg.lr, cfg.weight_decay, cfg.betas, self.device,  # replaces the parameters
+                              fused=getattr(cfg, "fast", False) and not self.sharded)
         sched = build_scheduler(opt, cfg.schedule, self.warmup, self.total_steps)
-        par = dist.Parallel(model, self.loss_fn, self.device)
         # fp16 (GPUs without bf16) needs loss scaling, or small gradients underflow to zero
         scaler = torch.amp.GradScaler(self.device.type) if self.dtype == torch.float16 else None
         ck_root = self.run_dir / "checkpoints"
@@ -214,7 +219,7 @@ class Trainer:
             last = ckpt.latest_checkpoint(ck_root)
             if last is None:
                 raise UserError(f"--resume: no checkpoint in {ck_root}")
-            st = ckpt.load_checkpoint(last, model, opt, sched, self.rank)
+            st = ckpt.load_checkpoint(last, model, opt, sched, self.rank, sharded=self.sharded)
             step, epoch, pos, tokens_seen = st["step"], st["epoch"], st["pos"], st["tokens"]
             records, first_eval = st["metrics"], st.get("first_eval", {})
             if scaler is not None and st.get("grad_scaler"):
@@ -239,8 +244,9 @@ class Trainer:
 
         def save() -> None:
             rngs = dist.gather_states(ckpt.rng_states()) if self.world > 1 else None
+            full = ckpt.full_states(model, opt) if self.sharded else None  # every rank takes part in the gather
             if main:
-                ckpt.save_checkpoint(ck_root, step, model, opt, sched, state(), cfg.keep_checkpoints, rngs)
+                ckpt.save_checkpoint(ck_root, step, model, opt, sched, state(), cfg.keep_checkpoints, rngs, full)
             dist.barrier()
 
         def state() -> dict:
@@ -255,7 +261,8 @@ class Trainer:
                 emit({"step": 0, "split": "validation", **first_eval})
         eval_seconds = time.perf_counter() - t_fit  # 0 on resume: no evaluation measured
 
-        trainable = [p for p in model.parameters() if p.requires_grad]
+        # what the optimizer updates (FSDP registers other, unsharded tensors on the module after a forward)
+        trainable = [p for g in opt.param_groups for p in g["params"]]
         skipped_steps = 0
         bar = tqdm(total=self.total_steps, initial=step, disable=not (self.progress and main), unit="step",
                    dynamic_ncols=True, file=sys.stderr, mininterval=0.5)
@@ -367,6 +374,8 @@ class Trainer:
         final = self.evaluate()
         if final:
             emit({"step": step, "split": "validation", **final})
+        if self.sharded:  # what the run saves: a plain model holding the gathered weights
+            self.model = par.gathered_model()
         if mfile is not None:
             mfile.close()
         seconds = time.perf_counter() - t_start

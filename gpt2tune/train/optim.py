@@ -25,7 +25,7 @@ def clip_and_step(opt, params, max_norm: float) -> None:
         opt.step()
         return
     if not opt.defaults.get("fused"):
-        torch.nn.utils.clip_grad_norm_(params, max_norm)
+        torch.nn.utils.clip_grad_norm_(params, max_norm)  # (FSDP's DTensor gradients: the norm over all shards)
         opt.step()
         return
     grads = [p.grad for p in params if p.grad is not None]
