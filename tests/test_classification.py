@@ -324,13 +324,30 @@ def test_every_method_trains_a_classifier_that_classify_loads(tmp_path, run_cli,
     assert code == 0, err
     ev = json.loads((tmp_path / "m" / "eval.json").read_text())
     assert ev["method"] == method and ev["test"]["examples"] == 8
+    # the reloaded run predicts what training measured on the test split (the split the saved recipe
+    # cuts): the same accuracy, confusion matrix and loss, through `gpt2tune classify` and `predict`
+    from gpt2tune.classify.metrics import classification_report
+    from gpt2tune.recipe import load_recipe
+    from gpt2tune.tasks.classification import load_splits
+
+    test = load_splits(load_recipe(tmp_path / "m" / "recipe.yaml").data).test
+    assert len(test.texts) == ev["test"]["examples"]
+    lines = tmp_path / "test.txt"
+    lines.write_text("".join(t + "\n" for t in test.texts), encoding="utf-8")
+    code, out, err = run_cli("classify", tmp_path / "m", "--file", lines, "--json")
+    assert code == 0, err
+    names = ev["labels"]
+    true = [names.index(y) for y in test.labels]
     model, tok = load_classifier(tmp_path / "m")
+    for preds, tol in ((json.loads(out), 1e-5), (predict(model, tok, test.texts), 1e-6)):  # CLI: 6 decimals
+        assert len(preds) == len(test.texts)
+        rep = classification_report(true, [names.index(p["label"]) for p in preds], names,
+                                    [p["probabilities"][y] for p, y in zip(preds, test.labels)])
+        assert rep["accuracy"] == ev["test"]["accuracy"]
+        assert rep["confusion_matrix"] == ev["test"]["confusion_matrix"]
+        assert rep["loss"] == pytest.approx(ev["test"]["loss"], abs=tol)
     texts = ["a good film", "the film was bad and ugly", "nice"]
     got = predict(model, tok, texts)
-    # the reloaded run predicts what training measured: same probabilities for the test split
-    code, out, err = run_cli("classify", tmp_path / "m", "--json", "--text", texts[0], "--text", texts[1], "--text", texts[2])
-    assert code == 0, err
-    assert [g["label"] for g in json.loads(out)] == [g["label"] for g in got]
     # batching with padding gives the single-text probabilities (pooling on the last real token)
     one = [predict(model, tok, [t])[0]["probability"] for t in texts]
     assert [g["probability"] for g in got] == pytest.approx(one, abs=1e-5)

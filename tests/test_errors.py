@@ -122,25 +122,60 @@ class _Payload:
 
 
 def test_pickle_payloads_are_never_executed(tmp_path, run_cli):
-    # a finished run with checkpoints, then pickles planted where a careless loader would look
+    """Pickles planted where the loaders look (a checkpoint folder, a newer checkpoint folder, model
+    folders next to or instead of the safetensors weights) are ignored or refused, never unpickled."""
     f = tmp_path / "data.txt"
     f.write_text("\n".join(ZH_TEXT * 5), encoding="utf-8")
-    r = write_recipe(tmp_path / "r.yaml", recipe_text(f"text:{f}", tmp_path / "run", train={"save_every": 1}))
-    assert run_cli("train", r, "--no-progress")[0] == 0
+    r = write_recipe(tmp_path / "r.yaml", recipe_text(f"text:{f}", tmp_path / "run",
+                                                     train={"max_steps": 4, "save_every": 1, "keep_checkpoints": 10}))
+    code, _, err = run_cli("train", r, "--no-progress")
+    assert code == 0, err
+    run = tmp_path / "run"
     marker = tmp_path / "PWNED"
     evil = pickle.dumps(_Payload(str(marker)))
-    ck = sorted((tmp_path / "run" / "checkpoints").iterdir())[-1]
-    for name in ("optimizer.pt", "scheduler.pt", "rng_state.pth", "training_args.bin", "pytorch_model.bin"):
-        (ck / name).write_bytes(evil)
-    code, _, err = run_cli("train", r, "--resume", "--no-progress", "--set", "train.max_steps=3")
+    pickle.loads(evil)  # the payload works: unpickling it creates the marker
+    assert marker.is_dir()
+    marker.rmdir()
+    clean_model = tmp_path / "clean-model"
+    shutil.copytree(run / "model", clean_model)
+
+    # 1) a run stopped after step 2, with pickles under the names other trainers use, in the checkpoint
+    #    it resumes from and in a newer checkpoint folder without state.json: resumes from step 2
+    cks = run / "checkpoints"
+    for step in (3, 4):
+        shutil.rmtree(cks / f"step-{step}")
+    stray = ("optimizer.pt", "scheduler.pt", "rng_state.pth", "training_args.bin", "pytorch_model.bin")
+    for folder in (cks / "step-2", cks / "step-9", cks / "checkpoint-9"):
+        folder.mkdir(exist_ok=True)
+        for name in stray:
+            (folder / name).write_bytes(evil)
+    code, _, err = run_cli("train", r, "--resume", "--no-progress")
+    assert code == 0, err
+    assert f"resumed from {cks / 'step-2'} (step 2 of 4)" in err, err
+    assert json.loads((run / "eval.json").read_text())["steps"] == 4
     assert not marker.exists()
-    # a model folder whose only weights are a malicious legacy .bin: refused, not executed
+
+    # 2) a model folder whose only weights are a malicious legacy .bin: refused (generate, and train
+    #    from it as a pretrained base) with the one-line error, not executed
     legacy = tmp_path / "legacy"
-    shutil.copytree(tmp_path / "run" / "model", legacy)
+    shutil.copytree(clean_model, legacy)
     (legacy / "model.safetensors").unlink()
     (legacy / "pytorch_model.bin").write_bytes(evil)
-    code, _, err = run_cli("generate", legacy, "--prompt", "白")
-    assert code == 2 and "Traceback" not in err
+    refused = f"refused to load {legacy}: its legacy .bin weights hold more than tensors"
+    expect_error(run_cli, tmp_path, "generate", legacy, "--prompt", "白", match=refused)
+    assert not marker.exists()
+    r2 = write_recipe(tmp_path / "r2.yaml", recipe_text(f"text:{f}", tmp_path / "run2", model={
+        "init": "pretrained", "name": str(legacy), "tokenizer": None}))
+    expect_error(run_cli, tmp_path, "train", r2, "--no-progress", match=refused)
+    assert not marker.exists()
+
+    # 3) next to safetensors weights the .bin is never opened: the model loads and generates
+    both = tmp_path / "both"
+    shutil.copytree(clean_model, both)
+    (both / "pytorch_model.bin").write_bytes(evil)
+    code, out, err = run_cli("generate", both, "--prompt", "白", "--max-new-tokens", "4")
+    assert code == 0, err
+    assert out.strip().startswith("白"), out
     assert not marker.exists()
 
 
@@ -180,3 +215,18 @@ def test_recipe_parser_only_raises_user_errors(raw, overrides):
         assert str(err) and "\n" not in str(err)
         return
     assert isinstance(r, Recipe) and r.train.lr > 0 and r.train.batch_size >= 1
+
+
+def test_a_corrupt_checkpoint_file_is_a_one_line_error(tmp_path):
+    """A checkpoint tensor file that is not safetensors (truncated, or a pickle in its place) stops
+    --resume with a one-line 'unreadable' error, not a traceback."""
+    from gpt2tune.errors import UserError
+    from gpt2tune.train.checkpoint import load_checkpoint
+
+    ck = tmp_path / "step-1"
+    ck.mkdir()
+    (ck / "state.json").write_text("{}")
+    for name in ("model.safetensors", "optimizer.safetensors", "rng.safetensors"):
+        (ck / name).write_bytes(b"\x80\x04not safetensors")
+    with pytest.raises(UserError, match="unreadable"):
+        load_checkpoint(ck, None, None, None)

@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -195,30 +196,98 @@ def test_two_process_resume_restores_every_ranks_random_stream(tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_fp16_training_scales_the_loss_and_resumes_the_scale(tmp_path):
+@pytest.mark.filterwarnings("ignore:Detected call of `lr_scheduler.step")  # after a step the scaler skipped
+def test_fp16_training_scales_the_loss_and_resumes_the_scale(tmp_path, monkeypatch):
     """fp16 (what `auto` picks on GPUs without bf16) trains through a GradScaler: gradients
-    that would underflow in fp16 still update the weights, and checkpoints keep the scale.
-    Run on the CPU by forcing the Trainer's dtype (CPU autocast has fp16)."""
-    import json as _json
-
+    that would underflow in fp16 still update the weights, and checkpoints keep the scale, so a
+    run resumed mid-way continues with the saved scale (not the default 65536) into the weights
+    of the uninterrupted run. Run on the CPU by forcing the Trainer's dtype (CPU autocast has fp16)."""
     from gpt2tune.model.build import build_scratch
     from gpt2tune.model.tokenizer import Framing
     from gpt2tune.recipe import TrainSection
     from gpt2tune.train.loop import Data, Trainer
+    from gpt2tune.train.objective import lm_loss
 
     seqs = [[1, 3 + i % 10, 4, 5, 2] for i in range(40)]
+    default_scale = torch.amp.GradScaler("cpu").get_scale()
+    assert default_scale == 65536.0
 
-    def run(steps, resume=False):
+    class RecordingScaler(torch.amp.GradScaler):
+        """The loop's GradScaler, remembering the scale it first multiplied a loss by."""
+        made: list = []
+
+        def __init__(self, *a, **kw):
+            super().__init__(*a, **kw)
+            self.first_scale = None
+            RecordingScaler.made.append(self)
+
+        def scale(self, outputs):
+            if self.first_scale is None:
+                self.first_scale = self.get_scale()
+            return super().scale(outputs)
+
+    monkeypatch.setattr(torch.amp, "GradScaler", RecordingScaler)
+
+    def scaled_by(factor):  # the LM loss times `factor`: gradients `factor` times as large
+        def loss_fn(model, batch):
+            loss, n, correct = lm_loss(model, batch)
+            return loss * factor, n, correct
+        return loss_fn
+
+    def new_model():
         torch.manual_seed(0)
-        model = build_scratch("nano", 20, Framing(1, 2, 0, True), n_positions=16)
-        cfg = TrainSection(precision="fp32", max_steps=steps, batch_size=4, save_every=2, lr=1e-2)
-        (tmp_path / "run").mkdir(exist_ok=True)
-        t = Trainer(model, Data(seqs, seqs[:4], 0), cfg, tmp_path / "run", progress=False, log=lambda m: None)
-        t.dtype = torch.float16
-        return t.fit(resume=resume)
+        return build_scratch("nano", 20, Framing(1, 2, 0, True), n_positions=16)
 
-    res = run(6)
+    def trainer(model, run_dir, factor, steps, logs=None):
+        # weight_decay 0: weights only move when gradients are non-zero
+        cfg = TrainSection(precision="fp32", max_steps=steps, batch_size=4, save_every=2, keep_checkpoints=10,
+                           lr=1e-2, weight_decay=0.0, seed=3)
+        run_dir.mkdir(exist_ok=True)
+        t = Trainer(model, Data(seqs, seqs[:4], 0), cfg, run_dir, loss_fn=scaled_by(factor), progress=False,
+                    log=(logs.append if logs is not None else lambda m: None))
+        t.dtype = torch.float16
+        return t
+
+    # 1) gradients 1e-7 times the usual size underflow to zero in fp16 without a scale ...
+    tiny = 1e-7
+    model = new_model()
+    batch = Data(seqs, seqs[:4], 0).collate(seqs[:4])
+    with torch.autocast("cpu", dtype=torch.float16):
+        loss, _, _ = scaled_by(tiny)(model, batch)
+    loss.backward()
+    assert all(p.grad is None or not p.grad.any() for p in model.parameters())  # the premise: all zero
+    model.zero_grad(set_to_none=True)
+    # ... and with the loop's loss scaling they still train every weight
+    before = {k: v.detach().clone() for k, v in model.named_parameters()}
+    res = trainer(model, tmp_path / "tiny", tiny, 6).fit()
     assert res.final_eval["loss"] < res.first_eval["loss"]
-    st = _json.loads((tmp_path / "run" / "checkpoints" / "step-6" / "state.json").read_text())
-    assert st["grad_scaler"]["scale"] > 1.0  # the loss really was scaled
-    assert run(6, resume=True).steps == 6  # the saved scale loads back
+    unchanged = [k for k, v in model.named_parameters() if torch.equal(v.detach(), before[k])]
+    assert not unchanged, unchanged
+    assert RecordingScaler.made and RecordingScaler.made[-1].first_scale == default_scale
+
+    # 2) large gradients overflow at the default scale: the scaler backs off in the first steps
+    big = 10.0
+    full = new_model()
+    trainer(full, tmp_path / "full", big, 8).fit()
+    cks = tmp_path / "full" / "checkpoints"
+    saved = {s: json.loads((cks / f"step-{s}" / "state.json").read_text())["grad_scaler"] for s in (2, 4, 6, 8)}
+    assert saved[4]["scale"] < default_scale  # the loss really was scaled, and the scale adapted
+
+    # 3) the run cut after step 4 (later checkpoints gone) resumes with step 4's scale
+    shutil.copytree(tmp_path / "full", tmp_path / "cut")
+    for s in (6, 8):
+        shutil.rmtree(tmp_path / "cut" / "checkpoints" / f"step-{s}")
+    logs = []
+    resumed = new_model()
+    t = trainer(resumed, tmp_path / "cut", big, 8, logs)
+    RecordingScaler.made.clear()
+    res = t.fit(resume=True)
+    assert res.steps == 8
+    assert any("step-4 (step 4 of 8)" in m for m in logs), logs
+    assert len(RecordingScaler.made) == 1
+    assert RecordingScaler.made[0].first_scale == saved[4]["scale"] != default_scale
+    # the scaler goes on exactly as in the uninterrupted run: same scale, same weights
+    again = json.loads((tmp_path / "cut" / "checkpoints" / "step-8" / "state.json").read_text())["grad_scaler"]
+    assert again == saved[8]
+    a, b = dict(full.named_parameters()), dict(resumed.named_parameters())
+    assert all(torch.equal(a[k], b[k]) for k in a)

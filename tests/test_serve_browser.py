@@ -2,8 +2,11 @@
 
 Needs the Debian packages `chromium` and `chromium-driver` (`apt-get install -y chromium
 chromium-driver`; CI installs them when it runs as root); skips with the reason otherwise.
+In CI (`CI=true`, as `.ci/run` is run) they must run: there a missing browser, driver or Python
+package fails them with the reason instead.
 """
 
+import importlib
 import os
 import re
 import shutil
@@ -12,8 +15,26 @@ import time
 
 import pytest
 
-pytest.importorskip("fastapi", reason="the 'serve' extra (fastapi, uvicorn) is not installed")
-webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is not installed (dev extra)")
+IN_CI = os.environ.get("CI") == "true"
+
+
+def unavailable(reason: str):
+    """Skip with the reason; under CI=true fail with it, so a CI run cannot pass without a browser."""
+    if IN_CI:
+        pytest.fail(f"{reason} -- CI=true: the browser tests must run in CI (.ci/run installs chromium and "
+                    f"chromium-driver when it runs as root)", pytrace=False)
+    pytest.skip(reason, allow_module_level=True)
+
+
+def need_module(name: str, reason: str):
+    try:
+        return importlib.import_module(name)
+    except ImportError:
+        unavailable(reason)
+
+
+need_module("fastapi", "the 'serve' extra (fastapi, uvicorn) is not installed")
+webdriver = need_module("selenium.webdriver", "selenium is not installed (dev extra)")
 
 from selenium.common.exceptions import TimeoutException, WebDriverException  # noqa: E402
 from selenium.webdriver.common.by import By  # noqa: E402
@@ -30,7 +51,9 @@ DRIVER = shutil.which("chromedriver") or ("/usr/bin/chromedriver" if os.path.exi
 @pytest.fixture(scope="module")
 def browser():
     if not CHROMIUM or not DRIVER:
-        pytest.skip("headless Chromium is not installed: apt-get install -y chromium chromium-driver")
+        missing = " and ".join(n for n, found in (("chromium", CHROMIUM), ("chromedriver", DRIVER)) if not found)
+        unavailable(f"headless Chromium is not installed ({missing} not found): "
+                    "apt-get install -y chromium chromium-driver")
     os.environ.setdefault("SE_OFFLINE", "true")  # never let selenium look for a driver online
     from selenium.webdriver.chrome.options import Options
     from selenium.webdriver.chrome.service import Service
@@ -46,7 +69,7 @@ def browser():
         driver = webdriver.Chrome(service=Service(DRIVER), options=opts)
     except WebDriverException as err:
         shutil.rmtree(profile, ignore_errors=True)
-        pytest.skip(f"headless Chromium did not start: {str(err).splitlines()[0]}")
+        unavailable(f"headless Chromium did not start: {str(err).splitlines()[0]}")
     driver.set_page_load_timeout(30)
     yield driver
     driver.quit()

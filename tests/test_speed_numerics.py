@@ -132,34 +132,67 @@ def test_unsupported_models_keep_the_hf_path():
 
 
 def test_trainer_fast_matches_reference_and_saves_hf_names(tmp_path):
-    """Two identical runs through the Trainer, train.fast off and on: same losses (fp32), the same
-    parameter names in checkpoints, and the fast run resumes."""
+    """Two identical runs through the Trainer, train.fast off and on: same losses (fp32). The fast
+    run's mid-run checkpoint holds the Hugging Face parameter names (weights, optimizer state), and
+    the fast run resumed from it ends in the weights and losses of the uninterrupted run."""
+    import shutil
+
+    from safetensors.torch import load_file
+
     from gpt2tune.recipe import TrainSection
-    from gpt2tune.train import checkpoint as ckpt
     from gpt2tune.train.loop import Data, Trainer
 
     g = torch.Generator().manual_seed(5)
     seqs = [torch.randint(3, 300, (int(n),), generator=g).tolist() for n in torch.randint(4, 40, (40,), generator=g)]
-    out = {}
-    for fast in (False, True):
-        (tmp_path / str(fast)).mkdir()
+
+    def trainer(fast, run_dir, logs=None):
         cfg = TrainSection(precision="fp32", device="cpu", batch_size=4, max_steps=6, log_every=1, save_every=3,
-                           lr=1e-3, seed=3, fast=fast)
-        tr = Trainer(tiny(), Data(seqs[:32], seqs[32:], 0, "group", 40), cfg, tmp_path / str(fast), progress=False,
-                     log=lambda *_: None)
+                           keep_checkpoints=5, lr=1e-3, seed=3, fast=fast)
+        run_dir.mkdir(exist_ok=True)
+        tr = Trainer(tiny(), Data(seqs[:32], seqs[32:], 0, "group", 40), cfg, run_dir, progress=False,
+                     log=logs.append if logs is not None else lambda *_: None)
         assert (tr.loss_fn is lm_loss) != fast
+        return tr
+
+    def train_losses(records, after=0):
+        return [r["loss"] for r in records if r["split"] == "train" and r["step"] > after]
+
+    out, models = {}, {}
+    for fast in (False, True):
+        tr = trainer(fast, tmp_path / str(fast))
         res = tr.fit()
-        out[fast] = [r["loss"] for r in res.records if r["split"] == "train"]
-        names = json.loads((ckpt.latest_checkpoint(tmp_path / str(fast) / "checkpoints") / "state.json").read_text())
-        out[f"names{fast}"] = sorted(tr.model.state_dict())
+        assert res.steps == 6
+        out[fast], models[fast] = train_losses(res.records), tr.model
+    assert len(out[True]) == 6
     assert out[False] == pytest.approx(out[True], abs=2e-4)  # AdamW foreach vs fused: tiny drift
-    assert out["namesFalse"] == out["namesTrue"]
-    cfg = TrainSection(precision="fp32", device="cpu", batch_size=4, max_steps=6, log_every=1, save_every=3,
-                       lr=1e-3, seed=3, fast=True)
-    tr = Trainer(tiny(), Data(seqs[:32], seqs[32:], 0, "group", 40), cfg, tmp_path / "True", progress=False,
-                 log=lambda *_: None)
+
+    # the fast run's step-3 checkpoint: the HF model's own parameter names, as the reference run's
+    hf = tiny()
+    hf_names = {n for n, p in hf.named_parameters() if p.requires_grad}
+    assert "transformer.h.0.attn.c_attn.weight" in hf_names
+    mid = tmp_path / "True" / "checkpoints" / "step-3"
+    weights = load_file(str(mid / "model.safetensors"))
+    assert set(weights) == hf_names
+    assert set(load_file(str(tmp_path / "False" / "checkpoints" / "step-3" / "model.safetensors"))) == hf_names
+    opt_keys = load_file(str(mid / "optimizer.safetensors"))
+    assert {k.rsplit("/", 1)[0] for k in opt_keys} == hf_names
+    state = json.loads((mid / "state.json").read_text())
+    assert state["step"] == 3 and {n for grp in state["optimizer_groups"] for n in grp["params"]} == hf_names
+    missing, unexpected = hf.load_state_dict(weights, strict=False)  # a plain HF model takes them as they are
+    assert not unexpected and set(missing) <= {"lm_head.weight"}  # lm_head is tied to wte
+
+    # the run cut after step 3 resumes through the fast path into the uninterrupted run's weights
+    shutil.copytree(tmp_path / "True", tmp_path / "cut")
+    shutil.rmtree(tmp_path / "cut" / "checkpoints" / "step-6")
+    logs = []
+    tr = trainer(True, tmp_path / "cut", logs)
     res = tr.fit(resume=True)
     assert res.steps == 6
+    assert any("step-3 (step 3 of 6)" in m for m in logs), logs
+    assert train_losses(res.records, after=3) == pytest.approx(out[True][3:], abs=1e-6)
+    a, b = dict(models[True].named_parameters()), dict(tr.model.named_parameters())
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a), [k for k in a if not torch.equal(a[k], b[k])]
 
 
 def test_accumulated_scaled_gradients_match():

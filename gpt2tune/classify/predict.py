@@ -10,11 +10,13 @@ same ids, and cut to the training `max_length` (saved as the tokenizer's
 from __future__ import annotations
 
 import json
+import pickle
 from pathlib import Path
 from typing import Optional, Sequence
 
 import torch
 
+from gpt2tune.data.dataset import pad_rows
 from gpt2tune.errors import UserError
 from gpt2tune.model.quiet import quiet_transformers
 from gpt2tune.model.tokenizer import framing_of, load_tokenizer
@@ -51,12 +53,7 @@ def encode(tokenizer, texts: Sequence[str], max_length: int) -> tuple[list[list[
 
 
 def _pad_batch(rows: list[list[int]], pad_id: int, device) -> dict:
-    width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, r in enumerate(rows):
-        ids[i, : len(r)] = torch.tensor(r, dtype=torch.long)
-        mask[i, : len(r)] = 1
+    ids, mask = pad_rows(rows, pad_id)
     return {"input_ids": ids.to(device), "attention_mask": mask.to(device)}
 
 
@@ -131,6 +128,9 @@ def _load_base(folder: Path):
     with quiet_transformers():
         try:
             return GPT2Classifier.from_pretrained(str(folder), attn_implementation="sdpa")
+        except pickle.UnpicklingError:
+            raise UserError(f"refused to load {folder}: its legacy .bin weights hold more than tensors "
+                            "(a pickle that could run code); use safetensors weights") from None
         except (OSError, ValueError) as err:
             raise UserError(f"could not load the classifier in {folder}: {str(err).splitlines()[0]}") from None
 

@@ -64,10 +64,9 @@ def check_weights(model, tok, framing, weights: str, prompt: str = "", report: b
         return
     from gpt2tune.generate.decode import decode
     from gpt2tune.generate.sampling import Sampling
-    from gpt2tune.model.tokenizer import encode_text
+    from gpt2tune.model.tokenizer import prompt_ids
 
-    bos = [framing.bos] if framing.bos is not None else []
-    ids = bos + encode_text(tok, prompt or "")
+    ids = prompt_ids(tok, framing, prompt or "")
     ids = ids[-min(len(ids), 256):] or [0]
     if len(ids) < 8:
         ids = ids + decode(model, [ids], None, Sampling(max_new_tokens=16, greedy=True))[0].ids

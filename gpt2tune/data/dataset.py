@@ -118,6 +118,20 @@ class Packed(list):
         self.starts = list(starts)
 
 
+def pad_rows(rows: list, pad_id: int, left: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ids, attention mask) of token rows padded to the longest, on the right or the left (the one
+    padding helper of training, classification and generation)."""
+    width = max((len(r) for r in rows), default=0)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        if len(r):
+            sl = slice(width - len(r), width) if left else slice(0, len(r))
+            ids[i, sl] = torch.tensor(list(r), dtype=torch.long)
+            mask[i, sl] = 1
+    return ids, mask
+
+
 def collate(rows: list[list[int]], pad_id: int, left: bool = False) -> dict[str, torch.Tensor]:
     """Pad rows to the longest; padding gets attention 0 and label -100 (never in the loss).
 
@@ -126,13 +140,8 @@ def collate(rows: list[list[int]], pad_id: int, left: bool = False) -> dict[str,
     only (Hugging Face builds that block-diagonal causal mask from the positions when the batch has
     no `attention_mask` for it, see `model_inputs`; `train.fast` does the same) and the first token of
     a document is never a label of the one before it."""
-    width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, r in enumerate(rows):
-        sl = slice(width - len(r), width) if left else slice(0, len(r))
-        ids[i, sl] = torch.tensor(r, dtype=torch.long)
-        mask[i, sl] = 1
+    ids, mask = pad_rows(rows, pad_id, left)
+    width = ids.size(1)
     labels = ids.masked_fill(mask == 0, IGNORE)
     if rows and isinstance(rows[0], Packed):
         pos = torch.zeros_like(ids)

@@ -16,6 +16,7 @@ import torch
 
 from gpt2tune.data import sources
 from gpt2tune.data.clean import clean_text, length_ok
+from gpt2tune.data.dataset import pad_rows
 from gpt2tune.errors import UserError
 
 DEFAULT_SPLIT = (0.7, 0.1, 0.2)
@@ -230,12 +231,6 @@ def stratified_split(labels: Sequence[str], fractions: Sequence[float], seed: in
 
 def collate_examples(rows: list[Example], pad_id: int, left: bool = False) -> dict[str, torch.Tensor]:
     """Pad token rows to the longest (right padding by default); labels are the class ids."""
-    width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, r in enumerate(rows):
-        sl = slice(width - len(r), width) if left else slice(0, len(r))
-        ids[i, sl] = torch.tensor(list(r), dtype=torch.long)
-        mask[i, sl] = 1
+    ids, mask = pad_rows(rows, pad_id, left)
     labels = torch.tensor([r.label for r in rows], dtype=torch.long)
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}

@@ -17,6 +17,7 @@ from typing import Iterable, Iterator, Optional
 
 import torch
 
+from gpt2tune.data.dataset import pad_rows
 from gpt2tune.generate.processors import NEG_INF, Processors
 from gpt2tune.generate.runner import make_runner
 from gpt2tune.generate.sampling import Sampling, filter_candidates
@@ -42,13 +43,7 @@ def context_size(model) -> int:
 
 
 def left_pad(rows: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, r in enumerate(rows):
-        if r:
-            ids[i, width - len(r):] = torch.tensor(r, dtype=torch.long)
-            mask[i, width - len(r):] = 1
+    ids, mask = pad_rows(rows, pad_id, left=True)
     return ids.to(device), mask.to(device)
 
 

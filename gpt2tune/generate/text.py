@@ -23,7 +23,7 @@ from gpt2tune.generate.decode import Decoder, Result, decode
 from gpt2tune.generate.loops import find_loop
 from gpt2tune.generate.sampling import Sampling
 from gpt2tune.model.tokenizer import decode as detok
-from gpt2tune.model.tokenizer import encode_text
+from gpt2tune.model.tokenizer import prompt_ids
 
 _BOUNDARY = set("，。！？；：、「」『』\n")
 
@@ -72,7 +72,7 @@ class Prepared:
             self.ids = [bos + self.constraint.prompt_ids(i) for i in range(len(self.prompts))]
         else:
             self.heads = list(self.prompts)
-            self.ids = [bos + encode_text(tok, p) if p else list(bos) for p in self.prompts]
+            self.ids = [prompt_ids(tok, framing, p) for p in self.prompts]
         for p, ids in zip(self.prompts, self.ids):
             if not ids:
                 raise UserError(f"empty prompt {p!r} and the tokenizer has no begin marker to start from")

@@ -50,6 +50,11 @@ def _apply_adapter(module, args, output):
     return output if adapter is None else adapter(output)
 
 
+# what `model.fast_gpt2` and the fast decoder recognise (and apply themselves: the projection's
+# `adapter` child on its output), without importing this module from below
+_apply_adapter.output_adapter = True
+
+
 def _blocks(model):
     body = getattr(model, "transformer", None)
     if body is None or not hasattr(body, "h"):

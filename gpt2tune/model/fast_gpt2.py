@@ -92,13 +92,13 @@ def supported(model) -> Optional[str]:
 
 
 def foreign_hooks(model) -> Optional[str]:
-    """Where `model` has forward hooks other than bottleneck adapters on the `c_proj`s (which the
-    fast forward and the fast decoder apply themselves); None when it has none."""
-    from gpt2tune.method.adapter import _apply_adapter
-
+    """Where `model` has forward hooks other than output adapters on the `c_proj`s (hooks marked
+    `output_adapter`, which run the projection's `adapter` child: the fast forward and the fast
+    decoder apply those themselves); None when it has none."""
     for name, mod in model.named_modules():
         hooks = list(mod._forward_hooks.values())
-        adapter_site = name.endswith(("attn.c_proj", "mlp.c_proj")) and all(h is _apply_adapter for h in hooks)
+        adapter_site = name.endswith(("attn.c_proj", "mlp.c_proj")) and \
+            all(getattr(h, "output_adapter", False) for h in hooks)
         if mod._forward_pre_hooks or (hooks and not adapter_site):
             return f"forward hooks on {name or 'the model'}"
     return None

@@ -133,6 +133,11 @@ def encode_text(tok, text: str) -> list[int]:
     return list(tok(text, add_special_tokens=False, split_special_tokens=True)["input_ids"])
 
 
+def prompt_ids(tok, framing, text: str) -> list[int]:
+    """A prompt as the model saw its samples begin: the begin marker (if any), then the text."""
+    return ([framing.bos] if framing.bos is not None else []) + (encode_text(tok, text) if text else [])
+
+
 def decode(tok, ids, skip_special: bool = True) -> str:
     """Decode ids to text: no special tokens, and no spaces between Chinese characters
     (BERT-style decoding puts a space between every token)."""

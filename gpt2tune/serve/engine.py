@@ -23,7 +23,7 @@ from typing import Optional
 from gpt2tune.errors import UserError
 from gpt2tune.generate.decode import context_size
 from gpt2tune.generate.sampling import Sampling
-from gpt2tune.model.tokenizer import encode_text
+from gpt2tune.model.tokenizer import encode_text, prompt_ids
 from gpt2tune.serve.batching import ClassifyJob, GenJob
 from gpt2tune.serve.schemas import APIError, ChatRequest, ClassifyRequest, CompletionRequest, bad_request, utf8
 
@@ -69,10 +69,12 @@ class Engine:
             raise bad_request(f"{endpoint} is not available for this run: {self.name!r} is a {self.task} run "
                               f"(use {ENDPOINT[self.task]})", None, "wrong_task")
 
-    def encode(self, text: str, param: str = "prompt") -> list[int]:
+    def encode(self, text: str, param: str = "prompt", framing=None) -> list[int]:
+        """`text`'s ids (text is text: no control tokens from a prompt); with `framing`, as a
+        prompt: after the begin marker."""
         try:
             with self.tok_lock:
-                return encode_text(self.tok, text)  # text is text: no control tokens from a prompt
+                return prompt_ids(self.tok, framing, text) if framing is not None else encode_text(self.tok, text)
         except Exception as err:  # noqa: BLE001 - odd text must not become a 500
             raise bad_request(f"the {param} could not be tokenized: {err}", param) from None
 
@@ -115,10 +117,9 @@ class Engine:
                 self._max_tokens(req.max_tokens, 0)
             return self._form_job(req, prompts, form, s, n)
         max_tokens = self._max_tokens(req.max_tokens, 16)
-        bos = [self.framing.bos] if self.framing.bos is not None else []
         ids = []
         for i, p in enumerate(prompts):
-            row = bos + (self.encode(p) if p else [])
+            row = self.encode(p, framing=self.framing)
             if not row:
                 raise bad_request(f"prompt {i} is empty and the tokenizer has no begin marker to start from", "prompt")
             self._fits(len(row), max_tokens, "prompt")

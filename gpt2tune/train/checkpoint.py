@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Optional
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from gpt2tune.errors import UserError
@@ -128,18 +129,13 @@ def save_checkpoint(root: Path, step: int, model, optimizer, scheduler, state: d
     save_file(weights, str(tmp / "model.safetensors"))
     save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
 
-    rng = {"torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        for i, s in enumerate(torch.cuda.get_rng_state_all()):
-            rng[f"cuda.{i}"] = s
+    rng = rng_states()  # this process's; in a multi-process run also every rank's, under rank{r}/
     for r, states in enumerate(rank_rngs or []):
         rng.update({f"rank{r}/{k}": v.contiguous() for k, v in states.items()})
     save_file(rng, str(tmp / "rng.safetensors"))
 
-    py_state = random.getstate()
     full = dict(state)
-    full.update(step=step, optimizer_groups=groups, scheduler=scheduler.state_dict(),
-                python_rng=[py_state[0], list(py_state[1]), py_state[2]])
+    full.update(step=step, optimizer_groups=groups, scheduler=scheduler.state_dict())
     (tmp / "state.json").write_text(json.dumps(full), encoding="utf-8")
     for f in tmp.iterdir():
         with open(f, "rb") as fh:
@@ -176,7 +172,7 @@ def load_checkpoint(path: Path, model, optimizer, scheduler, rank: int = 0, shar
         weights = load_file(str(path / "model.safetensors"))
         opt_tensors = load_file(str(path / "optimizer.safetensors"))
         rng = load_file(str(path / "rng.safetensors"))
-    except (OSError, ValueError, json.JSONDecodeError) as err:
+    except (OSError, ValueError, json.JSONDecodeError, SafetensorError) as err:  # missing, truncated, not safetensors
         raise UserError(f"checkpoint {path} is unreadable: {err}") from None
     params = dict(model.named_parameters())
     missing = [n for n, p in params.items() if p.requires_grad and n not in weights]
@@ -207,14 +203,5 @@ def load_checkpoint(path: Path, model, optimizer, scheduler, rank: int = 0, shar
             if st:
                 optimizer.state[p] = st
     scheduler.load_state_dict(state["scheduler"])
-    if f"rank{rank}/torch" in rng:
-        _set_rng_states(rng, f"rank{rank}/")
-        return state
-    torch.set_rng_state(rng["torch"])
-    if torch.cuda.is_available():
-        cuda = [rng[k] for k in sorted(k for k in rng if k.startswith("cuda."))]
-        if cuda:
-            torch.cuda.set_rng_state_all(cuda)
-    v, internal, gauss = state["python_rng"]
-    random.setstate((v, tuple(internal), gauss))
+    _set_rng_states(rng, f"rank{rank}/" if f"rank{rank}/torch" in rng else "")
     return state
