@@ -209,11 +209,11 @@ def test_health_answers_while_a_big_prompt_is_tokenized(lm_engine, monkeypatch):
     started = threading.Event()
     real = eng.encode
 
-    def slow_encode(text, param="prompt"):
+    def slow_encode(text, param="prompt", **kw):
         if len(text) > 100_000:
             started.set()
             time.sleep(2.0)  # a slow tokenizer, on top of the real (long) tokenizing below
-        return real(text, param)
+        return real(text, param, **kw)
 
     eng.encode = slow_encode
     with BackgroundServer(create_app(eng)) as srv:

@@ -113,7 +113,9 @@ def cut_at_stop(text: str, stops: list[str]) -> tuple[str, bool]:
 
 
 def _sample(tok, prep: Prepared, r: Result, stops: list[str]) -> Sample:
-    completion = detok(tok, r.ids)
+    from gpt2tune.generate.detok import TextStream
+
+    completion = TextStream(tok).final(r.ids)  # a max-tokens cut inside a character drops it, no U+FFFD
     finish = r.finish
     if stops:
         completion, hit = cut_at_stop(completion, stops)
@@ -140,7 +142,9 @@ def stream_texts(model, tok, framing, prompts: list[str], s: Sampling, form=None
     except ValueError as err:
         raise UserError(str(err)) from None
     n = len(dec.results)
-    detoks = [Detokenizer(tok) for _ in range(n)]
+    from gpt2tune.generate.detok import TextStream
+
+    detoks = [TextStream(tok) for _ in range(n)]
     sent = [0] * n
     hold = max((len(x) for x in s.stop), default=1) - 1
     yield {"type": "start", "heads": list(prep.heads)}

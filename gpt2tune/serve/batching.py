@@ -15,7 +15,7 @@ to `wait_ms` for more until `max_batch` rows are collected, then runs them:
 Events go back to each job's `Sink` (an asyncio queue of the HTTP handler, fed thread-safely):
 `("delta", choice_index, text)`, `("done", choices, usage)` or `("error", APIError)`.
 A cancelled job (timeout, client gone) is skipped, or its rows are ended at the next step;
-`stats` counts the tokens decoded and the jobs dropped so. Text goes out through `detok.TextStream`
+`stats` counts the tokens decoded and the jobs dropped so. Text goes out through `generate.detok.TextStream`
 (never a partial character).
 """
 
@@ -277,7 +277,7 @@ class Batcher:
     def _decode(self, jobs: list[GenJob]) -> None:
         from gpt2tune.generate.decode import Decoder
         from gpt2tune.generate.text import Prepared, suppressed_ids
-        from gpt2tune.serve.detok import TextStream
+        from gpt2tune.generate.detok import TextStream
 
         eng = self.engine
         model, tok = eng.model, eng.tok

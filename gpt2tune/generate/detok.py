@@ -1,4 +1,4 @@
-"""The text of a growing completion, for the server: never a partial character.
+"""The text of a growing completion (generate, chat, serve): never a partial character.
 
 Byte-level BPE (GPT-2) writes a character of several UTF-8 bytes over several tokens, so a
 completion cut by `max_tokens` (or a stream delta sent between two tokens) can end inside a
