@@ -274,10 +274,9 @@ class Trainer:
         # time budget: measure the speed over the first steps of this process, then plan what fits
         budget = cfg.max_minutes * 60 if cfg.max_minutes else None
         n_measure = min(20, max(2, self.total_steps // 20))
-        measure_at, step_seconds = step + n_measure, 0.0
+        measure_at, t_measure = step + n_measure, time.perf_counter()  # wall time per step, logging included
         try:
             while step < self.total_steps:
-                t_step = time.perf_counter()
                 window, epoch, pos = self._window(epoch, pos)
                 bad_loss = None
                 for i, (batch, weight) in enumerate(window):
@@ -317,15 +316,19 @@ class Trainer:
                 opt.zero_grad(set_to_none=True)
                 step += 1
                 bar.update(1)
-                step_seconds += time.perf_counter() - t_step
-                if budget is not None and step == measure_at:
-                    fit = self._fit_budget(step, step_seconds / n_measure, time.perf_counter() - t_fit, eval_seconds)
+                if budget is not None and step >= measure_at and step < self.total_steps:
+                    # re-planned at every step from the mean speed so far: the schedule ends where the run does
+                    now = time.perf_counter()
+                    step_seconds = (now - t_measure) / (step - measure_at + n_measure)
+                    fit = step if now - t_fit > budget else self._fit_budget(step, step_seconds, now - t_fit, eval_seconds)
                     if self.world > 1:  # every rank plans the same number of steps (rank 0's)
                         fit = int(dist.sum_all([float(fit or 0) if main else 0.0])[0]) or None
-                    if fit is not None:
-                        self.log(f"time budget {cfg.max_minutes:g} min: {fit} of {self.total_steps} steps fit "
-                                 f"({step_seconds / n_measure:.3f} s/step over {n_measure}); the {cfg.schedule} "
-                                 f"schedule now ends at step {fit}")
+                    if fit is not None and fit < self.total_steps:
+                        if self.total_steps == self.planned_steps:
+                            self.log(f"time budget {cfg.max_minutes:g} min: {fit} of {self.total_steps} steps fit "
+                                     f"({step_seconds:.3f} s/step); the {cfg.schedule} schedule now ends there")
+                        elif fit == step:
+                            self.log(f"time budget {cfg.max_minutes:g} min spent at step {step}")
                         self.total_steps = fit
                         sched.lr_lambdas[0] = lr_lambda(cfg.schedule, self.warmup, fit)
                         bar.total = fit
@@ -344,13 +347,6 @@ class Trainer:
                     bar.set_postfix(loss=f"{rec['loss']:.3f}", lr=f"{rec['lr']:.2e}", tok_s=f"{rec['tokens_per_s']:.0f}")
                     win_loss = win_n = win_correct = win_tokens = 0.0
                     win_t0 = time.perf_counter()
-                if budget is not None and step < self.total_steps:  # slower than measured: stop rather than overrun
-                    over = time.perf_counter() - t_fit > budget
-                    if self.world > 1:  # rank 0's clock decides for everyone
-                        over = bool(dist.sum_all([float(over and main)])[0])
-                    if over:
-                        self.log(f"time budget {cfg.max_minutes:g} min spent at step {step} of {self.total_steps}")
-                        break
                 if stop:
                     break
                 if cfg.eval_every and step % cfg.eval_every == 0 and step != self.total_steps:
