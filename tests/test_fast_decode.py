@@ -154,3 +154,61 @@ def test_bottleneck_adapters_decode_on_the_fast_runner():
     assert fast != plain  # the adapters are really applied
     m.transformer.h[0].mlp.c_fc.register_forward_hook(lambda *a: None)
     assert "forward hooks on transformer.h.0.mlp.c_fc" in fast_supported(m)
+
+
+def test_one_row_kernels_follow_hf_logits_and_weight_edits(monkeypatch):
+    """One-row steps read the head and mlp.c_proj through transposed copies and several rows read
+    the head through oneDNN: every path stays within fp32 rounding of HF's logits, and the copies
+    are rebuilt when the weights change in place."""
+    import gpt2tune.generate.fast as fast
+    from gpt2tune.generate.runner import HFRunner
+
+    m = tiny(3)
+    ids = torch.tensor([PROMPT, [1, 9, 8, 7, 6]])
+
+    def run(batch):
+        a, b = HFRunner(m), FastRunner(m, max_len=20)
+        mask = torch.ones_like(ids[:batch])
+        with torch.inference_mode():
+            la, lb = a.prefill(ids[:batch], mask), b.prefill(ids[:batch], mask)
+            for _ in range(6):
+                assert torch.allclose(la, lb, atol=1e-5, rtol=1e-5), (la - lb).abs().max()
+                nxt = la.argmax(-1)
+                la, lb = a.step(nxt), b.step(nxt)
+        return b
+
+    r = run(1)
+    head, mproj = r.w.head, r.w.blocks[0][5]
+    assert head.wt is not None and head.wt.shape == (64, 300) and mproj.wt.shape == (64, 256)
+    assert r.w.blocks[0][1].wt is None  # c_attn ([64, 192]) is read in place
+    run(2)
+    with torch.no_grad():  # an in-place edit: the cached copies must not go stale
+        m.lm_head.weight.mul_(1.5)
+        m.transformer.h[1].mlp.c_proj.weight.mul_(-1)
+    assert run(1).w.head is not head
+    monkeypatch.setattr(fast, "onednn_linear_ok", lambda w: False)  # CPUs without oneDNN: MKL for every batch
+    fast._CACHE.clear()
+    run(2)
+    fast._CACHE.clear()
+
+
+def test_one_row_steps_run_on_one_thread_and_restore_the_count(monkeypatch):
+    m = tiny()
+    r = FastRunner(m, max_len=20)
+    seen = []
+    inner = r._step_forward
+    monkeypatch.setattr(r, "_step_forward", lambda *a: (seen.append(torch.get_num_threads()), inner(*a))[1])
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        r.prefill(torch.tensor([PROMPT]))
+        r.step(torch.tensor([3]))
+        assert seen == [1] and torch.get_num_threads() == 2
+        with pytest.raises(IndexError):
+            r.step(torch.tensor([10_000]))  # an error inside the step still restores the count
+        assert torch.get_num_threads() == 2
+        r.prefill(torch.tensor([PROMPT, PROMPT]))
+        r.step(torch.tensor([3, 4]))  # batches keep every thread
+        assert seen[-1] == 2
+    finally:
+        torch.set_num_threads(before)

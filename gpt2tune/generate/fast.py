@@ -8,8 +8,12 @@ stop strings, finished rows leaving the batch) and beam search run unchanged on 
 Bottleneck adapters (`method.adapter`) run inside it too. Decoding one token reads every weight once, so at small batch sizes its speed is the memory
 bandwidth divided by the bytes of the weights. `weights` chooses them (`Sampling.weights`):
 
-- "model" (default): the model's own tensors, no copy; fp32 computes exactly what `transformers`
-  computes (same `addmm`s in the same layout: greedy decoding gives HF's tokens);
+- "model" (default): the model's own tensors. The blocks use HF's products (`addmm` in the Conv1D
+  layout). On the CPU in fp32, one-row steps read the head and mlp.c_proj through transposed
+  copies kept next to them (faster MKL kernels; +54% of the weights' bytes for GPT-2 124M) and
+  batches read the head through oneDNN. Other kernels round differently, and the tanh GELU is
+  torch's, not HF's Python formula: the logits are allclose to HF's (~1e-6), not bitwise equal;
+  greedy decoding gives HF's tokens in the tests and on the benchmark's 128 tokens;
 - "bf16": a bf16 copy in [out, in] layout (matrix-vector kernels at batch 1): half the bytes;
 - "int8": int8 weights with one scale per output channel (symmetric). On x86 CPUs with fbgemm
   the activations are quantized too, per token on the fly (W8A8 dynamic, VNNI kernels: the
@@ -18,12 +22,14 @@ bandwidth divided by the bytes of the weights. `weights` chooses them (`Sampling
 
 bf16 and int8 change the numbers (greedy text may part from fp32's after some tokens), hence an
 option. Embedding rows are always read from the model's own tensors; layer norms and the
-residual stream stay in fp32. Converted copies are cached per model and rebuilt when its
-parameters change (in-place edits or optimizer steps).
+residual stream stay in fp32. Converted copies (and the "model" ones) are cached per model and
+rebuilt when its parameters change (in-place edits or optimizer steps). One-row steps run on one
+intra-op thread (see `_one_thread`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 import weakref
 from typing import Iterable, Optional
@@ -79,6 +85,24 @@ def int8pack_ok(device) -> bool:
     return _INT8PACK[kind]
 
 
+_ONEDNN: dict = {}
+
+
+def onednn_linear_ok(w: torch.Tensor) -> bool:
+    """Whether oneDNN's linear (`mkldnn._linear_pointwise`, torch's CPU inference kernel) serves the
+    fp32 [out, in] weight `w` (checked once per process)."""
+    if w.device.type != "cpu" or w.dtype != torch.float32 or not w.is_contiguous():
+        return False
+    if "ok" not in _ONEDNN:
+        try:
+            x, wt = torch.ones(1, 8), torch.ones(4, 8)
+            _ONEDNN["ok"] = torch.backends.mkldnn.is_available() and bool(
+                torch.ops.mkldnn._linear_pointwise(x, wt, None, "none", [], "").eq(8).all())
+        except (RuntimeError, NotImplementedError, AttributeError):
+            _ONEDNN["ok"] = False
+    return _ONEDNN["ok"]
+
+
 def quantize_rows(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Symmetric int8 per row of `w` [out, in]: (int8 [out, in] contiguous, fp32 scale [out]) with
     w ~= q * scale[:, None]. The scale is a bf16 number, so bf16 dequantisation is exact in it."""
@@ -97,11 +121,22 @@ class _Linear:
         self.kind = kind
         if kind == "model":
             self.w = weight.detach() if conv1d else weight.detach().t()  # [in, out] for addmm / mm
-            # nn.Linear weights ([out, in], the head): several rows run as W @ x.T, 1.5x faster than
-            # x @ W.T for the 50k-row head at 8 rows in fp32; one row keeps HF's own product
             self.w_oi = None if conv1d else weight.detach()
             self.b = None if bias is None else bias.detach()
             self.act = weight.dtype
+            cpu32 = weight.device.type == "cpu" and weight.dtype == torch.float32
+            # One row (one sequence decoding) makes a matrix-vector product bound by memory bandwidth.
+            # MKL streams a weight fastest in long contiguous rows: measured on one core of an AVX2
+            # EPYC, the head in HF's [vocab, d] layout ran at 12-13 GB/s in every form tried (x @ W.T,
+            # W @ x, mv, in chunks, oneDNN), its [d, vocab] copy as x @ W at 18 GB/s (8.3 vs 12.2 ms per
+            # token); mlp.c_proj ([3072, 768], rows of 768) at 12-13 GB/s, its [768, 3072] copy as W @ x
+            # at 16.7. So these two keep a transposed fp32 copy, made at their first one-row product
+            # (267 MB, +54% of the weights' bytes, for GPT-2 124M); other Conv1D weights are read in place.
+            self.one_row = cpu32 and (not conv1d or weight.size(0) > weight.size(1))
+            self.wt = None
+            # several rows (sampling, beams) lean on compute: oneDNN's kernel on the head's own
+            # [vocab, d] tensor is 1.15-1.25x faster than MKL's best form at 8 rows; no copy needed
+            self.onednn = cpu32 and not conv1d and self.b is None and onednn_linear_ok(self.w_oi)
             return
         w_oi = weight.detach().t() if conv1d else weight.detach()
         if kind == "bf16":
@@ -129,8 +164,12 @@ class _Linear:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if self.kind == "model":
+            if self.one_row and x.size(0) == 1:
+                return self._one_row(x)
+            if self.onednn:
+                return torch.ops.mkldnn._linear_pointwise(x, self.w_oi, None, "none", [], "")
             if self.w_oi is not None and self.b is None and x.size(0) > 1:
-                return torch.mm(self.w_oi, x.t()).t()
+                return torch.mm(self.w_oi, x.t()).t()  # 1.5x faster than x @ W.T for the head at 8 rows
             return torch.mm(x, self.w) if self.b is None else torch.addmm(self.b, x, self.w)
         if self.kind == "int8-fbgemm":
             return torch.ops.quantized.linear_dynamic(x, self.packed, self.reduce_range)
@@ -144,6 +183,13 @@ class _Linear:
         else:
             y = torch.ops.aten._weight_int8pack_mm(x, self.q, self.scale)
         return y if self.b is None else y.add_(self.b)
+
+    def _one_row(self, x: torch.Tensor) -> torch.Tensor:
+        if self.wt is None:  # the head: [d, vocab]; a Conv1D weight: [out, in]
+            self.wt = (self.w if self.w_oi is not None else self.w.t()).contiguous()
+        if self.w_oi is not None:
+            return torch.mm(x, self.wt)
+        return (torch.mv(self.wt, x[0]) if self.b is None else torch.addmv(self.b, self.wt, x[0]))[None]
 
 
 class _Adapted:
@@ -193,9 +239,7 @@ def weights_for(model, kind: str) -> _Weights:
     """The model's projections in format `kind`, cached while its parameters stay the same."""
     if kind not in WEIGHTS:
         raise ValueError(f"weights must be one of {', '.join(WEIGHTS)}, not {kind!r}")
-    if kind == "model":
-        return _Weights(model, kind)  # views of the model's own tensors: nothing to cache
-    fp = _fingerprint(model)
+    fp = _fingerprint(model)  # "model": views of the model's own tensors and the one-row copies
     per_model = _CACHE.setdefault(model, {})
     hit = per_model.get(kind)
     if hit is None or hit[0] != fp:
@@ -205,6 +249,25 @@ def weights_for(model, kind: str) -> _Weights:
             hit = (fp, _Weights(model, kind))
         per_model[kind] = hit
     return hit[1]
+
+
+@contextlib.contextmanager
+def _one_thread():
+    """Run the block on one intra-op thread (one-row steps). Their fp32 matrix-vector products run
+    on one thread in MKL anyway, at ~18 GB/s, near this VM's whole memory bandwidth; what else goes
+    parallel (attention, the bf16 / int8 kernels) mostly waits at OpenMP barriers, and on a loaded
+    machine every barrier waits for a descheduled partner (SDPA: 30 us alone, 5.8 ms per call at
+    load 2 on 2 cores). One thread against two, paired runs on the 2-core EPYC: fp32 34.5 vs 30.4
+    tok/s and int8 65 vs 56 at load 1.3; 2.2x (fp32), 3.1x (bf16), 3.2x (int8) at load 3.3.
+    Batches keep every thread for their GEMMs."""
+    n = torch.get_num_threads()
+    if n > 1:
+        torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        if n > 1:
+            torch.set_num_threads(n)
 
 
 class FastRunner:
@@ -268,6 +331,7 @@ class FastRunner:
         L = len(self.w.blocks)
         self.k = torch.zeros(L, B, self.H, self.max_len, self.hd, dtype=self.dtype, device=self.device)
         self.v = torch.zeros_like(self.k)
+        self._cache_views()
         if mask is not None and bool(mask.all()):
             mask = None
         if mask is None:
@@ -292,19 +356,39 @@ class FastRunner:
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
         if self.t >= self.max_len:
             raise ValueError("the KV cache is full (the model's context is used up)")
-        x = self._embed(tokens, self.pos)[:, None]
         amask = None
         if self.kmask is not None:
             self.kmask[:, self.t] = True
             amask = self.kmask[:, None, None, : self.t + 1]
-        x = self._forward(x, self.t, amask, causal=False)
-        self.t += 1
-        self.pos = self.pos + 1
-        return self._logits(x[:, -1])
+        with _one_thread() if tokens.size(0) == 1 else contextlib.nullcontext():
+            x = self._step_forward(self._embed(tokens, self.pos), amask)
+            self.t += 1
+            self.pos = self.pos + 1
+            return self._logits(x)
+
+    def _step_forward(self, x: torch.Tensor, amask: Optional[torch.Tensor]) -> torch.Tensor:
+        """`_forward` for one new token per row, `x` [B, D]: per-layer cache views made once per
+        batch, no [B, T, ...] reshapes, the key and value written straight from the qkv row. Half
+        the tensor ops of `_forward`, the same numbers: 0.28 ms less CPU per token over 12 layers
+        (1.73 vs 2.01 ms with tiny matrices), about 1% of a GPT-2 124M token."""
+        B, D, H, hd, t = x.size(0), self.D, self.H, self.hd, self.t
+        t1 = t + 1
+        for (ln1, attn, proj, ln2, fc, mproj), k, v in zip(self.w.blocks, self.kl, self.vl):
+            qkv = attn(self._norm(x, ln1)).view(B, 3, H, 1, hd)
+            k.select(2, t).copy_(qkv[:, 1, :, 0])
+            v.select(2, t).copy_(qkv[:, 2, :, 0])
+            a = F.scaled_dot_product_attention(qkv[:, 0], k[:, :, :t1], v[:, :, :t1], attn_mask=amask)
+            x = x + proj(a.view(B, D)).to(x.dtype)  # a [B, H, 1, hd] is contiguous
+            x = x + mproj(F.gelu(fc(self._norm(x, ln2)), approximate=self.gelu)).to(x.dtype)
+        return x
+
+    def _cache_views(self) -> None:
+        self.kl, self.vl = self.k.unbind(0), self.v.unbind(0)  # [B, H, max_len, hd] per layer
 
     def select(self, index: torch.Tensor) -> None:
         self.k = self.k[:, index]
         self.v = self.v[:, index]
+        self._cache_views()
         if self.kmask is not None:
             self.kmask = self.kmask[index]
         self.pos = self.pos[index]
