@@ -37,7 +37,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from gpt2tune.data.dataset import collate, epoch_batches  # noqa: E402
-from gpt2tune.model.fast_gpt2 import make_fast_loss  # noqa: E402
+from gpt2tune.train.objective import make_fast_loss  # noqa: E402
 from gpt2tune.train.objective import lm_loss  # noqa: E402
 from gpt2tune.train.optim import clip_and_step  # noqa: E402
 
@@ -466,7 +466,7 @@ def ct2_sides(m, threads: int, workdir: Path) -> dict:
 
 
 def bench_decode(args, ceil) -> dict:
-    from gpt2tune.generate.fast import generate_ids_fast
+    from gpt2tune.generate.decode import generate_ids
     from gpt2tune.generate.sampling import Sampling
 
     m = gpt2(args.size).eval()
@@ -484,9 +484,10 @@ def bench_decode(args, ceil) -> dict:
         return o[:, len(prompt):].tolist(), (bs * new / dt, bs * new / dc)
 
     def ours(bs, sample, weights="model"):
-        s = Sampling(max_new_tokens=new, greedy=not sample, top_k=50 if sample else 0, num_return_sequences=bs, seed=0)
+        s = Sampling(max_new_tokens=new, greedy=not sample, top_k=50 if sample else 0, num_return_sequences=bs, seed=0,
+                     weights=weights)
         t, c = time.perf_counter(), time.process_time()
-        ids = generate_ids_fast(m, prompt, None, s, weights=weights)
+        ids = generate_ids(m, prompt, None, s)
         dt, dc = time.perf_counter() - t, time.process_time() - c
         n = sum(map(len, ids))
         return ids, (n / dt, n / dc)

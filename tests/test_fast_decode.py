@@ -4,10 +4,10 @@ its bf16 / int8 weight options stay close to the exact logits."""
 import pytest
 import torch
 
-from gpt2tune.generate.decode import Decoder, decode
-from gpt2tune.generate.fast import FastRunner, fast_supported, generate_ids_fast, logits_drift
+from gpt2tune.generate.decode import Decoder, decode, generate_ids
+from gpt2tune.generate.fast import FastRunner, fast_supported, logits_drift
 from gpt2tune.generate.runner import make_runner
-from gpt2tune.generate.sampling import Sampling, generate_ids
+from gpt2tune.generate.sampling import Sampling
 
 
 def tiny(seed=0):
@@ -25,7 +25,7 @@ PROMPT = [1, 17, 42, 99, 7]
 def test_greedy_equals_hf_generate_token_for_token():
     m = tiny()
     s = Sampling(max_new_tokens=60, greedy=True)
-    ours = generate_ids_fast(m, PROMPT, None, s)[0]
+    ours = generate_ids(m, PROMPT, None, s)[0]
     hf = m.generate(torch.tensor([PROMPT]), max_new_tokens=60, do_sample=False, eos_token_id=None,
                     pad_token_id=0)[0, len(PROMPT):].tolist()
     assert ours == hf
@@ -36,7 +36,7 @@ def test_greedy_equals_hf_generate_token_for_token():
 def test_sampling_equals_reference_decoder(kw):
     m = tiny(1)
     s = Sampling(max_new_tokens=40, num_return_sequences=8, seed=3, **kw)
-    assert generate_ids_fast(m, PROMPT, 2, s) == generate_ids(m, PROMPT, 2, s, runner="hf")
+    assert generate_ids(m, PROMPT, 2, s) == generate_ids(m, PROMPT, 2, s, runner="hf")
 
 
 def test_left_padded_prompts_and_finished_rows():
@@ -54,7 +54,7 @@ def test_left_padded_prompts_and_finished_rows():
 def test_context_limit():
     m = tiny()
     s = Sampling(max_new_tokens=200, greedy=True)  # more than the 96-token context leaves
-    out = generate_ids_fast(m, PROMPT, None, s)[0]
+    out = generate_ids(m, PROMPT, None, s)[0]
     assert len(out) == 96 - len(PROMPT)
     assert out == generate_ids(m, PROMPT, None, s, runner="hf")[0]
 
@@ -68,12 +68,14 @@ def small_trained_like(seed=0):
     return GPT2LMHeadModel._from_config(cfg, attn_implementation="sdpa").eval()
 
 
-@pytest.mark.parametrize("weights,max_mean", [("bf16", 0.02), ("int8", 0.05)])
+@pytest.mark.parametrize("weights,max_mean", [("bf16", 0.001), ("int8", 0.005)])
 def test_reduced_precision_weights_stay_close(weights, max_mean):
-    m = tiny()
+    """On GPT-2-scale weights (measured: bf16 5e-4, int8 3e-3 mean logit drift), and greedy text
+    from the larger-weight model keeps its first tokens."""
     ids = torch.tensor([PROMPT + list(range(20, 60))])
-    d = logits_drift(m, weights, ids)
-    assert 0 < d["mean_abs_logit_diff"] < max_mean * 10 and d["top1_agreement"] >= 0.9, d
+    d = logits_drift(small_trained_like(), weights, ids)
+    assert 0 < d["mean_abs_logit_diff"] < max_mean and d["top1_agreement"] == 1.0, d
+    m = tiny()
     # the same runner: logits of prefill and of each step follow the reduced-precision forward
     ref = logits_drift(m, "model", ids)
     assert ref["max_abs_logit_diff"] < 1e-4 and ref["top1_agreement"] == 1.0
@@ -104,13 +106,23 @@ def test_unsupported_models_fall_back():
     m = tiny()
     pm = peft.get_peft_model(m, peft.LoraConfig(task_type="CAUSAL_LM", r=2, target_modules=["c_attn"],
                                                 fan_in_fan_out=True))
+    torch.manual_seed(5)
+    with torch.no_grad():  # a LoRA that changes the output (a fresh one is the identity)
+        for name, p in pm.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5)
+    pm.eval()  # get_peft_model leaves the wrapper in training mode (dropout)
     assert fast_supported(pm)
     assert type(make_runner(pm, 50)).__name__ == "HFRunner"
     assert type(make_runner(tiny(), 50)).__name__ == "FastRunner"
     with pytest.warns(UserWarning, match="own weights"):
         assert type(make_runner(pm, 50, weights="int8")).__name__ == "HFRunner"
     s = Sampling(max_new_tokens=10, greedy=True)
-    assert generate_ids_fast(pm, PROMPT, None, s) == generate_ids(pm, PROMPT, None, s, runner="hf")
+    ours = generate_ids(pm, PROMPT, None, s)[0]
+    ref = pm.generate(input_ids=torch.tensor([PROMPT]), max_new_tokens=10, do_sample=False, eos_token_id=None,
+                      pad_token_id=0)[0, len(PROMPT):].tolist()
+    assert ours == ref  # the fallback decodes the adapted model, as transformers' generate does
+    assert ours != generate_ids(tiny(), PROMPT, None, s)[0]  # and the adapter really changes the text
 
 
 def test_weight_only_int8_paths_agree(monkeypatch):

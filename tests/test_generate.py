@@ -5,9 +5,9 @@ import torch
 
 from conftest import TANG_MINI, need
 from gpt2tune.errors import UserError
-from gpt2tune.generate.decode import Decoder, decode
+from gpt2tune.generate.decode import Decoder, decode, generate_ids
 from gpt2tune.generate.loops import find_loop
-from gpt2tune.generate.sampling import Sampling, generate_ids
+from gpt2tune.generate.sampling import Sampling
 from gpt2tune.generate.text import generate_texts, stream_texts, suppressed_ids
 
 SPECIALS = ["[UNK]", "[CLS]", "[SEP]", "[PAD]", "[MASK]"]
@@ -224,7 +224,7 @@ def test_int8_weights_from_the_cli_report_drift(tiny_zh_model, run_cli):
 
 
 def test_static_cache_runner_gives_the_same_logits_as_transformers(tiny):
-    from gpt2tune.generate.decode import left_pad
+    from gpt2tune.generate.rows import left_pad
     from gpt2tune.generate.fast import FastRunner
     from gpt2tune.generate.runner import HFRunner
 

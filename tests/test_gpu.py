@@ -32,7 +32,7 @@ def _batch(vocab=3000, rows=16, length=100):
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_fast_loss_and_gradients_equal_hf_on_gpu(dtype):
-    from gpt2tune.model.fast_gpt2 import make_fast_loss
+    from gpt2tune.train.objective import make_fast_loss
     from gpt2tune.train.objective import lm_loss
 
     if dtype == torch.bfloat16 and not torch.cuda.is_bf16_supported():
@@ -56,14 +56,14 @@ def test_fast_loss_and_gradients_equal_hf_on_gpu(dtype):
 
 
 def test_greedy_decoding_equals_hf_on_gpu():
-    from gpt2tune.generate.fast import generate_ids_fast
+    from gpt2tune.generate.decode import generate_ids
     from gpt2tune.generate.sampling import Sampling
 
     m = _tiny().eval()
     prompt = [1, 50, 60, 70]
     ref = m.generate(torch.tensor([prompt], device="cuda"), max_new_tokens=24, min_new_tokens=24, do_sample=False,
                      eos_token_id=None, pad_token_id=0)[0, len(prompt):].tolist()
-    ours = generate_ids_fast(m, prompt, None, Sampling(max_new_tokens=24, greedy=True))
+    ours = generate_ids(m, prompt, None, Sampling(max_new_tokens=24, greedy=True))
     assert ours[0] == ref
 
 

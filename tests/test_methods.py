@@ -143,7 +143,8 @@ def test_peft_adapters_load_with_plain_peft(name, tiny_zh_model, tmp_path):
 
 @pytest.mark.parametrize("name", ["prompt-tuning", "prefix-tuning", "adapter", "lora"])
 def test_cached_decoding_matches_full_recomputation(name, tiny_zh_model, tmp_path):
-    from gpt2tune.generate.sampling import Sampling, generate_ids
+    from gpt2tune.generate.decode import generate_ids
+    from gpt2tune.generate.sampling import Sampling
 
     base, tok, fr = load_tiny(tiny_zh_model)
     model = apply_method(base, METHODS[name](), tokenizer=tok, seed=1)

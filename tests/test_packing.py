@@ -5,8 +5,7 @@ import pytest
 import torch
 
 from gpt2tune.data.dataset import IGNORE, Packed, collate, epoch_batches
-from gpt2tune.model.fast_gpt2 import make_fast_loss
-from gpt2tune.train.objective import lm_loss
+from gpt2tune.train.objective import lm_loss, make_fast_loss
 
 DOCS = [[1, 5, 6, 7, 2], [1, 8, 9, 10, 11, 12, 2], [1, 13, 14, 2]]
 

@@ -158,7 +158,7 @@ def test_gpt2tune_reads_the_saved_tokenizer_as_before(saved):
     """gpt2tune loads the saved folder with the same framing, ids and decoded text (streaming too)
     as the tokenizer it was saved from, over random id sequences (bert-base-chinese has an empty
     entry, which leaves a double space that one cleaning pass must leave as gpt2tune always did)."""
-    from gpt2tune.generate.text import Detokenizer
+    from gpt2tune.generate.detok import Detokenizer
     from gpt2tune.model.tokenizer import decode, framing_of, load_tokenizer
 
     rng = random.Random(0)

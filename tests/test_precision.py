@@ -5,9 +5,8 @@ import pytest
 import torch
 
 from gpt2tune.data.dataset import collate
-from gpt2tune.model.fast_gpt2 import make_fast_loss
 from gpt2tune.train.device import auto_precision, cpu_flags, cpu_has_bf16
-from gpt2tune.train.objective import lm_loss
+from gpt2tune.train.objective import lm_loss, make_fast_loss
 
 
 @pytest.mark.parametrize("device,cpu_bf16,cuda_bf16,want", [

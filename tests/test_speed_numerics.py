@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from gpt2tune.data.dataset import collate, epoch_batches
-from gpt2tune.model.fast_gpt2 import FastGPT2, linear_cross_entropy, make_fast_loss, right_padded, supported
-from gpt2tune.train.objective import lm_loss
+from gpt2tune.model.fast_gpt2 import FastGPT2, linear_cross_entropy, right_padded, supported
+from gpt2tune.train.objective import lm_loss, make_fast_loss
 
 
 def tiny(seed=0, dropout=0.0, vocab=300, n_layer=2):

@@ -24,7 +24,8 @@ from gpt2tune.chat.template import ChatTemplate, end_id, load_template
 from gpt2tune.errors import UserError
 from gpt2tune.generate.decode import Decoder
 from gpt2tune.generate.sampling import Sampling
-from gpt2tune.generate.text import Detokenizer, cut_at_stop, suppressed_ids
+from gpt2tune.generate.detok import Detokenizer
+from gpt2tune.generate.text import cut_at_stop, suppressed_ids
 from gpt2tune.model.quiet import quiet_transformers
 from gpt2tune.model.tokenizer import decode
 

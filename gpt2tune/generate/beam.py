@@ -14,8 +14,8 @@ from typing import Iterable, Optional
 
 import torch
 
-from gpt2tune.generate.decode import NEG_INF, Result, constrain, context_size, left_pad
-from gpt2tune.generate.processors import Processors
+from gpt2tune.generate.processors import NEG_INF, Processors, constrain
+from gpt2tune.generate.rows import Result, context_size, left_pad
 from gpt2tune.generate.runner import make_runner
 from gpt2tune.generate.sampling import Sampling
 

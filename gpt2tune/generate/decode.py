@@ -7,28 +7,21 @@ leave the batch, so a long tail costs only its own rows. A `constraint` (see `ge
 may restrict which tokens each row can take next; `finish(row, reason)` ends a row from outside
 (stop strings are matched on text by the caller).
 
-Beam search lives in `generate.beam` and shares the runner and processors.
+Beam search lives in `generate.beam` and shares the runner, processors and rows.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Iterable, Iterator, Optional
 
 import torch
 
-from gpt2tune.data.dataset import pad_rows
-from gpt2tune.generate.processors import NEG_INF, Processors
+from gpt2tune.generate.beam import beam_search
+from gpt2tune.generate.processors import Processors, constrain
+from gpt2tune.generate.rows import Result, context_size, left_pad
 from gpt2tune.generate.runner import make_runner
 from gpt2tune.generate.sampling import Sampling, filter_candidates
-
-
-@dataclass
-class Result:
-    prompt_index: int
-    ids: list[int] = field(default_factory=list)  # new ids, end marker excluded
-    finish: str = "length"  # "eos", "length" or "stop"
-    score: Optional[float] = None  # beam search: length-normalised log-probability
 
 
 @dataclass
@@ -36,15 +29,6 @@ class Event:
     rows: list[int]  # result indices that got a token at this step
     tokens: list[int]
     finished: list[int]  # result indices that finished at this step (their token is the end marker or last one)
-
-
-def context_size(model) -> int:
-    return getattr(model.config, "n_positions", None) or getattr(model.config, "max_position_embeddings", None) or 1024
-
-
-def left_pad(rows: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    ids, mask = pad_rows(rows, pad_id, left=True)
-    return ids.to(device), mask.to(device)
 
 
 def make_generator(seed: Optional[int]) -> torch.Generator:
@@ -87,19 +71,6 @@ def pick(logits: torch.Tensor, rs: RowSampling, gen: torch.Generator) -> torch.T
     choice = torch.multinomial(vals.softmax(-1).cpu(), 1, generator=gen).to(logits.device)
     drawn = (choice if idx is None else idx.gather(-1, choice)).squeeze(-1)
     return torch.where(rs.greedy, logits.argmax(-1), drawn) if bool(rs.greedy.any()) else drawn
-
-
-def constrain(logits: torch.Tensor, raw: torch.Tensor, allowed: Optional[torch.Tensor]) -> torch.Tensor:
-    """Apply a constraint's allowed-token mask; where processors left a row nothing, fall back
-    to the constraint alone (the constraint always wins)."""
-    if allowed is not None:
-        allowed = allowed.to(logits.device)
-        logits = logits.masked_fill(~allowed, NEG_INF)
-    dead = logits.amax(-1) == NEG_INF
-    if bool(dead.any()):
-        fallback = raw if allowed is None else raw.masked_fill(~allowed, NEG_INF)
-        logits = torch.where(dead[:, None], fallback, logits)
-    return logits
 
 
 class Decoder:
@@ -234,10 +205,17 @@ def decode(model, prompts: list[list[int]], eos_id: Optional[int], s: Sampling, 
     `runner`: "auto" (static-cache GPT-2 forward where supported, `generate.fast`) or "hf"
     (`transformers`' forward). `s.weights` picks the fast runner's weight format."""
     if s.num_beams > 1:
-        from gpt2tune.generate.beam import beam_search
-
         return beam_search(model, prompts, eos_id, s, suppress_ids, constraint, pad_id, runner)
     dec = Decoder(model, prompts, eos_id, s, suppress_ids, constraint, pad_id, runner)
     for _ in dec:
         pass
     return dec.results
+
+
+def generate_ids(model, prompt_ids: list[int], eos_id: Optional[int], s: Sampling,
+                 suppress_ids: Iterable[int] = (), runner: str = "auto") -> list[list[int]]:
+    """Continue one prompt `num_return_sequences` times; return only the new ids (eos excluded)."""
+    if not prompt_ids:
+        raise ValueError("empty prompt: start with the tokenizer's begin marker")
+    res = decode(model, [prompt_ids], eos_id, s, suppress_ids=suppress_ids, runner=runner)
+    return [r.ids for r in res]

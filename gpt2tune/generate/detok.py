@@ -5,7 +5,7 @@ completion cut by `max_tokens` (or a stream delta sent between two tokens) can e
 character, which decodes to U+FFFD. For such tokenizers `TextStream` turns ids into bytes
 itself and decodes them with an incremental UTF-8 decoder: the bytes of an incomplete trailing
 character wait for the next token, and at the end they are dropped. Other tokenizers (character
-or WordPiece vocabularies, which cannot split a character) go through `generate.text.Detokenizer`,
+or WordPiece vocabularies, which cannot split a character) go through `Detokenizer`,
 and their final text loses a trailing U+FFFD.
 """
 
@@ -17,7 +17,10 @@ import threading
 import weakref
 from typing import Optional
 
+from gpt2tune.data.poetry import is_cjk
 from gpt2tune.model.tokenizer import decode as detok
+
+_BOUNDARY = set("，。！？；：、「」『』\n")
 
 _TABLES: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 _LOCK = threading.Lock()
@@ -73,8 +76,6 @@ class TextStream:
     characters only); `final(ids)` the text of all ids without an incomplete last character."""
 
     def __init__(self, tok):
-        from gpt2tune.generate.text import Detokenizer
-
         self.tok = tok
         self.table = byte_table(tok)
         if self.table is not None:
@@ -97,3 +98,31 @@ class TextStream:
         if self.table is None:
             return detok(self.tok, ids).rstrip("\ufffd")
         return codecs.getincrementaldecoder("utf-8")("replace").decode(self._bytes(ids))  # not final: drops the tail
+
+
+class Detokenizer:
+    """Incremental decoding for streaming: text so far after each pushed token, re-decoding only
+    the tokens since the last safe boundary (a Chinese character, punctuation, whitespace; any
+    complete character for byte-level BPE), with one token of context before it."""
+
+    def __init__(self, tok):
+        self.tok = tok
+        self.byte_level = getattr(tok, "cls_token_id", None) is None
+        self.ids: list[int] = []
+        self.start = 0
+        self.fixed = ""
+        self.text = ""
+
+    def push(self, token: int) -> str:
+        self.ids.append(token)
+        ctx = self.ids[max(0, self.start - 1):self.start]  # one token of context: "##" pieces join onto it
+        full = detok(self.tok, ctx + self.ids[self.start:])
+        if full.endswith("\ufffd"):
+            return self.text
+        head = detok(self.tok, ctx) if ctx else ""
+        piece = full[len(head):] if full.startswith(head) else detok(self.tok, self.ids[self.start:])
+        self.text = self.fixed + piece
+        last = piece[-1:]
+        if last and (self.byte_level or last.isspace() or is_cjk(last) or last in _BOUNDARY):
+            self.fixed, self.start = self.text, len(self.ids)
+        return self.text

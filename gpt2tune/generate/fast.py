@@ -32,35 +32,19 @@ from __future__ import annotations
 import contextlib
 import warnings
 import weakref
-from typing import Iterable, Optional
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
+
+from gpt2tune.model.fast_gpt2 import supported
 
 WEIGHTS = ("model", "bf16", "int8")
 
 
 def fast_supported(model) -> Optional[str]:
-    """None when FastRunner can run `model`; else why not."""
-    if type(model).__name__ != "GPT2LMHeadModel":
-        return f"{type(model).__name__} is not a plain GPT2LMHeadModel"
-    c = model.config
-    if getattr(c, "add_cross_attention", False) or getattr(c, "scale_attn_by_inverse_layer_idx", False) \
-            or not getattr(c, "scale_attn_weights", True) or getattr(c, "reorder_and_upcast_attn", False):
-        return "unusual GPT-2 attention options"
-    if c.activation_function not in ("gelu_new", "gelu_pytorch_tanh", "gelu"):
-        return f"activation {c.activation_function}"
-    for blk in model.transformer.h:
-        for mod in (blk.attn.c_attn, blk.attn.c_proj, blk.mlp.c_fc, blk.mlp.c_proj):
-            if type(mod).__name__ != "Conv1D":
-                return f"layer {type(mod).__name__} (merge adapters first)"
-        if type(blk.ln_1).__name__ != "LayerNorm" or type(blk.ln_2).__name__ != "LayerNorm":
-            return "non-LayerNorm norms"
-    if type(model.lm_head).__name__ != "Linear" or model.lm_head.bias is not None:
-        return "unusual lm_head"
-    from gpt2tune.model.fast_gpt2 import foreign_hooks
-
-    return foreign_hooks(model)
+    """None when FastRunner can run `model` (a plain GPT-2: adapters merged); else why not."""
+    return supported(model, lora=False)
 
 
 def fbgemm_int8(device) -> bool:
@@ -412,13 +396,3 @@ def logits_drift(model, weights: str, ids: torch.Tensor) -> dict:
     return {"max_abs_logit_diff": round(float(d.max()), 4), "mean_abs_logit_diff": round(float(d.mean()), 4),
             "top1_agreement": round(float((a.argmax(-1) == b.argmax(-1)).float().mean()), 4),
             "mean_kl": round(float(kl.mean()), 5)}
-
-
-def generate_ids_fast(model, prompt_ids: list[int], eos_id: Optional[int], s, suppress_ids: Iterable[int] = (),
-                      weights: str = "model") -> list[list[int]]:
-    """`generate.sampling.generate_ids` through `make_runner` with `weights` (the benchmark's entry)."""
-    import dataclasses
-
-    from gpt2tune.generate.sampling import generate_ids
-
-    return generate_ids(model, prompt_ids, eos_id, dataclasses.replace(s, weights=weights), suppress_ids)

@@ -85,3 +85,16 @@ class Processors:
         if self.hist is not None:
             self.hist = [list(self.hist[i]) for i in index]
             self.ngrams = [{k: set(v) for k, v in self.ngrams[i].items()} for i in index]
+
+
+def constrain(logits: torch.Tensor, raw: torch.Tensor, allowed: Optional[torch.Tensor]) -> torch.Tensor:
+    """Apply a constraint's allowed-token mask; where processors left a row nothing, fall back
+    to the constraint alone (the constraint always wins)."""
+    if allowed is not None:
+        allowed = allowed.to(logits.device)
+        logits = logits.masked_fill(~allowed, NEG_INF)
+    dead = logits.amax(-1) == NEG_INF
+    if bool(dead.any()):
+        fallback = raw if allowed is None else raw.masked_fill(~allowed, NEG_INF)
+        logits = torch.where(dead[:, None], fallback, logits)
+    return logits

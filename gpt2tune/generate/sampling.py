@@ -7,7 +7,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Iterable, Optional
+from typing import Optional
 
 import torch
 
@@ -127,14 +127,3 @@ def filter_logits(logits: torch.Tensor, temperature=1.0, top_k=0, top_p=1.0) -> 
     if idx is None:
         return vals
     return torch.full(logits.shape, NEG_INF, dtype=vals.dtype, device=vals.device).scatter(-1, idx, vals)
-
-
-def generate_ids(model, prompt_ids: list[int], eos_id: Optional[int], s: Sampling,
-                 suppress_ids: Iterable[int] = (), runner: str = "auto") -> list[list[int]]:
-    """Continue one prompt `num_return_sequences` times; return only the new ids (eos excluded)."""
-    from gpt2tune.generate.decode import decode
-
-    if not prompt_ids:
-        raise ValueError("empty prompt: start with the tokenizer's begin marker")
-    res = decode(model, [prompt_ids], eos_id, s, suppress_ids=suppress_ids, runner=runner)
-    return [r.ids for r in res]

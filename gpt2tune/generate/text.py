@@ -17,15 +17,15 @@ import time
 from dataclasses import dataclass
 from typing import Iterator, Optional
 
-from gpt2tune.data.poetry import is_cjk
 from gpt2tune.errors import UserError
-from gpt2tune.generate.decode import Decoder, Result, decode
+from gpt2tune.generate.decode import Decoder, decode
+from gpt2tune.generate.detok import TextStream
+from gpt2tune.generate.rows import Result
 from gpt2tune.generate.loops import find_loop
 from gpt2tune.generate.sampling import Sampling
 from gpt2tune.model.tokenizer import decode as detok
 from gpt2tune.model.tokenizer import prompt_ids
 
-_BOUNDARY = set("，。！？；：、「」『』\n")
 
 
 @dataclass
@@ -78,34 +78,6 @@ class Prepared:
                 raise UserError(f"empty prompt {p!r} and the tokenizer has no begin marker to start from")
 
 
-class Detokenizer:
-    """Incremental decoding for streaming: text so far after each pushed token, re-decoding only
-    the tokens since the last safe boundary (a Chinese character, punctuation, whitespace; any
-    complete character for byte-level BPE), with one token of context before it."""
-
-    def __init__(self, tok):
-        self.tok = tok
-        self.byte_level = getattr(tok, "cls_token_id", None) is None
-        self.ids: list[int] = []
-        self.start = 0
-        self.fixed = ""
-        self.text = ""
-
-    def push(self, token: int) -> str:
-        self.ids.append(token)
-        ctx = self.ids[max(0, self.start - 1):self.start]  # one token of context: "##" pieces join onto it
-        full = detok(self.tok, ctx + self.ids[self.start:])
-        if full.endswith("\ufffd"):
-            return self.text
-        head = detok(self.tok, ctx) if ctx else ""
-        piece = full[len(head):] if full.startswith(head) else detok(self.tok, self.ids[self.start:])
-        self.text = self.fixed + piece
-        last = piece[-1:]
-        if last and (self.byte_level or last.isspace() or is_cjk(last) or last in _BOUNDARY):
-            self.fixed, self.start = self.text, len(self.ids)
-        return self.text
-
-
 def cut_at_stop(text: str, stops: list[str]) -> tuple[str, bool]:
     """(`text` up to the first of `stops`, whether one occurred)."""
     cut = min((i for i in (text.find(s) for s in stops) if i >= 0), default=-1)
@@ -113,8 +85,6 @@ def cut_at_stop(text: str, stops: list[str]) -> tuple[str, bool]:
 
 
 def _sample(tok, prep: Prepared, r: Result, stops: list[str]) -> Sample:
-    from gpt2tune.generate.detok import TextStream
-
     completion = TextStream(tok).final(r.ids)  # a max-tokens cut inside a character drops it, no U+FFFD
     finish = r.finish
     if stops:
@@ -142,8 +112,6 @@ def stream_texts(model, tok, framing, prompts: list[str], s: Sampling, form=None
     except ValueError as err:
         raise UserError(str(err)) from None
     n = len(dec.results)
-    from gpt2tune.generate.detok import TextStream
-
     detoks = [TextStream(tok) for _ in range(n)]
     sent = [0] * n
     hold = max((len(x) for x in s.stop), default=1) - 1

@@ -64,14 +64,16 @@ def _lora_parts(mod):
     return False
 
 
-def supported(model) -> Optional[str]:
-    """None when `FastGPT2` computes exactly what this model computes; else the reason it does not."""
+def supported(model, lora: bool = True) -> Optional[str]:
+    """None when the lean GPT-2 forwards (`FastGPT2` for training, `generate.fast` for decoding)
+    compute exactly what this model computes; else the reason they do not. `lora=False` asks for a
+    plain GPT2LMHeadModel (decoding: adapters merged first); `lora=True` also accepts peft LoRA."""
     peft_cfg = getattr(model, "peft_config", None)
     if isinstance(peft_cfg, dict) and any(getattr(c, "is_prompt_learning", False) for c in peft_cfg.values()):
         return "prompt / prefix tuning (virtual tokens)"
-    inner = _unwrap(model)
+    inner = _unwrap(model) if lora else model
     if type(inner).__name__ != "GPT2LMHeadModel":
-        return f"{type(inner).__name__} is not a GPT2LMHeadModel"
+        return f"{type(inner).__name__} is not a {'' if lora else 'plain '}GPT2LMHeadModel"
     c = inner.config
     if getattr(c, "add_cross_attention", False) or getattr(c, "scale_attn_by_inverse_layer_idx", False) \
             or not getattr(c, "scale_attn_weights", True) or getattr(c, "reorder_and_upcast_attn", False):
@@ -80,8 +82,9 @@ def supported(model) -> Optional[str]:
         return f"activation {c.activation_function}"
     for blk in inner.transformer.h:
         for mod in (blk.attn.c_attn, blk.attn.c_proj, blk.mlp.c_fc, blk.mlp.c_proj):
-            if _lora_parts(mod) is False:
-                return f"layer type {type(mod).__name__} (only Conv1D and plain LoRA)"
+            parts = _lora_parts(mod)
+            if parts is False or (parts is not None and not lora):
+                return f"layer type {type(mod).__name__} " + ("(only Conv1D and plain LoRA)" if lora else "(merge adapters first)")
         if type(blk.ln_1).__name__ != "LayerNorm" or type(blk.ln_2).__name__ != "LayerNorm":
             return "non-LayerNorm norms"
     if type(inner.transformer.wte).__name__ != "Embedding" or type(inner.lm_head).__name__ != "Linear":
@@ -529,28 +532,3 @@ def tune_allocator() -> bool:
         return bool(libc.mallopt(M_MMAP_THRESHOLD, 1 << 30)) and bool(libc.mallopt(M_TRIM_THRESHOLD, 1 << 31))
     except (OSError, AttributeError):
         return False
-
-
-def make_fast_loss(model, tune_malloc: bool = True, direct_grads: bool = True):
-    """A loss function bound to `model` (what `Trainer(loss_fn=...)` takes), or None when the
-    model is not a plain GPT-2 LM (the caller then keeps `lm_loss`). `tune_malloc`: see
-    `tune_allocator` (on CPU only); `direct_grads`: see `FastGPT2`."""
-    if supported(model):
-        return None
-    if tune_malloc and next(iter(model.parameters())).device.type == "cpu":
-        tune_allocator()
-    fast = FastGPT2(model, direct_grads)
-
-    def loss_fn(m, batch):
-        if m is not model:  # another model (should not happen): the exact HF path
-            from gpt2tune.train.objective import lm_loss
-
-            return lm_loss(m, batch)
-        if not right_padded(batch.get("attention_mask")):
-            from gpt2tune.train.objective import lm_loss
-
-            return lm_loss(m, batch)
-        return fast.loss(batch)
-
-    loss_fn.fast = fast
-    return loss_fn

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Optional
 
 from gpt2tune.errors import UserError
-from gpt2tune.generate.decode import context_size
+from gpt2tune.generate.rows import context_size
 from gpt2tune.generate.sampling import Sampling
 from gpt2tune.model.tokenizer import encode_text, prompt_ids
 from gpt2tune.serve.batching import ClassifyJob, GenJob

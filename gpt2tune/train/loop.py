@@ -62,8 +62,9 @@ class Result:
 
 class Trainer:
     def __init__(self, model, data: Data, cfg, run_dir: Path, loss_fn=lm_loss, log: Callable[[str], None] = None,
-                 progress: bool = True):
+                 progress: bool = True, on_record: Optional[Callable[[dict], None]] = None):
         self.model = model
+        self.on_record = on_record  # called on rank 0 with every row written to metrics.jsonl (trackers)
         self.data = data
         self.cfg = cfg
         self.run_dir = Path(run_dir)
@@ -71,7 +72,7 @@ class Trainer:
         self.log = log or (lambda msg: print(msg, file=sys.stderr))
         self.sharded = getattr(cfg, "distributed", "ddp") == "fsdp" and dist.world_size() > 1
         if getattr(cfg, "fast", False) and loss_fn is lm_loss:  # train.fast: lean GPT-2 forward, same loss
-            from gpt2tune.model.fast_gpt2 import make_fast_loss
+            from gpt2tune.train.objective import make_fast_loss
 
             if self.sharded:  # the fast forward reads whole weights; FSDP gathers them in module forwards
                 self.log("note: train.fast is off with train.distributed fsdp (the Hugging Face forward runs)")
@@ -241,6 +242,8 @@ class Trainer:
             if mfile is not None:
                 mfile.write(json.dumps(rec) + "\n")
                 mfile.flush()
+                if self.on_record is not None:
+                    self.on_record(rec)
 
         def save() -> None:
             rngs = dist.gather_states(ckpt.rng_states()) if self.world > 1 else None

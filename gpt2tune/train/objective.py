@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from gpt2tune.data.dataset import IGNORE, model_inputs
+from gpt2tune.model.fast_gpt2 import FastGPT2, right_padded, supported, tune_allocator
 
 
 def lm_loss(model, batch: dict) -> tuple[torch.Tensor, int, torch.Tensor]:
@@ -25,6 +26,25 @@ def lm_loss(model, batch: dict) -> tuple[torch.Tensor, int, torch.Tensor]:
     with torch.no_grad():
         correct = (flat.argmax(-1) == flat_labels) & valid
     return loss, n, correct.sum()
+
+
+def make_fast_loss(model, tune_malloc: bool = True, direct_grads: bool = True):
+    """A loss function bound to `model` (what `Trainer(loss_fn=...)` takes), or None when the
+    model is not a plain GPT-2 LM (the caller then keeps `lm_loss`). `tune_malloc`: see
+    `tune_allocator` (on CPU only); `direct_grads`: see `FastGPT2`."""
+    if supported(model):
+        return None
+    if tune_malloc and next(iter(model.parameters())).device.type == "cpu":
+        tune_allocator()
+    fast = FastGPT2(model, direct_grads)
+
+    def loss_fn(m, batch):
+        if m is not model or not right_padded(batch.get("attention_mask")):
+            return lm_loss(m, batch)  # another model (should not happen), or left padding: the exact HF path
+        return fast.loss(batch)
+
+    loss_fn.fast = fast
+    return loss_fn
 
 
 def count_targets(batch: dict) -> int:
