@@ -21,6 +21,7 @@ from conftest import ROOT  # noqa: E402
 from gpt2tune.serve.app import create_app  # noqa: E402
 from gpt2tune.serve.engine import load_engine  # noqa: E402
 from gpt2tune.serve.server import BackgroundServer  # noqa: E402
+from serving import assert_error, batched, post, wait_for  # noqa: E402
 
 LABELS = {0: "ham", 1: "spam"}
 
@@ -71,21 +72,6 @@ def server(lm_engine):
 @pytest.fixture
 def client(server):
     return openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=30)
-
-
-def post(url, path, body, **kw):
-    return httpx.post(url + path, json=body, timeout=30, **kw)
-
-
-def assert_error(r, status, param=None, code=None):
-    assert r.status_code == status, r.text
-    err = r.json()["error"]
-    assert set(err) == {"message", "type", "param", "code"} and err["message"]
-    if param is not None:
-        assert err["param"] == param
-    if code is not None:
-        assert err["code"] == code
-    return err
 
 
 # -- the official client ------------------------------------------------------------------------
@@ -275,13 +261,6 @@ def test_api_key_guards_every_endpoint(lm_engine):
         assert ok.completions.create(model="tiny", prompt="白", max_tokens=2).choices
 
 
-def _wait_for(cond, timeout=10.0):
-    t0 = time.monotonic()
-    while not cond():
-        assert time.monotonic() - t0 < timeout, "condition not reached"
-        time.sleep(0.01)
-
-
 def test_full_queue_answers_503_with_retry_after(lm_engine):
     app = create_app(lm_engine, max_batch=1, queue_size=1, timeout=30)
     with BackgroundServer(app) as srv:
@@ -291,7 +270,7 @@ def test_full_queue_answers_503_with_retry_after(lm_engine):
         t = threading.Thread(target=lambda: got.setdefault("r", post(srv.url, "/v1/completions",
                                                                     {"prompt": "白", "max_tokens": 3})))
         t.start()
-        _wait_for(lambda: batcher.waiting == 1)
+        wait_for(lambda: batcher.waiting == 1)
         r = post(srv.url, "/v1/completions", {"prompt": "白", "max_tokens": 3})
         assert_error(r, 503, code="queue_full")
         assert r.headers["retry-after"] == "1"
@@ -311,37 +290,22 @@ def test_request_timeout(lm_engine):
         r = post(srv.url, "/v1/completions", {"prompt": "白", "max_tokens": 3})
         assert_error(r, 503, code="timeout")
         app.state.batcher.resume()
-        _wait_for(lambda: app.state.batcher.waiting == 0)
+        wait_for(lambda: app.state.batcher.waiting == 0)
         assert post(srv.url, "/v1/completions", {"prompt": "白", "max_tokens": 3}).status_code == 200
 
 
 def test_requests_arriving_together_share_one_batch(lm_engine):
     app = create_app(lm_engine, max_batch=16, queue_size=32, wait_ms=50)
+    prompts = ["白日", "床前明月", "春", "千山鳥飛", "夜", "孤舟"]
+    bodies = [{"prompt": p, "max_tokens": 3 + i, "temperature": 0} for i, p in enumerate(prompts)]
     with BackgroundServer(app) as srv:
-        batcher = app.state.batcher
-        batcher.pause()
-        results = [None] * 6
-        prompts = ["白日", "床前明月", "春", "千山鳥飛", "夜", "孤舟"]
-
-        def one(i):
-            results[i] = post(srv.url, "/v1/completions", {"prompt": prompts[i], "max_tokens": 3 + i, "temperature": 0})
-
-        threads = [threading.Thread(target=one, args=(i,)) for i in range(6)]
-        for t in threads:
-            t.start()
-        _wait_for(lambda: batcher.waiting == 6)
-        before = dict(batcher.stats)
-        batcher.resume()
-        for t in threads:
-            t.join(30)
-        assert all(r.status_code == 200 for r in results)
-        assert batcher.stats["batches"] - before["batches"] == 1 and batcher.stats["max_rows"] >= 6
+        results = batched(srv, app.state.batcher, bodies)
+        assert app.state.batcher.stats["max_rows"] >= 6
         # each request kept its own max_tokens, and batching did not change greedy texts
         for i, r in enumerate(results):
-            c = r.json()["choices"][0]
             assert r.json()["usage"]["completion_tokens"] <= 3 + i
-            alone = post(srv.url, "/v1/completions", {"prompt": prompts[i], "max_tokens": 3 + i, "temperature": 0})
-            assert alone.json()["choices"][0]["text"] == c["text"]
+            alone = post(srv.url, "/v1/completions", bodies[i])
+            assert alone.json()["choices"][0]["text"] == r.json()["choices"][0]["text"]
 
 
 def test_requests_with_different_sampling_settings_share_one_batch(lm_engine):
@@ -351,23 +315,7 @@ def test_requests_with_different_sampling_settings_share_one_batch(lm_engine):
               {"prompt": "夜", "max_tokens": 6, "temperature": 1.2, "top_k": 5},
               {"prompt": "床前", "max_tokens": 6, "temperature": 0, "repetition_penalty": 1.5}]
     with BackgroundServer(app) as srv:
-        batcher = app.state.batcher
-        batcher.pause()
-        results = [None] * len(bodies)
-
-        def one(i):
-            results[i] = post(srv.url, "/v1/completions", bodies[i])
-
-        threads = [threading.Thread(target=one, args=(i,)) for i in range(len(bodies))]
-        for t in threads:
-            t.start()
-        _wait_for(lambda: batcher.waiting == len(bodies))
-        before = dict(batcher.stats)
-        batcher.resume()
-        for t in threads:
-            t.join(30)
-        assert all(r.status_code == 200 for r in results), [r.text for r in results]
-        assert batcher.stats["batches"] - before["batches"] == 1
+        results = batched(srv, app.state.batcher, bodies)
         for i in (0, 3):  # greedy rows (one with a repetition penalty) give what they give alone
             alone = post(srv.url, "/v1/completions", bodies[i])
             assert alone.json()["choices"][0]["text"] == results[i].json()["choices"][0]["text"]

@@ -19,6 +19,7 @@ from gpt2tune.generate.sampling import Sampling  # noqa: E402
 from gpt2tune.serve.app import create_app  # noqa: E402
 from gpt2tune.serve.engine import load_engine  # noqa: E402
 from gpt2tune.serve.server import BackgroundServer  # noqa: E402
+from serving import assert_error, batched, post, wait_for  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -31,49 +32,6 @@ def tiny(tiny_zh_model):
 @pytest.fixture(scope="module")
 def lm_engine(tiny_zh_model):
     return load_engine(tiny_zh_model, name="tiny", max_tokens_cap=64)
-
-
-def post(url, path, body, **kw):
-    return httpx.post(url + path, json=body, timeout=kw.pop("timeout", 30), **kw)
-
-
-def assert_error(r, status, param=None, code=None):
-    assert r.status_code == status, r.text
-    err = r.json()["error"]
-    assert set(err) == {"message", "type", "param", "code"} and err["message"]
-    if param is not None:
-        assert err["param"] == param
-    if code is not None:
-        assert err["code"] == code
-    return err
-
-
-def _wait_for(cond, timeout=15.0):
-    t0 = time.monotonic()
-    while not cond():
-        assert time.monotonic() - t0 < timeout, "condition not reached"
-        time.sleep(0.01)
-
-
-def _batched(srv, batcher, bodies):
-    """Post `bodies` at once so that the worker decodes them in one batch; their responses."""
-    batcher.pause()
-    out = [None] * len(bodies)
-
-    def one(i):
-        out[i] = post(srv.url, "/v1/completions", bodies[i])
-
-    threads = [threading.Thread(target=one, args=(i,)) for i in range(len(bodies))]
-    for t in threads:
-        t.start()
-    _wait_for(lambda: batcher.waiting == len(bodies))
-    before = batcher.stats["batches"]
-    batcher.resume()
-    for t in threads:
-        t.join(60)
-    assert batcher.stats["batches"] - before == 1
-    assert all(r.status_code == 200 for r in out), [r.text for r in out]
-    return out
 
 
 # -- 11: each row its own top-k; one filter with transformers' rules ---------------------------
@@ -104,7 +62,7 @@ def test_top_k_1_request_stays_greedy_when_batched_with_a_huge_top_k(lm_engine):
     with BackgroundServer(app) as srv:
         alone = post(srv.url, "/v1/completions", dict(a, temperature=0, top_k=None)).json()["choices"][0]["text"]
         for _ in range(2):
-            ra, rb = _batched(srv, app.state.batcher, [a, b])
+            ra, rb = batched(srv, app.state.batcher, [a, b])
             assert ra.json()["choices"][0]["text"] == alone
 
 
@@ -374,6 +332,6 @@ def test_client_gone_while_queued_costs_no_decoding(slow_engine, stream):
             post(srv.url, "/v1/completions", dict(LONG, stream=stream), timeout=0.5)
         time.sleep(0.3)
         app.state.batcher.resume()
-        _wait_for(lambda: app.state.batcher.waiting == 0)
+        wait_for(lambda: app.state.batcher.waiting == 0)
         after = _settled(srv.url)
         assert after["tokens"] == before["tokens"] and after["cancelled"] == before["cancelled"] + 1
