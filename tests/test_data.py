@@ -118,6 +118,10 @@ def test_builtin_tang_lvshi():
 def test_cleaning():
     assert clean_text("a\u0007b  \t c\n\n d ") == "ab c\nd"
     assert clean_text("ｈｅｌｌｏ，", normalize="nfkc") == "hello,"
+    # every line break str.splitlines() knows is a line break, never dropped glue between words
+    for br in ("\r", "\r\n", "\x0b", "\x0c", "\x1c", "\x1d", "\x1e", "\x85", "\u2028", "\u2029"):
+        assert clean_text(f"white{br}sun") == "white\nsun", repr(br)
+        assert clean_text(f"white{br}sun", whitespace=False) == "white\nsun", repr(br)
     texts, stats = clean_all(["a", "bb", "bb", "cccc"], min_chars=2, max_chars=3, dedupe=True)
     assert texts == ["bb"] and stats == {"too_short": 1, "too_long": 1, "duplicates": 1}
 

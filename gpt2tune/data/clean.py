@@ -7,12 +7,16 @@ import unicodedata
 from typing import Optional
 
 _SPACES = re.compile(r"[ \t\u00a0\u3000]+")
+# what Python's str.splitlines() and Unicode call a line break: each becomes "\n", so that
+# dropping control characters never glues two lines (or two words) together
+_BREAKS = re.compile("\r\n|[\r\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029]")
 
 
 def clean_text(text: str, normalize: str = "nfc", whitespace: bool = True) -> str:
     if normalize != "none":
         text = unicodedata.normalize(normalize.upper(), text)
-    # drop control characters (keep newlines and tabs, which whitespace handling deals with)
+    text = _BREAKS.sub("\n", text)
+    # drop other control characters (keep newlines and tabs, which whitespace handling deals with)
     text = "".join(ch for ch in text if ch in "\n\t" or unicodedata.category(ch) not in ("Cc", "Cf", "Cs"))
     if whitespace:
         lines = [_SPACES.sub(" ", l).strip() for l in text.split("\n")]
