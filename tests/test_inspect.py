@@ -20,3 +20,15 @@ def test_data_inspect_reports_counts_percentiles_and_truncation(tmp_path, run_cl
 def test_data_inspect_bad_source_is_one_line_error(tmp_path, run_cli):
     code, _, err = run_cli("data", "inspect", f"jsonl:{tmp_path / 'missing.jsonl'}")
     assert code == 2 and err.strip().startswith("gpt2tune: error: data file not found")
+
+
+def test_data_inspect_shows_the_readers_decisions(tmp_path, run_cli):
+    f = tmp_path / "d.txt"
+    f.write_text("\n".join(ZH_TEXT[:2]) + "\n\n" + "\n".join(ZH_TEXT[2:]) + "\n", encoding="utf-8")
+    code, out, err = run_cli("data", "inspect", f"text:{f}", "--json")
+    assert code == 0, err
+    r = json.loads(out)
+    assert r["cleaning"]["text_mode"] == "lines" and r["samples"] == len(ZH_TEXT)
+    assert len(r["notes"]) == 1 and "text_mode auto -> lines" in r["notes"][0]
+    code, out, _ = run_cli("data", "inspect", f"text:{f}")
+    assert "note          " + r["notes"][0] in out

@@ -41,6 +41,8 @@ def run(a) -> int:
     texts = sources.texts_of(loaded, a.field, a.spec)
     texts, stats = clean_all(texts)
     stats["skipped_records"] = loaded.skipped
+    if loaded.text_mode:
+        stats["text_mode"] = loaded.text_mode
     if not texts:
         raise UserError(f"{a.spec}: no usable samples")
     if a.tokenizer == "from-data":
@@ -52,5 +54,6 @@ def run(a) -> int:
         tok = load_tokenizer(t if plain_tok_dir else model_folder(a.tokenizer))
     fr = framing_of(tok)
     report = inspect_texts(texts, stats, tok, fr.bos, fr.eos, a.max_length, a.n)
+    report["notes"] = loaded.notes  # decisions the reader took for the user
     print(json.dumps(report, ensure_ascii=False, indent=2) if a.json else format_report(a.spec, report))
     return 0

@@ -33,6 +33,7 @@ def format_report(spec: str, r: dict) -> str:
              "length (tokens, framing included): " + "  ".join(f"{k}={v}" for k, v in r["length_tokens"].items()),
              f"longer than max_length={r['max_length']}: {r['truncated_at_max_length']:,} samples would be truncated",
              "cleaning      " + ", ".join(f"{k}={v}" for k, v in r["cleaning"].items()),
+             *(f"note          {n}" for n in r.get("notes", [])),
              "examples:"]
     for t in r["examples"]:
         one = t.replace("\n", " / ")

@@ -26,7 +26,10 @@ def check_batching(recipe: Recipe) -> None:
 def load_records(data_cfg, spec: str) -> sources.Loaded:
     opts = sources.SourceOptions(field=data_cfg.field, columns=data_cfg.columns, header=data_cfg.header,
                                  text_mode=data_cfg.text_mode)
-    return sources.load_source(spec, opts)
+    loaded = sources.load_source(spec, opts)
+    for note in loaded.notes:  # decisions the reader took (e.g. a header row), as `read_texts` logs them
+        log(f"note: {note}")
+    return loaded
 
 
 def split_items(data_cfg, items: list, val_items: list | None) -> tuple[list, list]:
