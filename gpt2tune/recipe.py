@@ -67,6 +67,15 @@ class DataSection(_Section):
     test: Optional[str] = Field(None, description="classification: a separate test source (else a split)")
 
 
+class EarlyStoppingSection(_Section):
+    metric: str = Field("loss", description="a validation metric as named in metrics.jsonl: loss, perplexity, accuracy, "
+                                            "macro_f1 (classification)")
+    mode: Literal["auto", "min", "max"] = Field("auto", description="auto: min for loss/perplexity, max for "
+                                                                    "accuracy/macro_f1")
+    patience: int = Field(3, ge=1, description="evaluations (train.eval_every) without improvement before stopping")
+    min_delta: float = Field(0.0, ge=0, description="the least change that counts as an improvement")
+
+
 class TrainSection(_Section):
     device: str = "auto"
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
@@ -89,6 +98,10 @@ class TrainSection(_Section):
     eval_batches: Optional[int] = Field(None, gt=0, description="cap validation batches per evaluation")
     save_every: int = Field(0, ge=0, description="checkpoint every N steps (0: never)")
     keep_checkpoints: int = Field(2, ge=1)
+    early_stopping: Optional[EarlyStoppingSection] = Field(
+        None, description="stop when the validation metric has not improved for `patience` evaluations")
+    keep_best: bool = Field(False, description="RUN/model is the model of the best evaluation (the early_stopping "
+                                               "metric, else validation loss), RUN/last the last one; eval.json says which")
     log_every: int = Field(10, ge=1)
     on_nonfinite: Literal["stop", "skip"] = Field("stop", description="a NaN/inf loss stops the run, or skips that update")
     num_threads: Optional[int] = Field(None, gt=0)
@@ -100,6 +113,9 @@ class TrainSection(_Section):
                                           "same loss as the HF forward (1e-4 fp32), see BENCHMARKS.md")
     pretrain_steps: int = Field(0, ge=0, description="classification: language-model steps on the training texts before fine-tuning")
     pretrain_lr: Optional[float] = Field(None, gt=0, description="learning rate of the pretraining steps (default: lr)")
+    report_to: list[Literal["tensorboard", "mlflow", "wandb", "trackio"]] = Field(
+        default_factory=list, description="experiment trackers that receive the rows of metrics.jsonl, the resolved "
+                                          "recipe and the plots (each an optional extra: pip install 'gpt2tune[NAME]')")
 
     @field_validator("lr")
     @classmethod
@@ -107,6 +123,13 @@ class TrainSection(_Section):
         if v != v or v == float("inf"):
             raise ValueError("must be a finite positive number")
         return v
+
+    @field_validator("report_to", mode="before")
+    @classmethod
+    def _report_to_list(cls, v):
+        if isinstance(v, str):  # --set train.report_to=tensorboard,mlflow
+            v = [s.strip() for s in v.split(",") if s.strip()]
+        return list(dict.fromkeys(v)) if isinstance(v, list) else v
 
 
 class SampleSection(_Section):

@@ -220,6 +220,10 @@ def test_training_writes_metrics_plots_and_a_working_classifier(trained):
     recs = [json.loads(l) for l in (trained / "metrics.jsonl").read_text().splitlines()]
     val_steps = [r["step"] for r in recs if r["split"] == "validation"]
     assert len(val_steps) == 9  # at the start and after each of the 8 epochs
+    # the validation rows (what early stopping watches) agree with eval.json's separate prediction pass
+    last = [r for r in recs if r["split"] == "validation"][-1]
+    for k in ("accuracy", "macro_f1", "loss"):
+        assert last[k] == pytest.approx(ev["validation"][k], rel=1e-4), k
     cfg = json.loads((trained / "model" / "config.json").read_text())
     assert cfg["architectures"] == ["GPT2ForSequenceClassification"]
     assert cfg["id2label"] == {"0": "neg", "1": "pos"} and cfg["label2id"] == {"neg": 0, "pos": 1}

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from gpt2tune.classify.metrics import classification_report
 from gpt2tune.classify.model import HF_ARCHITECTURE, classifier_from_lm
-from gpt2tune.classify.objective import classification_loss
+from gpt2tune.classify.objective import classification_loss, evaluate_classifier
 from gpt2tune.classify.plots import plot_confusion, plot_curves
 from gpt2tune.classify.predict import encode, predict_ids
 from gpt2tune.data.dataset import tokenize_texts
@@ -28,8 +28,10 @@ from gpt2tune.errors import UserError
 from gpt2tune.method import apply_method, save_trained
 from gpt2tune.method.config import PartialMethod
 from gpt2tune.recipe import Recipe, dump_recipe
-from gpt2tune.tasks.common import check_disk, describe_params, load_base, log, prepare_run_dir, write_json
+from gpt2tune.tasks.common import (check_disk, describe_params, keep_best_model, load_base, log, prepare_run_dir,
+                                   write_json)
 from gpt2tune.train.loop import Data, Trainer
+from gpt2tune.train.tracking import open_tracking
 
 SPLITS = ("train", "validation", "test")
 
@@ -107,11 +109,12 @@ def pretrain_lm(base, splits: Splits, recipe: Recipe, run_dir: Path, resume: boo
     for p in lm.parameters():
         p.requires_grad_(True)
     cfg = t.model_copy(update={"max_steps": t.pretrain_steps, "lr": t.pretrain_lr or t.lr, "eval_every": 0})
+    tracking = open_tracking(recipe, run_dir, log)  # the run's trackers: this stage logs under pretrain/
     trainer = Trainer(lm, Data(train_ids, val_ids, fr.pad, "group", d.max_length), cfg, out, progress=progress,
-                      log=log)
+                      log=log, on_record=tracking.recorder("pretrain/"))
     log(f"pretraining (language model on the {len(train_ids):,} training texts): {trainer.total_steps} steps")
     again = resume and (out / "checkpoints").is_dir() and any((out / "checkpoints").iterdir())
-    result = trainer.fit(resume=again)
+    result = tracking.fit(trainer, resume=again, finish=False)
     lm.float().cpu()
     save_file({k: v.detach().contiguous() for k, v in lm.transformer.state_dict().items()}, str(done))
     report = {"steps": result.steps, "seconds": round(result.seconds, 2), "validation": result.final_eval,
@@ -170,15 +173,18 @@ def run(recipe: Recipe, resume: bool = False, overwrite: bool = False, progress:
 
     data = Data(rows["train"], rows["validation"], base.framing.pad, d.batching, d.max_length,
                 collate=partial(collate_examples, pad_id=base.framing.pad))
-    trainer = Trainer(model, data, t, run_dir, loss_fn=classification_loss, progress=progress, log=log)
+    tracking = open_tracking(recipe, run_dir, log)  # train.report_to; finished after the plots below
+    trainer = Trainer(model, data, t, run_dir, loss_fn=classification_loss, progress=progress, log=log,
+                      on_record=tracking.record, eval_fn=evaluate_classifier)
     if not t.eval_every:  # a classifier is cheap to validate: once per epoch
         trainer.cfg = t.model_copy(update={"eval_every": trainer.steps_per_epoch})
     log(f"training {trainer.total_steps} steps ({trainer.total_steps / trainer.steps_per_epoch:.1f} epochs) on "
         f"{trainer.device} ({str(trainer.dtype).replace('torch.', '')})")
     resume_cls = resume and (run_dir / "checkpoints").is_dir() and any((run_dir / "checkpoints").iterdir())
-    result = trainer.fit(resume=resume_cls)
+    result = tracking.fit(trainer, resume=resume_cls, finish=False)
 
     model = model.float().cpu()
+    best = keep_best_model(trainer, model, tok, run_dir, method)  # train.keep_best: RUN/model is the best
     saved = save_trained(model, tok, run_dir, method)
     for folder in (run_dir / saved, run_dir / "base"):  # base: a scratch base saved for adapter methods
         _fix_architecture(folder)
@@ -195,6 +201,7 @@ def run(recipe: Recipe, resume: bool = False, overwrite: bool = False, progress:
     report.update(
         labels=list(names),
         steps=result.steps,
+        **best,
         epochs=round(result.steps / trainer.steps_per_epoch, 3),
         train_seconds=round(result.seconds + pre.get("seconds", 0.0), 2),
         pretrain=pre,
@@ -211,5 +218,6 @@ def run(recipe: Recipe, resume: bool = False, overwrite: bool = False, progress:
         if report[name]:
             log(f"{name}: accuracy {100 * report[name]['accuracy']:.2f}%, macro-F1 {report[name]['macro_f1']:.4f} "
                 f"({report[name]['errors']} errors in {report[name]['examples']})")
+    tracking.finish()  # plots and recipe as artifacts; trackers closed
     log(f"saved {run_dir / saved} ({report['train_seconds']:.0f}s of training)")
     return report

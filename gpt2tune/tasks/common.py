@@ -169,29 +169,56 @@ def fit_and_save(recipe, run_dir: Path, base: Base, model, data, params: dict, r
     """
     from gpt2tune.method import save_trained
     from gpt2tune.train.loop import Trainer
+    from gpt2tune.train.tracking import open_tracking
 
-    trainer = Trainer(model, data, recipe.train, run_dir, progress=progress, log=log)
+    tracking = open_tracking(recipe, run_dir, log)  # train.report_to: TensorBoard, MLflow, W&B, Trackio
+    trainer = Trainer(model, data, recipe.train, run_dir, progress=progress, log=log, on_record=tracking.record)
     log(f"training {trainer.total_steps} steps on {trainer.device} ({str(trainer.dtype).replace('torch.', '')}){note}")
-    result = trainer.fit(resume=resume)
+    result = tracking.fit(trainer, resume=resume)  # trackers closed at the end, or as failed on an error
     if not dist.is_main():
         return None
     model = trainer.model.float().cpu()  # (a plain copy when FSDP had sharded it)
+    best = keep_best_model(trainer, model, base.tokenizer, run_dir, recipe.method)
     saved = run_dir / save_trained(model, base.tokenizer, run_dir, recipe.method)
     report = {
-        "validation": result.final_eval,
+        "validation": best["best"]["validation"] if "last" in best else result.final_eval,
         "validation_at_start": result.first_eval,
         "steps": result.steps,
+        **best,
         "train_seconds": round(result.seconds, 2),
         "train_tokens_per_s": round(result.tokens / max(result.seconds, 1e-9), 1),
         "parameters": params,
     }
     write_json(run_dir / "eval.json", report)
-    if result.final_eval:
+    if report["validation"]:
         first = result.first_eval.get(headline)
-        end = result.final_eval[headline]
+        end = report["validation"][headline]
         log(f"validation {headline} {first:.3f} -> {end:.3f}" if first is not None else f"validation {headline} {end:.3f}")
     log(f"saved {saved}")
     return model, report, saved
+
+
+def keep_best_model(trainer, model, tokenizer, run_dir: Path, method) -> dict:
+    """After training: with train.keep_best and a best evaluation before the last step, save the last
+    model in RUN/last and load the best one's weights into `model` (what RUN/model then holds).
+    The fields eval.json gains: best (step, metric, value, validation), last, stopped_early."""
+    from gpt2tune.method import save_trained
+
+    result, out = trainer.result, {}
+    if result.best is not None:
+        out["best"] = result.best
+    if result.stopped_early:
+        out["stopped_early"] = True
+    if trainer.cfg.keep_best and result.best is not None and result.best["step"] != result.steps:
+        last = run_dir / "last"
+        shutil.rmtree(last, ignore_errors=True)
+        sub = save_trained(model, tokenizer, last, method)
+        trainer.restore_best(model)
+        out["last"] = {"step": result.steps, "folder": f"last/{sub}", "validation": result.final_eval}
+        b = result.best
+        log(f"keep_best: {sub} holds the best model (step {b['step']}, validation {b['metric']} {b['value']:.4g}); "
+            f"the last one (step {result.steps}) is in {last / sub}")
+    return out
 
 
 def sample_settings(recipe):

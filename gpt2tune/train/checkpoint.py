@@ -7,8 +7,14 @@ RUN/checkpoints/step-N/
   state.json             step, epoch, position in the epoch, scheduler, optimizer
                          hyper-parameters, Python RNG, metrics so far
 
+RUN/checkpoints/best-step-N/  (train.keep_best)
+  model.safetensors      trainable parameters at the best evaluation
+  best.json              step, metric and value
+
 A checkpoint is written under a temporary name and renamed when complete, so a crash
-mid-write never leaves a broken "latest"; only the newest `keep` are kept.
+mid-write never leaves a broken "latest"; only the newest `keep` are kept. Best snapshots older
+than the best a checkpoint records are removed when that checkpoint is written (a resume from it
+never needs them), and all but the final best at the end of a run.
 """
 
 from __future__ import annotations
@@ -29,6 +35,7 @@ from safetensors.torch import load_file, save_file
 from gpt2tune.errors import UserError
 
 _STEP = re.compile(r"^step-(\d+)$")
+_BEST = re.compile(r"^best-step-(\d+)$")
 
 
 def list_checkpoints(root: Path) -> list[Path]:
@@ -41,6 +48,50 @@ def list_checkpoints(root: Path) -> list[Path]:
 def latest_checkpoint(root: Path) -> Optional[Path]:
     ck = [p for p in list_checkpoints(root) if (p / "state.json").is_file()]
     return ck[-1] if ck else None
+
+
+def best_snapshots(root: Path) -> dict[int, Path]:
+    if not root.is_dir():
+        return {}
+    return {int(m.group(1)): p for p in root.iterdir() if p.is_dir() and (m := _BEST.match(p.name))}
+
+
+def save_best(root: Path, step: int, weights: dict[str, torch.Tensor], info: dict) -> Path:
+    """Write RUN/checkpoints/best-step-N (trainable weights + JSON) atomically."""
+    root.mkdir(parents=True, exist_ok=True)
+    final, tmp = root / f"best-step-{step}", root / f".tmp-best-step-{step}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    save_file(weights, str(tmp / "model.safetensors"))
+    (tmp / "best.json").write_text(json.dumps(dict(info, step=step)), encoding="utf-8")
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    _fsync_dir(root)
+    return final
+
+
+def prune_best(root: Path, keep_from: Optional[int], only: bool = False) -> None:
+    """Remove best snapshots older than step `keep_from` (`only`: every one but `keep_from`'s)."""
+    for step, path in best_snapshots(root).items():
+        if keep_from is None or step < keep_from or (only and step != keep_from):
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def load_best(root: Path, step: int, model) -> None:
+    """Copy the trainable weights of best-step-`step` into `model`."""
+    path = root / f"best-step-{step}"
+    try:
+        weights = load_file(str(path / "model.safetensors"))
+    except (OSError, SafetensorError) as err:
+        raise UserError(f"best checkpoint {path} is unreadable: {err}") from None
+    params = dict(model.named_parameters())
+    unknown = [n for n in weights if n not in params]
+    if unknown:
+        raise UserError(f"best checkpoint {path} has parameter {unknown[0]} that this model lacks")
+    with torch.no_grad():
+        for n, t in weights.items():
+            params[n].copy_(t)
 
 
 def _fsync_dir(path: Path) -> None:

@@ -23,6 +23,7 @@ from gpt2tune.data.dataset import collate, epoch_batches, num_batches
 from gpt2tune.errors import UserError
 from gpt2tune.train import checkpoint as ckpt
 from gpt2tune.train import distributed as dist
+from gpt2tune.train.best import Watch
 from gpt2tune.train.device import autocast, pick_device, pick_precision
 from gpt2tune.train.objective import count_targets, evaluate, lm_loss
 from gpt2tune.train.optim import build_optimizer, build_scheduler, clip_and_step, lr_lambda
@@ -58,13 +59,17 @@ class Result:
     tokens: int
     seconds: float
     records: list = field(default_factory=list)
+    best: Optional[dict] = None  # train.early_stopping / keep_best: step, metric, mode, value, validation
+    stopped_early: bool = False
 
 
 class Trainer:
     def __init__(self, model, data: Data, cfg, run_dir: Path, loss_fn=lm_loss, log: Callable[[str], None] = None,
-                 progress: bool = True, on_record: Optional[Callable[[dict], None]] = None):
+                 progress: bool = True, on_record: Optional[Callable[[dict], None]] = None,
+                 eval_fn: Optional[Callable] = None):
         self.model = model
         self.on_record = on_record  # called on rank 0 with every row written to metrics.jsonl (trackers)
+        self.eval_fn = eval_fn  # (model, batches, to_device, autocast_ctx) -> metrics; default: the loss's
         self.data = data
         self.cfg = cfg
         self.run_dir = Path(run_dir)
@@ -97,6 +102,7 @@ class Trainer:
         self._batches_cache: dict[int, list] = {}
         self._val: Optional[list] = None  # validation batches, built once
         self._stop_signal: Optional[str] = None  # set by SIGINT / SIGTERM (see `_signals`)
+        self.result: Optional[Result] = None  # of the last `fit`
 
     # -- data -----------------------------------------------------------------
     def _epoch_rows(self) -> int:
@@ -132,8 +138,10 @@ class Trainer:
     def evaluate(self) -> dict:
         if not self.data.val:
             return {}
-        return evaluate(self.model, self._val_batches(), self._to_device, lambda: autocast(self.device, self.dtype),
-                        self.loss_fn)
+        ctx = lambda: autocast(self.device, self.dtype)  # noqa: E731
+        if self.eval_fn is not None:
+            return self.eval_fn(self.model, self._val_batches(), self._to_device, ctx)
+        return evaluate(self.model, self._val_batches(), self._to_device, ctx, self.loss_fn)
 
     # -- one optimizer step ---------------------------------------------------
     def _window(self, epoch: int, pos: int) -> tuple[list, int, int]:
@@ -215,6 +223,13 @@ class Trainer:
         metrics_path = self.run_dir / "metrics.jsonl"
         step, epoch, pos, tokens_seen, records = 0, 0, 0, 0, []
         first_eval: dict = {}
+        watch = Watch.from_config(cfg)  # early stopping / best model
+        if watch is not None:
+            what = "train.early_stopping" if cfg.early_stopping is not None else "train.keep_best"
+            if not cfg.eval_every:
+                raise UserError(f"{what} needs evaluations during training: set train.eval_every")
+            if not self.data.val:
+                raise UserError(f"{what} needs validation data (data.val_fraction or data.validation)")
 
         if resume:
             last = ckpt.latest_checkpoint(ck_root)
@@ -223,6 +238,8 @@ class Trainer:
             st = ckpt.load_checkpoint(last, model, opt, sched, self.rank, sharded=self.sharded)
             step, epoch, pos, tokens_seen = st["step"], st["epoch"], st["pos"], st["tokens"]
             records, first_eval = st["metrics"], st.get("first_eval", {})
+            if watch is not None:
+                watch.load(st.get("best_watch"))  # the patience count and the best so far go on
             if scaler is not None and st.get("grad_scaler"):
                 scaler.load_state_dict(st["grad_scaler"])
             if st.get("planned_steps", st.get("total_steps")) != self.planned_steps:
@@ -250,12 +267,29 @@ class Trainer:
             full = ckpt.full_states(model, opt) if self.sharded else None  # every rank takes part in the gather
             if main:
                 ckpt.save_checkpoint(ck_root, step, model, opt, sched, state(), cfg.keep_checkpoints, rngs, full)
+                if cfg.keep_best and watch is not None:  # older bests: no resume from here needs them
+                    ckpt.prune_best(ck_root, watch.best_step)
             dist.barrier()
+
+        def watch_eval(ev: dict) -> bool:
+            """Take a validation row: snapshot a new best (keep_best); whether patience ran out.
+            Every rank takes rank 0's decisions."""
+            improved = watch.update(ev, step)
+            flags = [float(improved), float(watch.exhausted)]
+            if self.world > 1:
+                flags = dist.sum_all([f if main else 0.0 for f in flags])
+            if flags[0] and cfg.keep_best:
+                weights = ckpt.full_states(model, opt)[0] if self.sharded else ckpt.trainable_state(model)
+                if main:
+                    ckpt.save_best(ck_root, step, weights, {"metric": watch.metric, "value": watch.best})
+                dist.barrier()
+            return bool(flags[1])
 
         def state() -> dict:
             return {"epoch": epoch, "pos": pos, "tokens": tokens_seen, "metrics": records,
                     "first_eval": first_eval, "total_steps": self.total_steps, "planned_steps": self.planned_steps,
-                    "grad_scaler": scaler.state_dict() if scaler is not None else None}
+                    "grad_scaler": scaler.state_dict() if scaler is not None else None,
+                    "best_watch": watch.state() if watch is not None else None}
 
         t_fit = time.perf_counter()
         if step == 0:
@@ -273,7 +307,8 @@ class Trainer:
         win_t0 = time.perf_counter()
         t_start = time.perf_counter()
         last_saved = step
-        stop = False
+        stop = stopped_early = False
+        last_eval: tuple = (None, {})  # (step, row) of the newest evaluation during training
         # time budget: measure the speed over the first steps of this process, then plan what fits
         budget = cfg.max_minutes * 60 if cfg.max_minutes else None
         n_measure = min(20, max(2, self.total_steps // 20))
@@ -356,9 +391,17 @@ class Trainer:
                     ev = self.evaluate()
                     if ev:
                         emit({"step": step, "split": "validation", **ev})
+                        last_eval = (step, ev)
+                        if watch is not None and watch_eval(ev):
+                            stopped_early = True
+                            self.log(f"early stopping at step {step}: validation {watch.metric} has not improved "
+                                     f"by more than {watch.min_delta:g} for {watch.patience} evaluations "
+                                     f"(best {watch.best:.4g} at step {watch.best_step})")
                 if cfg.save_every and step % cfg.save_every == 0:
                     save()
                     last_saved = step
+                if stopped_early:
+                    break
             if stop:
                 if step > last_saved:
                     save()
@@ -370,9 +413,21 @@ class Trainer:
                 mfile.close()
             raise
         bar.close()
-        final = self.evaluate()
-        if final:
-            emit({"step": step, "split": "validation", **final})
+        if last_eval[0] == step:  # early stopping has just evaluated this very model
+            final = last_eval[1]
+        else:
+            final = self.evaluate()
+            if final:
+                emit({"step": step, "split": "validation", **final})
+                if watch is not None:
+                    watch.update(final, step)  # the last model may be the best: then no snapshot is needed
+        best = None
+        if watch is not None and watch.best_step is not None:
+            row = next((r for r in records if r["split"] == "validation" and r["step"] == watch.best_step), {})
+            best = {"step": watch.best_step, "metric": watch.metric, "mode": watch.mode, "value": watch.best,
+                    "validation": {k: v for k, v in row.items() if k not in ("step", "split")}}
+            if cfg.keep_best and main:
+                ckpt.prune_best(ck_root, watch.best_step, only=True)
         if self.sharded:  # what the run saves: a plain model holding the gathered weights
             self.model = par.gathered_model()
         if mfile is not None:
@@ -380,4 +435,14 @@ class Trainer:
         seconds = time.perf_counter() - t_start
         if main:
             plot_training(records, self.run_dir / "plots")
-        return Result(step, final, first_eval, tokens_seen, seconds, records)
+        self.result = Result(step, final, first_eval, tokens_seen, seconds, records, best, stopped_early)
+        return self.result
+
+    def restore_best(self, model) -> Optional[int]:
+        """Load the best evaluation's weights (train.keep_best) into `model` (the trained model, or
+        its plain copy); the best step, or None when the last model is the best."""
+        best = self.result.best if self.result is not None else None
+        if not (self.cfg.keep_best and best) or best["step"] == self.result.steps:
+            return None
+        ckpt.load_best(self.run_dir / "checkpoints", best["step"], model)
+        return best["step"]
