@@ -109,6 +109,10 @@ class TrainSection(_Section):
         "ddp", description="several processes (torchrun): ddp replicates the model on every rank; fsdp shards "
                            "weights, gradients and optimizer state over the ranks (FSDP2) for models that do not fit "
                            "one device (full or partial fine-tuning; the Hugging Face forward)")
+    gradient_checkpointing: bool = Field(False, description="keep only each block's input and recompute the rest in "
+                                                            "backward: much less activation memory for ~30% more compute")
+    check_memory: bool = Field(True, description="estimate peak training memory before the first step and stop with "
+                                                 "advice when the device has less free")
     fast: bool = Field(False, description="GPT-2 fast path: lean forward (fused qkv, SDPA, chunked loss) and fused AdamW; "
                                           "same loss as the HF forward (1e-4 fp32), see BENCHMARKS.md")
     pretrain_steps: int = Field(0, ge=0, description="classification: language-model steps on the training texts before fine-tuning")

@@ -120,36 +120,3 @@ def test_full_run_export_and_overwrite_guard(runs, tmp_path, run_cli):
     assert run_cli("export", runs["full"], "--output", out, "--overwrite")[0] == 0
     code, _, err = run_cli("export", tmp_path / "nothing-here", "--output", tmp_path / "o2")
     assert code == 2 and "nothing-here" in err
-
-
-def test_push_to_hub_uploads_the_export(runs, tmp_path, run_cli, monkeypatch):
-    import huggingface_hub
-
-    calls = {}
-
-    def create_repo(self, repo_id, **kw):
-        calls["create"] = (repo_id, kw)
-
-    def upload_folder(self, folder_path, repo_id, **kw):
-        from pathlib import Path
-
-        calls["upload"] = (repo_id, sorted(p.name for p in Path(folder_path).iterdir()))
-        return "https://huggingface.co/me/tiny-lora/commit/abc"
-
-    monkeypatch.setattr(huggingface_hub.HfApi, "create_repo", create_repo)
-    monkeypatch.setattr(huggingface_hub.HfApi, "upload_folder", upload_folder)
-    out = tmp_path / "hub"
-    code, _, err = run_cli("export", runs["lora"], "--output", out, "--merge", "--push-to-hub", "me/tiny-lora",
-                           "--private")
-    assert code == 0, err
-    assert calls["create"][0] == "me/tiny-lora" and calls["create"][1]["private"] is True
-    assert calls["upload"][0] == "me/tiny-lora"
-    assert {"README.md", "config.json", "model.safetensors", "generation_config.json"} <= set(calls["upload"][1])
-    assert "uploaded to https://huggingface.co/me/tiny-lora" in err
-
-    def fail(self, *a, **kw):
-        raise RuntimeError("401 Client Error: Unauthorized\nmore detail")
-
-    monkeypatch.setattr(huggingface_hub.HfApi, "upload_folder", fail)
-    code, _, err = run_cli("export", runs["lora"], "--output", tmp_path / "hub2", "--push-to-hub", "me/tiny-lora")
-    assert code == 2 and "--push-to-hub me/tiny-lora: 401 Client Error: Unauthorized" in err

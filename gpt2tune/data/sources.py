@@ -238,15 +238,24 @@ def _builtin(name: str, opts: SourceOptions) -> Loaded:
 
 
 def _hf(spec: str, opts: SourceOptions) -> Loaded:
+    """`hf:NAME[:SPLIT]` through `datasets` (which falls back to its cache when the hub is unreachable or
+    HF_HUB_OFFLINE is set)."""
     name, _, split = spec.partition(":")
+    if not name:
+        raise UserError("hf: needs a dataset id, e.g. hf:HuggingFaceH4/ultrachat_200k:train_sft")
     try:
         import datasets  # type: ignore
     except ImportError:
         raise UserError("hf: sources need the `datasets` package: pip install 'gpt2tune[hf]'") from None
     try:
         ds = datasets.load_dataset(name, split=split or "train")
-    except Exception as err:  # offline, unknown name, ...
-        raise UserError(f"could not load Hugging Face dataset {name!r}: {str(err).splitlines()[0]}") from None
+    except Exception as err:  # offline, unknown name, private, unknown split, ...
+        kind = type(err).__name__
+        if kind == "DatasetNotFoundError":
+            raise UserError(f"Hugging Face dataset {name!r} does not exist or cannot be accessed: check the id; "
+                            "a private or gated dataset needs HF_TOKEN set to a token that can read it") from None
+        first = str(err).strip().splitlines()[0] if str(err).strip() else kind
+        raise UserError(f"could not load Hugging Face dataset {name!r}: {first}") from None
     return Loaded([dict(r) for r in ds])
 
 

@@ -24,6 +24,7 @@ import math
 from typing import Optional
 
 import torch
+import torch.utils.checkpoint
 import torch.nn.functional as F
 
 IGNORE = -100
@@ -306,7 +307,7 @@ def _linear(mod, x: torch.Tensor, training: bool, cast=None) -> torch.Tensor:
 class FastGPT2:
     """Lean forward of a HF GPT-2 LM (shares its parameters; follows its train/eval mode)."""
 
-    def __init__(self, model, direct_grads: bool = True):
+    def __init__(self, model, direct_grads: bool = True, checkpoint: bool = False):
         why = supported(model)
         if why:
             raise ValueError(f"fast GPT-2 forward not applicable: {why}")
@@ -322,6 +323,8 @@ class FastGPT2:
         self.grads = GradBuffers() if direct_grads else None
         self.cast = FrozenCast(self.grads)
         self.scratch = Scratch()
+        # gradient checkpointing: keep only each block's input; its inside is recomputed in backward
+        self.checkpoint = checkpoint
 
     @property
     def training(self) -> bool:
@@ -350,30 +353,40 @@ class FastGPT2:
             x = dropout(x, self.p_embd)
         if not right_padded(attention_mask):
             raise ValueError("FastGPT2 needs right-padded (or unpadded) rows; use the HF forward for left padding")
+        recompute = self.checkpoint and training and torch.is_grad_enabled()
+        for blk in tr.h:
+            if recompute:  # non-reentrant: the recomputation gets the same autocast state and dropout masks
+                x = torch.utils.checkpoint.checkpoint(self._block, blk, x, blocked, use_reentrant=False)
+            else:
+                x = self._block(blk, x, blocked)
+        return F.layer_norm(x, (x.size(-1),), tr.ln_f.weight, tr.ln_f.bias, self.eps)
+
+    def _block(self, blk, x: torch.Tensor, blocked: Optional[torch.Tensor]) -> torch.Tensor:
+        training = self.training
+        B, T = x.shape[:2]
         H = self.n_head
         p_attn = self.p_attn if training else 0.0
-        for blk in tr.h:
-            h = F.layer_norm(x, (x.size(-1),), blk.ln_1.weight, blk.ln_1.bias, self.eps)
-            qkv = _linear(blk.attn.c_attn, h, training, self.cast)
-            q, k, v = qkv.view(B, T, 3, H, -1).permute(2, 0, 3, 1, 4).unbind(0)
-            if q.device.type == "cpu" and (p_attn > 0 or T <= 128):
-                a = causal_attention(q, k, v, p_attn, blocked)
-            elif blocked is None:  # GPUs (fused kernels, dropout included) and long CPU sequences without dropout
-                a = F.scaled_dot_product_attention(q, k, v, dropout_p=p_attn, is_causal=True)
-            else:
-                a = F.scaled_dot_product_attention(q, k, v, attn_mask=~blocked, dropout_p=p_attn)
-            a = a.transpose(1, 2).reshape(B, T, -1)
-            a = _adapted(blk.attn.c_proj, _linear(blk.attn.c_proj, a, training, self.cast))
-            if training and self.p_resid:
-                a = dropout(a, self.p_resid)
-            x = x + a
-            h = F.layer_norm(x, (x.size(-1),), blk.ln_2.weight, blk.ln_2.bias, self.eps)
-            h = F.gelu(_linear(blk.mlp.c_fc, h, training, self.cast), approximate=self.gelu)
-            h = _adapted(blk.mlp.c_proj, _linear(blk.mlp.c_proj, h, training, self.cast))
-            if training and self.p_resid:
-                h = dropout(h, self.p_resid)
-            x = x + h
-        return F.layer_norm(x, (x.size(-1),), tr.ln_f.weight, tr.ln_f.bias, self.eps)
+        h = F.layer_norm(x, (x.size(-1),), blk.ln_1.weight, blk.ln_1.bias, self.eps)
+        qkv = _linear(blk.attn.c_attn, h, training, self.cast)
+        q, k, v = qkv.view(B, T, 3, H, -1).permute(2, 0, 3, 1, 4).unbind(0)
+        if q.device.type == "cpu" and (p_attn > 0 or T <= 128):
+            a = causal_attention(q, k, v, p_attn, blocked)
+        elif blocked is None:  # GPUs (fused kernels, dropout included) and long CPU sequences without dropout
+            a = F.scaled_dot_product_attention(q, k, v, dropout_p=p_attn, is_causal=True)
+        else:
+            a = F.scaled_dot_product_attention(q, k, v, attn_mask=~blocked, dropout_p=p_attn)
+        a = a.transpose(1, 2).reshape(B, T, -1)
+        a = _adapted(blk.attn.c_proj, _linear(blk.attn.c_proj, a, training, self.cast))
+        if training and self.p_resid:
+            a = dropout(a, self.p_resid)
+        x = x + a
+        h = F.layer_norm(x, (x.size(-1),), blk.ln_2.weight, blk.ln_2.bias, self.eps)
+        h = F.gelu(_linear(blk.mlp.c_fc, h, training, self.cast), approximate=self.gelu)
+        h = _adapted(blk.mlp.c_proj, _linear(blk.mlp.c_proj, h, training, self.cast))
+        if training and self.p_resid:
+            h = dropout(h, self.p_resid)
+        x = x + h
+        return x
 
     def logits(self, input_ids, attention_mask=None) -> torch.Tensor:
         return F.linear(self.hidden(input_ids, attention_mask), self.hf.lm_head.weight)

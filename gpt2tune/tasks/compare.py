@@ -19,18 +19,17 @@ Writes DIR/<method>/ (a normal run folder each), DIR/comparison.{md,csv,json,png
 from __future__ import annotations
 
 import contextlib
-import csv
 import json
 import math
 import os
 import platform
-import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Optional
 
 from gpt2tune.errors import UserError
+from gpt2tune.tasks.jobs import markdown_table as _table, prepare_output, run_job, write_csv
 
 DEFAULT_METHODS = ["full", "partial", "lora", "prompt-tuning", "adapter"]
 TOKENIZER_FILES = ("tokenizer", "vocab", "merges", "special_tokens_map", "added_tokens")
@@ -176,18 +175,6 @@ def _job_recipe(recipe, cfg, lr: float, run_dir: Path) -> dict:
     return raw
 
 
-def _run_worker(job: dict, job_path: Path, label: str, log) -> dict:
-    job_path.write_text(json.dumps(job, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    env = dict(os.environ)
-    root = str(Path(__file__).resolve().parents[2])
-    env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-    log(f"compare: {label} ...")
-    proc = subprocess.run([sys.executable, "-m", "gpt2tune.tasks.compare", str(job_path)], env=env)
-    if proc.returncode != 0:
-        raise UserError(f"compare: {label} failed (exit code {proc.returncode}); see the messages above")
-    return json.loads(Path(job["result"]).read_text(encoding="utf-8"))
-
-
 def _saved_bytes(run_dir: Path) -> int:
     """Size of what the method saved (model/ or adapter/), tokenizer files left out."""
     folder = run_dir / "adapter" if (run_dir / "adapter").is_dir() else run_dir / "model"
@@ -236,17 +223,8 @@ def _row(name: str, lr: float, res: dict, base: dict, run_dir: Path) -> dict:
     return row
 
 
-def _cell(value, fmt: str) -> str:
-    if value is None or (isinstance(value, float) and not math.isfinite(value)):
-        return "-"
-    return fmt.format(value)
-
-
 def markdown_table(rows: list[dict], columns=None) -> str:
-    columns = columns or COLUMNS
-    lines = ["| " + " | ".join(h for _, h, _ in columns) + " |", "|" + "---|" * len(columns)]
-    lines += ["| " + " | ".join(_cell(r.get(k), f) for k, _, f in columns) + " |" for r in rows]
-    return "\n".join(lines)
+    return _table(rows, columns or COLUMNS)
 
 
 def write_reports(folder: Path, rows: list[dict], base: dict, meta: dict) -> str:
@@ -272,11 +250,7 @@ def write_reports(folder: Path, rows: list[dict], base: dict, meta: dict) -> str
         notes.append(f"- **forgetting**: perplexity on `{meta['reference']}` ({meta['reference_samples']} samples) "
                      "under the base model (before) and the fine-tuned one (after); + means worse.")
     (folder / "comparison.md").write_text("\n".join(notes) + "\n", encoding="utf-8")
-    keys = list(rows[0])
-    with open(folder / "comparison.csv", "w", newline="", encoding="utf-8") as f:
-        w = csv.DictWriter(f, fieldnames=keys)
-        w.writeheader()
-        w.writerows(rows)
+    write_csv(folder / "comparison.csv", rows)
     (folder / "comparison.json").write_text(json.dumps({"settings": meta, "base": base, "methods": rows}, indent=2,
                                                        ensure_ascii=False) + "\n", encoding="utf-8")
     plot_comparison(rows, folder / "comparison.png", classification)
@@ -319,19 +293,6 @@ def plot_comparison(rows: list[dict], path: Path, classification: bool = False) 
     plt.close(fig)
 
 
-def _prepare_output(folder: Path, names: list[str], overwrite: bool) -> None:
-    import shutil
-
-    if folder.exists() and not folder.is_dir():
-        raise UserError(f"--output {folder} exists and is not a folder")
-    if folder.is_dir() and any(folder.iterdir()):
-        if not overwrite:
-            raise UserError(f"--output {folder} already holds files (an earlier comparison?); pass --overwrite "
-                            f"to replace it or choose another --output")
-        shutil.rmtree(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-
-
 def compare(recipe, methods: Optional[list[str]] = None, output: Optional[str] = None, overwrite: bool = False,
             progress: bool = True, log=None) -> dict:
     from gpt2tune.tasks.common import log as default_log
@@ -347,14 +308,14 @@ def compare(recipe, methods: Optional[list[str]] = None, output: Optional[str] =
     folder = Path(output or recipe.output.dir.rstrip("/") + "-compare")
     jobs = {n: _job_recipe(recipe, cfg, recipe.compare.lr.get(n, recipe.train.lr), folder / n)
             for n, cfg in configs.items()}
-    _prepare_output(folder, names, overwrite)
+    prepare_output(folder, overwrite, "comparison")
     work_dir = folder / ".jobs"
     work_dir.mkdir()
 
     results = {}
     for i, n in enumerate(names, 1):
         job = {"mode": "train", "recipe": jobs[n], "progress": progress, "result": str(work_dir / f"{n}.result.json")}
-        results[n] = _run_worker(job, work_dir / f"{n}.job.json", f"[{i}/{len(names)}] training {n} "
+        results[n] = run_job(job, work_dir / f"{n}.job.json", f"[{i}/{len(names)}] training {n} "
                                  f"(lr {jobs[n]['train']['lr']:g})", log)
     if classification:
         base: dict = {}
@@ -362,7 +323,7 @@ def compare(recipe, methods: Optional[list[str]] = None, output: Optional[str] =
     else:
         base_job = {"mode": "base", "recipe": jobs[names[0]], "run": str(folder / names[0]),
                     "result": str(work_dir / "base.result.json")}
-        base = _run_worker(base_job, work_dir / "base.job.json", "scoring the base model", log)
+        base = run_job(base_job, work_dir / "base.job.json", "scoring the base model", log)
         rows = [_row(n, jobs[n]["train"]["lr"], results[n], base, folder / n) for n in names]
     import torch
 

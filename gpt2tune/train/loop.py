@@ -23,8 +23,10 @@ from gpt2tune.data.dataset import collate, epoch_batches, num_batches
 from gpt2tune.errors import UserError
 from gpt2tune.train import checkpoint as ckpt
 from gpt2tune.train import distributed as dist
+from gpt2tune.train import memory
 from gpt2tune.train.best import Watch
 from gpt2tune.train.device import autocast, pick_device, pick_precision
+from gpt2tune.train.memory import enable_gradient_checkpointing
 from gpt2tune.train.objective import count_targets, evaluate, lm_loss
 from gpt2tune.train.optim import build_optimizer, build_scheduler, clip_and_step, lr_lambda
 from gpt2tune.train.plots import plot_training
@@ -83,10 +85,13 @@ class Trainer:
                 self.log("note: train.fast is off with train.distributed fsdp (the Hugging Face forward runs)")
             else:
                 # several processes: gradients through autograd, where DDP's all-reduce hooks see them
-                self.loss_fn = make_fast_loss(model, direct_grads=dist.world_size() == 1) or lm_loss
+                self.loss_fn = make_fast_loss(model, direct_grads=dist.world_size() == 1,
+                                              checkpoint=getattr(cfg, "gradient_checkpointing", False)) or lm_loss
         self.progress = progress
         self.device = dist.rank_device(pick_device(cfg.device))
         self.dtype = pick_precision(cfg.precision, self.device)
+        if getattr(cfg, "gradient_checkpointing", False):
+            enable_gradient_checkpointing(model)  # the Hugging Face forward (the fast one got `checkpoint`)
         if cfg.num_threads:
             torch.set_num_threads(cfg.num_threads)
         if not data.train:
@@ -203,6 +208,19 @@ class Trainer:
         fit = step + int(max(0.0, left - (evals + 1) * eval_seconds) / max(step_seconds, 1e-9))
         return max(step + 1, fit) if fit < self.total_steps else None
 
+    def _check_memory(self, model) -> None:
+        """Log the estimated peak memory; stop with advice when the device has less free."""
+        cfg = self.cfg
+        ckpt_on = getattr(cfg, "gradient_checkpointing", False)
+        longest = self.data.block if self.data.batching == "pack" else min(self.data.block, max(map(len, self.data.train)))
+        est = memory.estimate(model, cfg.batch_size, longest, self.dtype, ckpt_on,
+                              chunked_loss=getattr(self.loss_fn, "fast", None) is not None)
+        free = memory.free_memory(self.device)
+        if self.rank == 0:
+            self.log(f"memory: about {est.describe()} at the peak; {free / 2**30:.1f} GiB free on {self.device}")
+        if getattr(cfg, "check_memory", True):
+            memory.check_fits(est, free, self.device, ckpt_on)
+
     # -- loop -----------------------------------------------------------------
     def fit(self, resume: bool = False) -> Result:
         with self._signals():
@@ -212,6 +230,7 @@ class Trainer:
         cfg = self.cfg
         model = self.model.to(self.device)
         model.train()
+        self._check_memory(model)
         torch.manual_seed(cfg.seed + self.rank)  # each rank its own dropout masks
         par = dist.Parallel(model, self.loss_fn, self.device, sharded=self.sharded)  # before the optimizer: FSDP
         opt = build_optimizer(model, cfg.lr, cfg.weight_decay, cfg.betas, self.device,  # replaces the parameters

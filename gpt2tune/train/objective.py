@@ -28,15 +28,15 @@ def lm_loss(model, batch: dict) -> tuple[torch.Tensor, int, torch.Tensor]:
     return loss, n, correct.sum()
 
 
-def make_fast_loss(model, tune_malloc: bool = True, direct_grads: bool = True):
+def make_fast_loss(model, tune_malloc: bool = True, direct_grads: bool = True, checkpoint: bool = False):
     """A loss function bound to `model` (what `Trainer(loss_fn=...)` takes), or None when the
     model is not a plain GPT-2 LM (the caller then keeps `lm_loss`). `tune_malloc`: see
-    `tune_allocator` (on CPU only); `direct_grads`: see `FastGPT2`."""
+    `tune_allocator` (on CPU only); `direct_grads`, `checkpoint` (gradient checkpointing): see `FastGPT2`."""
     if supported(model):
         return None
     if tune_malloc and next(iter(model.parameters())).device.type == "cpu":
         tune_allocator()
-    fast = FastGPT2(model, direct_grads)
+    fast = FastGPT2(model, direct_grads, checkpoint)
 
     def loss_fn(m, batch):
         if m is not model or not right_padded(batch.get("attention_mask")):

@@ -15,7 +15,8 @@ tool elsewhere:
 | wandb | offline, in RUN/wandb (`wandb sync RUN/wandb/offline-run-*`) | WANDB_MODE or WANDB_API_KEY is set |
 | trackio | RUN/trackio | TRACKIO_DIR is set |
 
-Experiment / project names: MLFLOW_EXPERIMENT_NAME, WANDB_PROJECT, else `gpt2tune`; the run is
+`--resume` goes on in the same MLflow and W&B runs (their ids are kept in RUN/tracking.json); TensorBoard
+adds an event file to RUN/tensorboard. Experiment / project names: MLFLOW_EXPERIMENT_NAME, WANDB_PROJECT, else `gpt2tune`; the run is
 named after the run folder. Each tool is an optional extra; a missing one is a one-line UserError
 naming it. A tool failing while training runs is reported once and dropped: training goes on.
 """
@@ -84,7 +85,7 @@ def _artifact_files(run_dir: Path) -> list[tuple[Path, str]]:
 class _TensorBoard:
     name = "tensorboard"
 
-    def __init__(self, run_dir: Path, run_name: str, recipe: dict):
+    def __init__(self, run_dir: Path, run_name: str, recipe: dict, before: Optional[dict] = None):
         from torch.utils.tensorboard import SummaryWriter
         from torch.utils.tensorboard.summary import hparams
 
@@ -111,14 +112,14 @@ class _TensorBoard:
                 with Image.open(path) as im:
                     self.writer.add_image(f"{folder}/{path.stem}", np.asarray(im.convert("RGB")), dataformats="HWC")
 
-    def close(self, ok: bool) -> None:
+    def close(self, ok: bool, interrupted: bool = False) -> None:
         self.writer.close()
 
 
 class _MLflow:
     name = "mlflow"
 
-    def __init__(self, run_dir: Path, run_name: str, recipe: dict):
+    def __init__(self, run_dir: Path, run_name: str, recipe: dict, before: Optional[dict] = None):
         uri = os.environ.get("MLFLOW_TRACKING_URI")
         if not uri:  # a local file store in the run folder (MLflow 3 asks for this opt-in to use one)
             os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
@@ -128,13 +129,29 @@ class _MLflow:
 
         self.client = MlflowClient(tracking_uri=uri)
         name = os.environ.get("MLFLOW_EXPERIMENT_NAME") or PROJECT
+        self.where = uri
+        if before and before.get("tracking_uri") == uri and self._reopen(before.get("run_id")):
+            return  # --resume: the same MLflow run goes on
         exp = self.client.get_experiment_by_name(name)
         exp_id = exp.experiment_id if exp else self.client.create_experiment(name)
         self.run_id = self.client.create_run(exp_id, run_name=run_name, tags={"gpt2tune.run_dir": str(run_dir)}).info.run_id
         params = [Param(k, str(v)) for k, v in flat_params(recipe).items()]
         for i in range(0, len(params), 100):  # MLflow takes at most 100 parameters per batch
             self.client.log_batch(self.run_id, params=params[i:i + 100])
-        self.where = uri
+
+    def _reopen(self, run_id: Optional[str]) -> bool:
+        from mlflow.exceptions import MlflowException
+
+        try:
+            self.client.get_run(run_id)
+        except MlflowException:
+            return False
+        self.run_id = run_id
+        self.client.update_run(run_id, status="RUNNING")
+        return True
+
+    def ids(self) -> dict:
+        return {"tracking_uri": self.where, "run_id": self.run_id}
 
     def log(self, step: int, values: dict, prefix: str = "") -> None:
         from mlflow.entities import Metric
@@ -146,19 +163,20 @@ class _MLflow:
         for path, folder in files:
             self.client.log_artifact(self.run_id, str(path), folder or None)
 
-    def close(self, ok: bool) -> None:
-        self.client.set_terminated(self.run_id, "FINISHED" if ok else "FAILED")
+    def close(self, ok: bool, interrupted: bool = False) -> None:
+        self.client.set_terminated(self.run_id, "FINISHED" if ok else "KILLED" if interrupted else "FAILED")
 
 
 class _WandB:
     name = "wandb"
 
-    def __init__(self, run_dir: Path, run_name: str, recipe: dict):
+    def __init__(self, run_dir: Path, run_name: str, recipe: dict, before: Optional[dict] = None):
         import wandb
 
         configured = os.environ.get("WANDB_MODE") or os.environ.get("WANDB_API_KEY")
+        resume = {"id": before["id"], "resume": "allow"} if before and before.get("id") else {}  # --resume: same run
         self.run = wandb.init(project=os.environ.get("WANDB_PROJECT") or PROJECT, name=run_name, dir=str(run_dir),
-                              config=recipe, mode=None if configured else "offline", reinit="create_new",
+                              config=recipe, mode=None if configured else "offline", reinit="create_new", **resume,
                               settings=wandb.Settings(console="off", silent=True, x_disable_stats=True))
         self.where = self.run.dir if configured else str(Path(self.run.dir).parent)
         self.defined: set = set()
@@ -174,6 +192,9 @@ class _WandB:
             self.defined.add(axis)
         self.run.log({axis: step, **values})
 
+    def ids(self) -> dict:
+        return {"id": self.run.id}
+
     def artifacts(self, files: list[tuple[Path, str]]) -> None:
         images = {f"{folder}/{p.stem}": self.wandb.Image(str(p)) for p, folder in files if p.suffix == ".png"}
         if images:
@@ -183,14 +204,14 @@ class _WandB:
                 shutil.copy2(path, Path(self.run.dir) / path.name)
                 self.run.save(str(Path(self.run.dir) / path.name), base_path=self.run.dir, policy="now")
 
-    def close(self, ok: bool) -> None:
-        self.run.finish(exit_code=0 if ok else 1)
+    def close(self, ok: bool, interrupted: bool = False) -> None:
+        self.run.finish(exit_code=0 if ok else 130 if interrupted else 1)
 
 
 class _Trackio:
     name = "trackio"
 
-    def __init__(self, run_dir: Path, run_name: str, recipe: dict):
+    def __init__(self, run_dir: Path, run_name: str, recipe: dict, before: Optional[dict] = None):
         os.environ.setdefault("TRACKIO_DIR", str(run_dir / "trackio"))  # read when trackio is first imported
         import trackio
 
@@ -204,7 +225,7 @@ class _Trackio:
     def artifacts(self, files: list[tuple[Path, str]]) -> None:
         pass  # trackio keeps scalars, tables and media logged with a step; the plots are in RUN/plots
 
-    def close(self, ok: bool) -> None:
+    def close(self, ok: bool, interrupted: bool = False) -> None:
         self.trackio.finish()
 
 
@@ -227,22 +248,31 @@ class Tracking:
     def __bool__(self) -> bool:
         return bool(self.names)
 
-    def start(self) -> None:
+    def start(self, resume: bool = False) -> None:
+        """Start the tools; with `resume`, continue the MLflow and W&B runs of RUN/tracking.json."""
         if self.started or self.closed:
             return
         self.started = True
         run_name = self.run_dir.resolve().name
+        ids_file = self.run_dir / "tracking.json"
+        before = json.loads(ids_file.read_text(encoding="utf-8")) if resume and ids_file.is_file() else {}
         try:
             for name in self.names:
-                self.tools.append(_TOOLS[name](self.run_dir, run_name, self.recipe))
+                self.tools.append(_TOOLS[name](self.run_dir, run_name, self.recipe, before.get(name)))
         except UserError:
             self._close(ok=False)
             raise
         except Exception as err:  # noqa: BLE001 - a tool that cannot start: a clear line, not a traceback
             self._close(ok=False)
             raise UserError(f"train.report_to: {name} could not start: {type(err).__name__}: {err}") from err
+        # registered after the tools' own exit handlers, so it runs before them (atexit runs last-in first-out)
+        atexit.unregister(_close_left_open)
+        atexit.register(_close_left_open)
         if self.tools:
             self.log("tracking: " + ", ".join(f"{t.name} ({t.where})" for t in self.tools))
+            ids = {t.name: t.ids() for t in self.tools if hasattr(t, "ids")}
+            if ids:  # what --resume continues
+                ids_file.write_text(json.dumps(ids, indent=2) + "\n", encoding="utf-8")
 
     def _each(self, what: str, *args) -> None:
         for tool in list(self.tools):
@@ -274,11 +304,12 @@ class Tracking:
         """`trainer.fit(resume=resume)` with the trackers open; closed on an error, and (`finish`) at the end."""
         if not self.names:
             return trainer.fit(resume=resume)
-        self.start()
+        self.start(resume)
         try:
             result = trainer.fit(resume=resume)
-        except BaseException:
-            self._close(ok=False)
+        except BaseException as err:  # Ctrl-C / SIGTERM (TrainingInterrupted): MLflow KILLED, W&B exit code 130
+            self._close(ok=False, interrupted=isinstance(err, KeyboardInterrupt)
+                        or type(err).__name__ == "TrainingInterrupted")
             raise
         if finish:
             self.finish()
@@ -292,14 +323,14 @@ class Tracking:
         self._each("artifacts", _artifact_files(self.run_dir))
         self._close(ok=True)
 
-    def _close(self, ok: bool) -> None:
+    def _close(self, ok: bool, interrupted: bool = False) -> None:
         if self.closed:
             return
         self.closed = True
         _OPEN.pop(_key(self.run_dir), None)
         for tool in self.tools:
             try:
-                tool.close(ok)
+                tool.close(ok, interrupted)
             except Exception as err:  # noqa: BLE001
                 self.log(f"warning: closing {tool.name} failed: {type(err).__name__}: {err}")
         self.tools = []
@@ -330,7 +361,6 @@ def open_tracking(recipe, run_dir: Path, log: Optional[Callable[[str], None]] = 
     return _OPEN[key]
 
 
-@atexit.register
 def _close_left_open() -> None:
     """A run that failed between training and its end: its trackers are closed as failed."""
     for tracking in list(_OPEN.values()):
