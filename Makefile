@@ -18,7 +18,7 @@ install: $(STAMP)
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install -q -c constraints.txt -e ".[builtin,dev,serve,bench,hf,tensorboard,mlflow,wandb]"
+	$(BIN)/python -m pip install -q -c constraints.txt -e ".[builtin,dev,serve,bench,hf,tensorboard,mlflow,wandb,trl]"
 	touch $(STAMP)
 
 test: $(STAMP)

@@ -60,6 +60,11 @@ class DataSection(_Section):
     limit: Optional[int] = Field(None, gt=0, description="use at most this many samples (after cleaning)")
     seed: int = 1234
     poetry: PoetrySection = PoetrySection()
+    cache: bool = Field(True, description="causal-lm text sources: tokenize once into a memory-mapped cache, "
+                                          "reused while the data and settings are unchanged")
+    cache_dir: Optional[str] = Field(None, description="where the corpus cache lives (default $GPT2TUNE_CACHE_DIR, "
+                                                       "else ~/.cache/gpt2tune/data)")
+    num_proc: Optional[int] = Field(None, ge=1, description="processes that tokenize a cached corpus (default: every core)")
     # classification
     label_field: str = Field("label", description="classification: jsonl field / csv column holding the label")
     balance: Literal["none", "undersample"] = Field("none", description="classification: undersample every class to the rarest (seeded by data.seed)")
@@ -177,8 +182,25 @@ class CompletionSection(_Section):
     template: str = Field("{prompt}{completion}", description="e.g. \"{document}\\nTL;DR: {title}\"; placeholders name fields/columns")
 
 
+class PreferenceSection(_Section):
+    """task: preference. Pairs {prompt, chosen, rejected} (text or chat messages); see gpt2tune/train/preference.py."""
+
+    loss: Literal["dpo", "orpo"] = Field("dpo", description="dpo: needs a reference (the model before training); "
+                                         "orpo: none (odds-ratio term plus NLL of the chosen response)")
+    beta: float = Field(0.1, gt=0, description="DPO's beta (strength of the reference KL); ORPO's lambda (weight of "
+                                               "the odds-ratio term)")
+    reference: Literal["auto", "precompute", "adapter"] = Field(
+        "auto", description="DPO's reference log-probs: adapter (the base with the adapter disabled: peft methods and "
+                            "adapters), precompute (one pass over the data before training: full/partial); auto picks")
+    orpo_nll: Literal["response", "sequence"] = Field(
+        "response", description="ORPO's NLL term on the chosen response only, or on the whole chosen sequence "
+                                "(prompt included, as TRL's ORPOTrainer)")
+    disable_dropout: bool = Field(True, description="train without dropout (as TRL): the policy's log-probs are "
+                                                    "then comparable with the reference's")
+
+
 class Recipe(_Section):
-    task: Literal["causal-lm", "classification", "chat", "completion"] = "causal-lm"
+    task: Literal["causal-lm", "classification", "chat", "completion", "preference"] = "causal-lm"
     model: ModelSection = ModelSection()
     data: DataSection
     method: MethodConfig = Field(default_factory=FullMethod, discriminator="name")
@@ -187,6 +209,7 @@ class Recipe(_Section):
     output: OutputSection = OutputSection()
     chat: ChatSection = ChatSection()
     completion: CompletionSection = CompletionSection()
+    preference: PreferenceSection = PreferenceSection()
     compare: CompareSection = CompareSection()
 
 

@@ -38,3 +38,12 @@ def test_seed_setups_as_recipes():
     assert set(sms.method.modules) == {"attention", "mlp", "layernorm", "final-norm", "head"}
     en = load_recipe(d / "english-gpt2.yaml")
     assert en.model.name == "gpt2" and en.data.source.startswith("text:")
+
+
+def test_preference_recipes():
+    d = ROOT / "recipes"
+    dpo = load_recipe(d / "preference-ultrafeedback.yaml")
+    assert dpo.task == "preference" and dpo.preference.loss == "dpo" and dpo.method.name == "lora"
+    assert dpo.data.source == "hf:HuggingFaceH4/ultrafeedback_binarized:train_prefs"
+    orpo = load_recipe(d / "preference-orpo.yaml")
+    assert orpo.task == "preference" and orpo.preference.loss == "orpo" and orpo.method.name == "full"

@@ -106,6 +106,11 @@ def add_parser(sub):
     p.add_argument("--prompts-file", help="one prompt per line, decoded in batches (left-padded)")
     p.add_argument("--batch-size", type=int, default=16, help="prompts per forward batch with --prompts-file")
     p.add_argument("--num-return-sequences", "-n", type=int, default=1, help="samples per prompt")
+    p.add_argument("--best-of", type=int, default=1, metavar="N",
+                   help="sample N per returned sample and keep the best by --rank-by")
+    p.add_argument("--rank-by", default=None, metavar="METRIC",
+                   help="with --best-of: logprob (mean log-probability per token; any text), or for verse forms "
+                        "poem (default with a form), form, rhyme, tones, repetition")
     add_decoding_args(p)
     p.add_argument("--stream", action="store_true",
                    help="print text as it is generated (one sample; with --json: JSON lines of deltas, then the samples)")
@@ -137,8 +142,23 @@ def run(a) -> int:
     from gpt2tune.generate.text import generate_texts
     from gpt2tune.method.io import load_run
 
-    s = sampling_from_args(a, a.num_return_sequences)
+    if a.best_of < 1:
+        raise UserError("--best-of must be at least 1")
+    s = sampling_from_args(a, a.num_return_sequences * a.best_of)
     form = form_from_args(a)
+    if a.rank_by is not None and a.best_of == 1:
+        raise UserError("--rank-by ranks the samples of --best-of N (N > 1)")
+    if a.best_of > 1 and (a.stream or s.num_beams > 1 or a.greedy):
+        raise UserError("--best-of samples several continuations: not with --stream, --greedy or beam search")
+    metric = None
+    if a.best_of > 1:
+        from gpt2tune.generate.best_of import POEM_METRICS, RANK_BY
+
+        metric = a.rank_by or ("poem" if form is not None else "logprob")
+        if metric not in RANK_BY:
+            raise UserError(f"--rank-by: unknown metric {metric!r}; valid: {', '.join(RANK_BY)}")
+        if metric in POEM_METRICS and form is None:
+            raise UserError(f"--rank-by {metric} scores poems: give a verse form (--form, or --rows and --cols)")
     prompts = read_prompts(a)
     if a.template:
         from gpt2tune.chat.prompt import find_prompt_template
@@ -156,6 +176,12 @@ def run(a) -> int:
     if a.stream:
         return _stream(model, tok, framing, prompts, s, form, a.json)
     samples, stats = generate_texts(model, tok, framing, prompts, s, form=form, batch_size=a.batch_size)
+    if a.best_of > 1:
+        from gpt2tune.generate.best_of import keep_best, scores_of
+
+        shape = (form.rows, form.cols) if form is not None else None
+        samples = keep_best(samples, scores_of(samples, metric, model, tok, framing, shape), a.num_return_sequences)
+        print(f"best of {a.best_of} by {metric}: scores {', '.join(f'{x.score:.4g}' for x in samples)}", file=sys.stderr)
     if a.json:
         print(json.dumps([dict(x.as_dict(), tokens_per_s=stats["tokens_per_s"]) for x in samples], ensure_ascii=False))
     else:

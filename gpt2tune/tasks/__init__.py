@@ -10,7 +10,7 @@ from __future__ import annotations
 import importlib
 
 TASKS = {"causal-lm": "gpt2tune.tasks.causal_lm", "chat": "gpt2tune.tasks.chat", "completion": "gpt2tune.tasks.completion",
-         "classification": "gpt2tune.tasks.classification"}
+         "classification": "gpt2tune.tasks.classification", "preference": "gpt2tune.tasks.preference"}
 
 
 def run_recipe(recipe, resume: bool = False, overwrite: bool = False, progress: bool = True) -> dict:

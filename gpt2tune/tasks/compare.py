@@ -10,6 +10,9 @@ model and scores the reference text is measured too. On a GPU the peak allocated
 is reported as well. The timed loop has no intermediate evaluation or checkpoint
 (`train.eval_every` and `train.save_every` are set to 0).
 
+Preference recipes (`task: preference`) compare validation loss, reward accuracy and reward margin
+before and after (and forgetting, with `compare.reference`).
+
 Forgetting is the perplexity of `compare.reference` (any data source, read with the
 recipe's data options) under the base model and under each fine-tuned model.
 
@@ -125,7 +128,8 @@ def work(job: dict) -> dict:
     else:
         from gpt2tune.tasks.common import load_base, train_val_texts
 
-        train_texts, _, _ = train_val_texts(recipe.data)
+        # (a tokenizer built from the data is read back from the first method's run folder)
+        train_texts = [] if recipe.task == "preference" else train_val_texts(recipe.data)[0]
         base = load_base(recipe.model, train_texts, Path(job["run"]), True, recipe.data.max_length, recipe.train.seed)
         if recipe.compare.reference:
             texts = reference_texts(recipe)
@@ -204,13 +208,30 @@ def _cls_row(name: str, lr: float, res: dict, run_dir: Path) -> dict:
     }
 
 
+PREF_COLUMNS = COLUMNS[:10] + [  # preference: reward accuracy and margin on the validation pairs
+    ("reward_accuracy_start", "reward acc before %", "{:.1f}"),
+    ("reward_accuracy", "reward acc after %", "{:.1f}"),
+    ("reward_margin", "reward margin after", "{:+.4f}"),
+] + COLUMNS[11:]
+
+
+def _pref_row(name: str, lr: float, res: dict, base: dict, run_dir: Path) -> dict:
+    row = _row(name, lr, res, base, run_dir)
+    rep = res["report"]
+    val, start = rep.get("validation") or {}, rep.get("validation_at_start") or {}
+    pct = lambda d: 100.0 * d["reward_accuracy"] if "reward_accuracy" in d else None  # noqa: E731
+    row.update(val_ppl=None, reward_accuracy_start=pct(start), reward_accuracy=pct(val),
+               reward_margin=val.get("reward_margin"), loss=rep.get("loss"), reference_seconds=rep.get("reference_seconds"))
+    return row
+
+
 def _row(name: str, lr: float, res: dict, base: dict, run_dir: Path) -> dict:
     rep = res["report"]
     params, val, start = rep["parameters"], rep.get("validation") or {}, rep.get("validation_at_start") or {}
     row = {
         "method": name, "lr": lr, "trainable": params["trainable"], "total": params["total"],
         "trainable_percent": params["percent"], "peak_rss_mb": res["peak_rss_bytes"] / 2**20,
-        "peak_rss_over_base_mb": (res["peak_rss_bytes"] - base["peak_rss_bytes"]) / 2**20,
+        "peak_rss_over_base_mb": (res["peak_rss_bytes"] - base["peak_rss_bytes"]) / 2**20 if base else None,
         "gpu_peak_mb": res["gpu_peak_bytes"] / 2**20 if res.get("gpu_peak_bytes") else None,
         "steps": rep["steps"], "seconds_per_step": rep["train_seconds"] / max(rep["steps"], 1),
         "tokens_per_s": rep["train_tokens_per_s"], "saved_mb": _saved_bytes(run_dir) / 2**20,
@@ -228,8 +249,8 @@ def markdown_table(rows: list[dict], columns=None) -> str:
 
 
 def write_reports(folder: Path, rows: list[dict], base: dict, meta: dict) -> str:
-    classification = meta.get("task") == "classification"
-    table = markdown_table(rows, CLS_COLUMNS if classification else COLUMNS)
+    classification, preference = meta.get("task") == "classification", meta.get("task") == "preference"
+    table = markdown_table(rows, CLS_COLUMNS if classification else PREF_COLUMNS if preference else COLUMNS)
     notes = [
         f"# Fine-tuning methods compared: {meta['data']}", "",
         f"Base: {meta['base']}. Budget: {meta['steps']} optimizer steps of batch {meta['batch_size']} "
@@ -243,6 +264,8 @@ def write_reports(folder: Path, rows: list[dict], base: dict, meta: dict) -> str
         "- **s/step, tokens/s**: the training loop only (non-pad tokens; no evaluation or checkpoints inside)."
         if not classification else "- **s/step**: training time (LM pretraining stage included) over classifier steps.",
         "- **saved MB**: what the run saved for the method (model/ or adapter/, tokenizer files excluded).",
+        "- **val**: the recipe's validation pairs, before and after: preference loss, reward accuracy (the chosen "
+        "response's implicit reward above the rejected one's) and the mean reward margin." if preference else
         "- **val**: the recipe's validation split, before and after fine-tuning." if not classification else
         "- **accuracy, macro-F1**: the recipe's validation and test splits after training (as in each run's eval.json).",
     ]
@@ -253,11 +276,11 @@ def write_reports(folder: Path, rows: list[dict], base: dict, meta: dict) -> str
     write_csv(folder / "comparison.csv", rows)
     (folder / "comparison.json").write_text(json.dumps({"settings": meta, "base": base, "methods": rows}, indent=2,
                                                        ensure_ascii=False) + "\n", encoding="utf-8")
-    plot_comparison(rows, folder / "comparison.png", classification)
+    plot_comparison(rows, folder / "comparison.png", classification, preference)
     return table
 
 
-def plot_comparison(rows: list[dict], path: Path, classification: bool = False) -> None:
+def plot_comparison(rows: list[dict], path: Path, classification: bool = False, preference: bool = False) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -267,6 +290,8 @@ def plot_comparison(rows: list[dict], path: Path, classification: bool = False) 
     panels = [("trainable_percent", "trainable parameters (%)", True), ("peak_rss_mb", "peak RSS (MB)", False),
               ("seconds_per_step", "seconds per step", False), ("saved_mb", "saved size (MB)", True),
               ("val_ppl", "validation perplexity (after)", False), ("ref_ppl_after", "reference perplexity", False)]
+    if preference:
+        panels[4] = ("reward_accuracy", "validation reward accuracy (%, after)", False)
     if classification:
         panels[4:] = [("val_accuracy", "validation accuracy (%)", False), ("test_accuracy", "test accuracy (%)", False)]
     fig, axes = plt.subplots(2, 3, figsize=(13, 7))
@@ -282,7 +307,7 @@ def plot_comparison(rows: list[dict], path: Path, classification: bool = False) 
             ax.legend()
         if log and all(v > 0 for v in vals):
             ax.set_yscale("log")
-        if key.endswith("accuracy") and any(vals):  # differences of a few points: zoom in
+        if key.endswith("accuracy") and any(vals) and not preference:  # differences of a few points: zoom in
             ax.set_ylim(max(0.0, min(v for v in vals if v) - 5.0), 100.0)
         ax.set_title(title)
         ax.tick_params(axis="x", rotation=30)
@@ -298,8 +323,8 @@ def compare(recipe, methods: Optional[list[str]] = None, output: Optional[str] =
     from gpt2tune.tasks.common import log as default_log
 
     log = log or default_log
-    if recipe.task not in ("causal-lm", "classification"):
-        raise UserError(f"compare measures tasks causal-lm and classification, not {recipe.task}")
+    if recipe.task not in ("causal-lm", "classification", "preference"):
+        raise UserError(f"compare measures tasks causal-lm, classification and preference, not {recipe.task}")
     classification = recipe.task == "classification"
     if classification and recipe.compare.reference:
         raise UserError("compare.reference (forgetting) applies to causal-lm comparisons; remove it for classification")
@@ -320,6 +345,13 @@ def compare(recipe, methods: Optional[list[str]] = None, output: Optional[str] =
     if classification:
         base: dict = {}
         rows = [_cls_row(n, jobs[n]["train"]["lr"], results[n], folder / n) for n in names]
+    elif recipe.task == "preference":
+        base = {}
+        if recipe.compare.reference:
+            base_job = {"mode": "base", "recipe": jobs[names[0]], "run": str(folder / names[0]),
+                        "result": str(work_dir / "base.result.json")}
+            base = run_job(base_job, work_dir / "base.job.json", "scoring the base model", log)
+        rows = [_pref_row(n, jobs[n]["train"]["lr"], results[n], base, folder / n) for n in names]
     else:
         base_job = {"mode": "base", "recipe": jobs[names[0]], "run": str(folder / names[0]),
                     "result": str(work_dir / "base.result.json")}
