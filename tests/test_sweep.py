@@ -155,6 +155,8 @@ def test_metric_names_and_direction():
     assert parse_metric("test.macro_f1", "classification") == ("test", "macro_f1")
     assert parse_metric(None, "causal-lm") == ("validation", "perplexity")
     assert parse_metric(None, "classification") == ("validation", "accuracy")
+    assert parse_metric(None, "preference") == ("validation", "reward_accuracy")
+    assert metric_mode("reward_accuracy", None) == "max"
     assert metric_mode("loss", None) == "min" and metric_mode("macro_f1", None) == "max"
     assert metric_mode("tokens", "max") == "max"
     with pytest.raises(UserError, match="--mode"):

@@ -32,7 +32,7 @@ from gpt2tune.errors import UserError
 from gpt2tune.tasks import jobs
 
 LOWER_IS_BETTER = ("loss", "perplexity", "errors")
-HIGHER_IS_BETTER = ("accuracy", "macro_f1", "f1", "precision", "recall")
+HIGHER_IS_BETTER = ("accuracy", "macro_f1", "f1", "precision", "recall", "reward_accuracy", "reward_margin")
 _NUMBER = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$")
 
 
@@ -137,7 +137,7 @@ def parse_axis(spec: str) -> Axis:
 def parse_metric(text: Optional[str], task: str) -> tuple[str, str]:
     """'validation perplexity' / 'validation.perplexity' / 'perplexity' -> ('validation', 'perplexity')."""
     if not text:
-        return ("validation", "accuracy") if task == "classification" else ("validation", "perplexity")
+        return "validation", {"classification": "accuracy", "preference": "reward_accuracy"}.get(task, "perplexity")
     words = [w for w in re.split(r"[\s./]+", text.strip()) if w]
     if len(words) == 1:
         return "validation", words[0]

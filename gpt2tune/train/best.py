@@ -15,7 +15,7 @@ from typing import Optional
 from gpt2tune.errors import UserError
 
 LOWER_IS_BETTER = ("loss", "perplexity")
-HIGHER_IS_BETTER = ("accuracy", "macro_f1")
+HIGHER_IS_BETTER = ("accuracy", "macro_f1", "reward_accuracy", "reward_margin")
 
 
 def resolve_mode(metric: str, mode: str) -> str:
