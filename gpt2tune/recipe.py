@@ -319,7 +319,8 @@ def recipe_from_dict(raw: dict, overrides: list[str] = ()) -> Recipe:
         raise UserError(format_validation_error(err)) from None
 
 
-def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
+def load_raw(path: str | Path) -> dict:
+    """A recipe file's YAML as a mapping, before overrides and validation."""
     p = Path(path)
     if not p.is_file():
         raise UserError(f"recipe file not found: {p}")
@@ -327,7 +328,13 @@ def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
         raw = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
     except (yaml.YAMLError, UnicodeDecodeError) as err:
         raise UserError(f"recipe {p} is not valid YAML: {str(err).splitlines()[0]}") from None
-    return recipe_from_dict(raw, overrides)
+    if not isinstance(raw, dict):
+        raise UserError("invalid recipe: the top level must be a mapping of sections (task, model, data, ...)")
+    return raw
+
+
+def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
+    return recipe_from_dict(load_raw(path), overrides)
 
 
 def dump_recipe(recipe: Recipe, path: str | Path) -> None:

@@ -46,7 +46,8 @@ def add_parser(sub):
 
 
 def run(a) -> int:
-    from gpt2tune.tasks.sweep import load_raw, sweep
+    from gpt2tune.recipe import load_raw
+    from gpt2tune.tasks.sweep import sweep
 
     result = sweep(load_raw(a.recipe), a.grid, a.overrides, output=a.output, random_n=a.random, seed=a.seed,
                    metric=a.metric, mode=a.mode, overwrite=a.overwrite, progress=not a.no_progress,

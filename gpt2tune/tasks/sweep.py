@@ -190,19 +190,6 @@ def plan_points(axes: list[Axis], random_n: Optional[int], seed: int) -> list[di
     return [dict(zip(fields, combo)) for combo in itertools.product(*(a.grid_values() for a in axes))]
 
 
-def load_raw(path: str | Path) -> dict:
-    p = Path(path)
-    if not p.is_file():
-        raise UserError(f"recipe file not found: {p}")
-    try:
-        raw = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
-    except (yaml.YAMLError, UnicodeDecodeError) as err:
-        raise UserError(f"recipe {p} is not valid YAML: {str(err).splitlines()[0]}") from None
-    if not isinstance(raw, dict):
-        raise UserError("invalid recipe: the top level must be a mapping of sections (task, model, data, ...)")
-    return raw
-
-
 # -- running ----------------------------------------------------------------------------------
 
 
