@@ -22,7 +22,7 @@ from gpt2tune.data.dataset import epoch_batches
 from gpt2tune.errors import UserError
 from gpt2tune.train.device import autocast, pick_device, pick_precision
 from gpt2tune.train.objective import count_targets, lm_loss
-from gpt2tune.train.optim import build_optimizer, clip_and_step
+from gpt2tune.train.optim import build_optimizer, optimizer_step
 
 
 def smooth(losses: list[float], beta: float = 0.98) -> list[float]:
@@ -110,14 +110,7 @@ def lr_range_test(model, train_rows: list, collate: Callable, cfg, loss_fn=lm_lo
             part = loss * (n / total)
             (scaler.scale(part) if scaler is not None else part).backward()
             loss_sum += float(loss.detach()) * n / total
-        if scaler is not None:
-            scaler.unscale_(opt)
-            if cfg.grad_clip:
-                torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-            scaler.step(opt)
-            scaler.update()
-        else:
-            clip_and_step(opt, params, cfg.grad_clip)
+        optimizer_step(opt, params, cfg.grad_clip, scaler)
         opt.zero_grad(set_to_none=True)
         bar.update(1)
         if not math.isfinite(loss_sum):

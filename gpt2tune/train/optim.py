@@ -17,6 +17,19 @@ def build_optimizer(model, lr: float, weight_decay: float, betas, device: torch.
     return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), **kw)
 
 
+def optimizer_step(opt, params, max_norm: float, scaler=None) -> None:
+    """One update: with an fp16 `GradScaler`, unscale, clip, step unless a gradient overflowed and
+    adapt the scale; else `clip_and_step`."""
+    if scaler is None:
+        clip_and_step(opt, params, max_norm)
+        return
+    scaler.unscale_(opt)
+    if max_norm:
+        torch.nn.utils.clip_grad_norm_(params, max_norm)
+    scaler.step(opt)
+    scaler.update()
+
+
 def clip_and_step(opt, params, max_norm: float) -> None:
     """`clip_grad_norm_(params, max_norm)` then `opt.step()`. A fused optimizer takes the clip
     factor inside its kernel (as AMP's gradient scale, which it divides the gradients by) instead of
