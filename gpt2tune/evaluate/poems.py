@@ -2,7 +2,12 @@
 
 A sample complies with an R x C form when its text is exactly R lines of C CJK characters,
 line i followed by "，" when i is odd and "。" when i is even (counted from 1), and nothing else.
-Rhyme and tone come from `evaluate.prosody` (see its approximations).
+Rhyme and tone come from one of two sources, `prosody`:
+- "classical": the 平水韻 table (`evaluate.classical`): entering-tone characters are oblique, rhyme
+  is the same 平水韻 group. A polyphonic character satisfies a check when one of its readings does;
+  the poem's rhyme group is the group of line 2's last character that most even lines share.
+- "modern" (the library default): today's readings from pypinyin (`evaluate.prosody`, see its
+  approximations).
 
 Tone-pattern conformity is the share of these regulated-verse checks that hold (checks that
 involve a character of unknown tone are skipped):
@@ -11,7 +16,7 @@ involve a character of unknown tone are skipped):
 - couplets are opposed (對): the 2nd character of an odd line differs from that of the next line;
 - couplets stick (黏): the 2nd character of an even line matches that of the next odd line;
 - even (rhyming) lines end on a level tone.
-Rhyme rate: share of even lines from line 4 on whose last character has line 2's rhyme key.
+Rhyme rate: share of even lines from line 4 on whose last character has line 2's rhyme (key or group).
 """
 
 from __future__ import annotations
@@ -22,9 +27,11 @@ from dataclasses import asdict, dataclass
 from typing import Optional, Sequence
 
 from gpt2tune.data.poetry import FORMS, is_cjk
+from gpt2tune.evaluate import classical
 from gpt2tune.evaluate.prosody import LEVEL, analyse
 
 COMMA, STOP = "，", "。"
+PROSODIES = ("classical", "modern")
 _CLAUSE = re.compile(r"[，。？！；、,.?!;：:\s]+")
 
 
@@ -55,30 +62,45 @@ def loose_lines(text: str, rows: int) -> list[str]:
     return [c for c in _CLAUSE.split(text) if c][:rows]
 
 
-def rhyme_checks(lines: Sequence[str]) -> tuple[int, int]:
+def _check_prosody(prosody: str) -> None:
+    if prosody not in PROSODIES:
+        raise ValueError(f"prosody must be one of {', '.join(PROSODIES)}, not {prosody!r}")
+
+
+def rhyme_checks(lines: Sequence[str], prosody: str = "modern") -> tuple[int, int]:
     """(rhyming even lines from line 4 on, even lines from line 4 on)."""
+    _check_prosody(prosody)
     if len(lines) < 2 or not lines[1]:
         return 0, max(0, len(lines) // 2 - 1)
+    ends = [lines[i][-1] if lines[i] else None for i in range(3, len(lines), 2)]
+    if prosody == "classical":
+        groups = [classical.rhyme_groups(ch) if ch else frozenset() for ch in ends]
+        hits = max((sum(g in gs for gs in groups) for g in classical.rhyme_groups(lines[1][-1])), default=0)
+        return hits, len(ends)
     key = analyse(lines[1][-1])[0][0]
-    hits = total = 0
-    for i in range(3, len(lines), 2):
-        total += 1
-        if lines[i] and key is not None and analyse(lines[i][-1])[0][0] == key:
-            hits += 1
-    return hits, total
+    hits = sum(1 for ch in ends if ch and key is not None and analyse(ch)[0][0] == key)
+    return hits, len(ends)
 
 
-def tone_checks(lines: Sequence[str]) -> tuple[int, int]:
+def _tone_sets(line: str, prosody: str) -> list[frozenset]:
+    """The possible tones of each character (empty: unknown)."""
+    if prosody == "classical":
+        return [info.tones for info in classical.analyse(line)]
+    return [frozenset() if t is None else frozenset((t,)) for _, t in analyse(line)]
+
+
+def tone_checks(lines: Sequence[str], prosody: str = "modern") -> tuple[int, int]:
     """(satisfied, evaluated) tone-pattern checks; see the module docstring."""
-    tones = [[t for _, t in analyse(line)] for line in lines]
+    _check_prosody(prosody)
+    tones = [_tone_sets(line, prosody) for line in lines]
     ok = n = 0
 
     def check(a, b, same: bool):
         nonlocal ok, n
-        if a is None or b is None:
+        if not a or not b:
             return
         n += 1
-        ok += (a == b) == same
+        ok += any((x == y) == same for x in a for y in b)
 
     def at(i, j):
         return tones[i][j] if 0 <= j < len(tones[i]) else None
@@ -88,10 +110,25 @@ def tone_checks(lines: Sequence[str]) -> tuple[int, int]:
         if len(ts) >= 7:
             check(at(i, 3), at(i, 5), False)
         if i % 2 == 1 and ts:
-            check(ts[-1], LEVEL, True)
+            check(ts[-1], frozenset((LEVEL,)), True)
         if i + 1 < len(tones):
             check(at(i, 1), at(i + 1, 1), i % 2 == 1)
     return ok, n
+
+
+def unclassified_chars(texts: Sequence[str], prosody: str = "modern") -> str:
+    """The distinct Chinese characters of `texts` whose tone the prosody source does not know, in order."""
+    _check_prosody(prosody)
+    chars = [ch for t in texts for ch in t if is_cjk(ch)]
+    if prosody == "classical":
+        return "".join(classical.unclassified(chars))
+    seen, out = set(), []
+    for ch in chars:
+        if ch not in seen:
+            seen.add(ch)
+            if analyse(ch)[0][1] is None:
+                out.append(ch)
+    return "".join(out)
 
 
 def repeated_char_rate(lines: Sequence[str]) -> float:
@@ -123,7 +160,7 @@ class PoemMetrics:
         return {k: (round(v, 4) if isinstance(v, float) else v) for k, v in asdict(self).items()}
 
 
-def poem_metrics(texts: Sequence[str], rows: int, cols: int) -> PoemMetrics:
+def poem_metrics(texts: Sequence[str], rows: int, cols: int, prosody: str = "modern") -> PoemMetrics:
     """Metrics over a set of sample texts (the poem only: no title, no framing tokens).
 
     Compliance needs the exact form; the other metrics use the exact lines of compliant samples
@@ -131,6 +168,7 @@ def poem_metrics(texts: Sequence[str], rows: int, cols: int) -> PoemMetrics:
     """
     if not texts:
         raise ValueError("no samples to evaluate")
+    _check_prosody(prosody)
     poems, compliant = [], 0
     rh = rt = th = tt = 0
     rep = 0.0
@@ -139,9 +177,9 @@ def poem_metrics(texts: Sequence[str], rows: int, cols: int) -> PoemMetrics:
         compliant += lines is not None
         lines = lines if lines is not None else loose_lines(t, rows)
         poems.append(lines)
-        a, b = rhyme_checks(lines)
+        a, b = rhyme_checks(lines, prosody)
         rh, rt = rh + a, rt + b
-        a, b = tone_checks(lines)
+        a, b = tone_checks(lines, prosody)
         th, tt = th + a, tt + b
         rep += repeated_char_rate(lines)
     return PoemMetrics(samples=len(texts), form_compliance=compliant / len(texts),

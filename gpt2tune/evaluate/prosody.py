@@ -1,5 +1,6 @@
-"""Rhyme and tone of Chinese characters from `pypinyin`: the one definition that both the
-verse-form constraint (`generate.forms`) and the poem metrics (`evaluate.poems`) use.
+"""Rhyme and tone of Chinese characters from `pypinyin` (modern readings): what the verse-form
+constraint (`generate.forms`) uses, and the poem metrics (`evaluate.poems`) with prosody "modern".
+The classical view (平水韻 groups, entering tones oblique) is `evaluate.classical`.
 
 Approximations (modern Mandarin standing in for Middle Chinese):
 - Rhyme: two characters rhyme when their rhyme keys are equal. The key is the character's
