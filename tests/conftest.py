@@ -3,6 +3,10 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("MPLBACKEND", "Agg")
+# the corpus cache of the runs the tests make: a temporary folder, not the user's ~/.cache
+import tempfile  # noqa: E402
+
+os.environ.setdefault("GPT2TUNE_CACHE_DIR", tempfile.mkdtemp(prefix="gpt2tune-test-cache-"))
 
 from pathlib import Path
 

@@ -5,7 +5,9 @@ import pytest
 from conftest import BERT_ZH, GPT2_BPE, POEMS, TANG_MINI, need, write_recipe
 from gpt2tune.data.poetry import FORMS
 from gpt2tune.errors import UserError
+from gpt2tune.evaluate import classical
 from gpt2tune.evaluate.poems import parse_poem, poem_metrics
+from gpt2tune.evaluate.prosody import LEVEL
 from gpt2tune.generate.forms import FormSpec, form_spec, poem_prefix
 from gpt2tune.generate.sampling import Sampling
 from gpt2tune.generate.text import generate_texts
@@ -79,6 +81,16 @@ def test_rhyme_and_no_repeat_chars_hold_by_the_metric(poem_run):
             m = _check([x.text for x in samples], spec, [""])
             assert m.form_compliance == 1.0 and m.rhyme_rate == 1.0, (name, form)
             assert m.repeated_char_rate == 0.0
+        # classical rhyme: even lines end on level-tone characters of line 2's 平水韻 group
+        spec = form_spec("qiyan-lvshi", rhyme=True, prosody="classical")
+        samples, _ = generate_texts(model, tok, fr, [""], Sampling(top_k=40, seed=5, num_return_sequences=50),
+                                    form=spec)
+        texts = [x.text for x in samples]
+        assert poem_metrics(texts, 8, 7, "classical").rhyme_rate == 1.0, name
+        for t in texts:
+            ends = [line[-1] for line in parse_poem(t, 8, 7)[1::2]]
+            groups = [{r.group for r in classical.info(ch).readings if r.tone == LEVEL} for ch in ends]
+            assert set.intersection(*groups), (name, t)
         # without the constraint the same model rarely rhymes: the constraint, not the model, does it
         spec = form_spec("qiyan-lvshi")
         samples, _ = generate_texts(model, tok, fr, [""], Sampling(top_k=40, seed=5, num_return_sequences=50), form=spec)
@@ -154,7 +166,7 @@ def test_cli_forms_json_and_eval_poems(tiny_zh_model, run_cli):
     for smp in samples:
         lines = parse_poem(smp["text"], 4, 5)
         assert lines and [l[0] for l in lines] == list("白黃欲更")
-    assert poem_metrics([x["text"] for x in samples], 4, 5).rhyme_rate == 1.0
+    assert poem_metrics([x["text"] for x in samples], 4, 5, "classical").rhyme_rate == 1.0  # --prosody's default
     code, out, err = run_cli("generate", tiny_zh_model, "--rows", "2", "--cols", "3", "--prompt", "白日", "--seed", "2")
     assert code == 0 and parse_poem(out.strip(), 2, 3) and out.startswith("白日")
     code, out, err = run_cli("eval-poems", tiny_zh_model, "--form", "wuyan-jueju", "-n", "6", "--seed", "1", "--json")

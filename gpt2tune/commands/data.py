@@ -1,4 +1,4 @@
-"""`gpt2tune data inspect SPEC`."""
+"""`gpt2tune data inspect SPEC` and `gpt2tune data prepare RECIPE`."""
 
 from __future__ import annotations
 
@@ -26,9 +26,48 @@ def add_parser(sub):
     q.add_argument("--simplified", action="store_true", help="chinese-poetry: convert to simplified characters")
     q.add_argument("-n", type=int, default=3, help="examples to show")
     q.add_argument("--json", action="store_true")
+    r = dsub.add_parser("prepare", help="tokenize a recipe's data into the corpus cache before training",
+                        description="Read, clean and tokenize the recipe's data (task causal-lm; text, jsonl, csv, "
+                                    "tsv and chinese-poetry sources) into the memory-mapped corpus cache "
+                                    "(data.cache_dir), so that training, on one process or several, starts from it.",
+                        epilog="Example: gpt2tune data prepare recipes/english-gpt2.yaml --set data.source=text:book.txt")
+    r.add_argument("recipe", help="path to a YAML recipe")
+    r.add_argument("--set", dest="overrides", action="append", default=[], metavar="FIELD=VALUE",
+                   help="override any recipe field, e.g. --set data.num_proc=2 (repeatable)")
+    r.add_argument("--no-progress", action="store_true", help="no progress bar")
+    r.add_argument("--json", action="store_true")
+
+
+def prepare(a) -> int:
+    from gpt2tune.recipe import load_recipe
+    from gpt2tune.tasks.causal_lm import prepare_corpus
+
+    recipe = load_recipe(a.recipe, a.overrides)
+    if recipe.task != "causal-lm":
+        raise UserError(f"data prepare: task {recipe.task} is tokenized in memory at each run; only causal-lm "
+                        f"recipes use the corpus cache")
+    if not recipe.data.cache:
+        raise UserError("data prepare: the recipe sets data.cache: false")
+    corpus = prepare_corpus(recipe, progress=not a.no_progress)
+    if corpus is None:
+        raise UserError(f"data prepare: {recipe.data.source} is not cached (text, jsonl, csv, tsv and "
+                        f"chinese-poetry sources are; builtin: and hf: are read at each run)")
+    info = {"entry": str(corpus.folder), "built": not corpus.hit, "dtype": corpus.meta["dtype"],
+            "train_documents": len(corpus.train), "validation_documents": len(corpus.val),
+            "train_tokens": corpus.train.total_tokens, "validation_tokens": corpus.val.total_tokens,
+            "stats": corpus.stats}
+    if a.json:
+        print(json.dumps(info, ensure_ascii=False, indent=2))
+    else:
+        print(f"{'built' if info['built'] else 'already cached'}: {info['entry']}\n"
+              f"train {info['train_documents']:,} documents, {info['train_tokens']:,} tokens; validation "
+              f"{info['validation_documents']:,} documents, {info['validation_tokens']:,} tokens ({info['dtype']})")
+    return 0
 
 
 def run(a) -> int:
+    if a.data_cmd == "prepare":
+        return prepare(a)
     from gpt2tune.data import sources
     from gpt2tune.data.clean import clean_all
     from gpt2tune.data.inspect import format_report, inspect_texts

@@ -35,9 +35,6 @@ def add_parser(sub):
     p.add_argument("--prompt", default="", help="start of every poem (default: none)")
     p.add_argument("--batch-size", type=int, default=50, help="samples decoded together (default 50)")
     p.add_argument("--json", action="store_true", help="print the metrics (and a few examples) as JSON")
-    p.add_argument("--prosody", choices=["classical", "modern"], default="classical",
-                   help="tones and rhymes by the 平水韻 rhyme book (classical, the default) or by today's "
-                        "Mandarin readings from pypinyin (modern)")
     add_decoding_args(p)
 
 

@@ -35,7 +35,10 @@ def add_decoding_args(p, default_top_k: int = 40) -> None:
     f.add_argument("--rows", type=int, help="custom form: number of lines (with --cols)")
     f.add_argument("--cols", type=int, help="custom form: characters per line (with --rows)")
     f.add_argument("--acrostic", help="line i starts with the i-th of these characters (藏頭詩)")
-    f.add_argument("--rhyme", action="store_true", help="even lines end on the rhyme of line 2 (pypinyin finals)")
+    f.add_argument("--rhyme", action="store_true", help="even lines end on the rhyme of line 2 (see --prosody)")
+    f.add_argument("--prosody", choices=["classical", "modern"], default="classical",
+                   help="rhymes (and eval-poems' tones) by the 平水韻 rhyme book: level-tone groups, entering tones "
+                        "oblique (classical, the default), or by today's Mandarin readings from pypinyin (modern)")
     f.add_argument("--no-repeat-chars", action="store_true", help="no character twice in a poem")
 
 
@@ -93,7 +96,7 @@ def sampling_from_args(a, num_return_sequences: int):
 def form_from_args(a):
     from gpt2tune.generate.forms import form_spec
 
-    return form_spec(a.form, a.rows, a.cols, a.acrostic, a.rhyme, a.no_repeat_chars)
+    return form_spec(a.form, a.rows, a.cols, a.acrostic, a.rhyme, a.no_repeat_chars, a.prosody)
 
 
 def add_parser(sub):

@@ -11,7 +11,10 @@ import random
 from dataclasses import dataclass, field
 from typing import Optional
 
+import numpy as np
 import torch
+
+from gpt2tune.data.cache import TokenStore
 
 IGNORE = -100
 
@@ -67,9 +70,17 @@ def split_indices(n: int, val_fraction: float, seed: int) -> tuple[list[int], li
 # --------------------------------------------------------------------------- batches
 
 
-def epoch_batches(seqs: list[list[int]], batch_size: int, mode: str, seed: int, epoch: int,
-                  block: int) -> list[list[list[int]]]:
-    """The batches (lists of token rows) of one epoch, in order.
+def lengths_of(seqs) -> np.ndarray:
+    """The length of every row (int64): a TokenStore's offsets, or len() of each row of a list."""
+    if isinstance(seqs, TokenStore):
+        return seqs.lengths
+    return np.fromiter(map(len, seqs), dtype=np.int64, count=len(seqs))
+
+
+def epoch_batches(seqs, batch_size: int, mode: str, seed: int, epoch: int, block: int) -> "EpochBatches":
+    """The batches (lists of token rows) of one epoch, in order: a sequence built lazily, batch by
+    batch, from `seqs` (a list of rows, or a memory-mapped TokenStore), so an epoch of a large corpus
+    costs a few integers per document, never a copy of its tokens.
 
     pad:   shuffle, then consecutive samples (each batch padded to its longest)
     group: shuffle, sort by length inside windows of 64 batches, shuffle the batches
@@ -77,37 +88,114 @@ def epoch_batches(seqs: list[list[int]], batch_size: int, mode: str, seed: int, 
     pack:  shuffle, concatenate, cut into rows of exactly `block` tokens (no padding); each row is
            a `Packed` that knows where its documents start, so that `collate` gives every document its
            own causal attention, positions from 0 and no label across a boundary
+
+    The plan is a pure function of (seed, epoch) and the rows' lengths: the same for a list and for a
+    TokenStore of the same rows.
     """
     rng = random.Random(f"{seed}:{epoch}")
     order = list(range(len(seqs)))
     rng.shuffle(order)
+    order = np.asarray(order, dtype=np.int64)
     if mode == "pack":
-        stream: list[int] = []
-        starts: list[int] = []  # offsets in the stream where a document begins
-        for i in order:
-            starts.append(len(stream))
-            stream += seqs[i]
-        rows, k = [], 0
-        for a in range(0, len(stream), block):
-            while k < len(starts) and starts[k] < a:
-                k += 1
-            j = k
-            while j < len(starts) and starts[j] < a + block:
-                j += 1
-            # a row that begins inside a document starts a fragment of it: offset 0 is a start too
-            rows.append(Packed(stream[a : a + block], sorted({0, *(s - a for s in starts[k:j])})))
-            k = j
-        rows = [r for r in rows if len(r) > 1]
-        return [rows[i : i + batch_size] for i in range(0, len(rows), batch_size)]
+        return _PackedBatches(seqs, order, batch_size, block)
     if mode == "group":
+        lengths = lengths_of(seqs)
         window = batch_size * 64
-        grouped = []
+        parts, bounds = [], [0]
         for w in range(0, len(order), window):
-            chunk = sorted(order[w : w + window], key=lambda i: len(seqs[i]))
-            grouped += [chunk[i : i + batch_size] for i in range(0, len(chunk), batch_size)]
-        rng.shuffle(grouped)
-        return [[seqs[i] for i in b] for b in grouped]
-    return [[seqs[i] for i in order[b : b + batch_size]] for b in range(0, len(order), batch_size)]
+            chunk = order[w : w + window]
+            chunk = chunk[np.argsort(lengths[chunk], kind="stable")]  # = sorted(chunk, key=len): stable
+            parts.append(chunk)
+            bounds += [w + min(i + batch_size, len(chunk)) for i in range(0, len(chunk), batch_size)]
+        flat = np.concatenate(parts) if parts else order
+        which = list(range(len(bounds) - 1))
+        rng.shuffle(which)  # the permutation shuffling the list of batches would apply
+        return _IndexBatches(seqs, flat, np.asarray(bounds, dtype=np.int64), np.asarray(which, dtype=np.int64))
+    bounds = np.asarray([*range(0, len(order), batch_size), len(order)], dtype=np.int64)
+    return _IndexBatches(seqs, order, bounds, np.arange(len(bounds) - 1, dtype=np.int64))
+
+
+class EpochBatches:
+    """A read-only sequence of batches; batch k is built when asked for."""
+
+    def __len__(self) -> int:
+        raise NotImplementedError
+
+    def batch(self, k: int) -> list:
+        raise NotImplementedError
+
+    def __getitem__(self, k):
+        if isinstance(k, slice):
+            return [self.batch(j) for j in range(*k.indices(len(self)))]
+        if k < 0:
+            k += len(self)
+        if not 0 <= k < len(self):
+            raise IndexError(k)
+        return self.batch(k)
+
+    def __iter__(self):
+        return (self.batch(k) for k in range(len(self)))
+
+    def __eq__(self, other):  # equal to the list of the same batches
+        if isinstance(other, (EpochBatches, list)):
+            return len(self) == len(other) and list(self) == list(other)
+        return NotImplemented
+
+    __hash__ = None
+
+
+class _IndexBatches(EpochBatches):
+    """Batch k is the rows flat[bounds[which[k]] : bounds[which[k] + 1]]."""
+
+    def __init__(self, seqs, flat, bounds, which):
+        self.seqs, self.flat, self.bounds, self.which = seqs, flat, bounds, which
+
+    def __len__(self) -> int:
+        return len(self.which)
+
+    def batch(self, k: int) -> list:
+        g = int(self.which[k])
+        return [self.seqs[int(i)] for i in self.flat[self.bounds[g] : self.bounds[g + 1]]]
+
+
+class _PackedBatches(EpochBatches):
+    """The documents in `order` laid end to end and cut every `block` tokens; rows of one token
+    (a last row's lone token predicts nothing) are left out."""
+
+    def __init__(self, seqs, order, batch_size, block):
+        self.seqs, self.order, self.bs, self.block = seqs, order, batch_size, block
+        lengths = lengths_of(seqs)[order]
+        self.starts = np.zeros(len(order) + 1, dtype=np.int64)  # where each document begins in the stream
+        np.cumsum(lengths, out=self.starts[1:])
+        total = int(self.starts[-1])
+        self.n_rows = -(-total // block)
+        if self.n_rows and total - (self.n_rows - 1) * block <= 1:
+            self.n_rows -= 1
+
+    def __len__(self) -> int:
+        return -(-self.n_rows // self.bs)
+
+    def row(self, r: int) -> "Packed":
+        a, b = r * self.block, (r + 1) * self.block
+        st = self.starts
+        k0 = int(np.searchsorted(st, a, side="right")) - 1  # the document holding token a
+        k1 = int(np.searchsorted(st, b, side="left"))  # the first document starting at or after b
+        k1 = min(k1, len(self.order))
+        store = self.seqs if isinstance(self.seqs, TokenStore) else None
+        ids: list[int] = []
+        for j in range(max(k0, 0), k1):
+            lo, hi = max(a, int(st[j])) - int(st[j]), min(b, int(st[j + 1])) - int(st[j])
+            if hi <= lo:
+                continue
+            doc = int(self.order[j])
+            ids += store.ids(doc)[lo:hi].tolist() if store is not None else list(self.seqs[doc][lo:hi])
+        # a row that begins inside a document starts a fragment of it: offset 0 is a start too
+        inside = st[max(k0, 0) : k1]
+        starts = sorted({0, *(int(s) - a for s in inside if s >= a)})
+        return Packed(ids, starts)
+
+    def batch(self, k: int) -> list:
+        return [self.row(r) for r in range(k * self.bs, min((k + 1) * self.bs, self.n_rows))]
 
 
 class Packed(list):

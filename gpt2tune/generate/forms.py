@@ -7,8 +7,11 @@ counted from the start of the poem, so a prompt of any length is first parsed as
 - a punctuation slot or the end: exactly that token;
 - a character slot: only tokens that are a single CJK character (no punctuation, [UNK], Latin,
   digits or special tokens), and with `acrostic` the given character at the start of line i;
-- `rhyme`: the last character of line 2 must belong to a rhyme class (`evaluate.prosody`) that
-  still has enough characters left, and the last characters of lines 4, 6, ... share its class;
+- `rhyme`: the last character of line 2 must belong to a rhyme class that still has enough
+  characters left, and the last characters of lines 4, 6, ... share its class. `prosody`
+  "classical": the class is the character's level-tone (平聲) group of the 平水韻 rhyme book
+  (`evaluate.classical`; regulated verse rhymes in level tones; a character without a level reading
+  cannot end an even line); "modern": its pypinyin final (`evaluate.prosody`);
 - `no_repeat`: no character twice in the poem (acrostic characters of later lines and the last
   members of the rhyme class are kept in reserve so the poem can always be finished).
 
@@ -25,7 +28,9 @@ import torch
 
 from gpt2tune.data.poetry import FORMS, is_cjk
 from gpt2tune.errors import UserError
-from gpt2tune.evaluate.prosody import analyse
+from gpt2tune.evaluate.prosody import LEVEL, analyse
+
+PROSODY = ("classical", "modern")
 
 COMMA, STOP = "，", "。"
 PUNCT_IN_PROMPT = {",": COMMA, "，": COMMA, ".": STOP, "。": STOP}
@@ -40,6 +45,7 @@ class FormSpec:
     acrostic: str = ""
     rhyme: bool = False
     no_repeat: bool = False
+    prosody: str = "modern"  # what `rhyme` means: see the module's docstring
 
     @property
     def slots(self) -> int:
@@ -47,8 +53,11 @@ class FormSpec:
 
 
 def form_spec(form: Optional[str] = None, rows: Optional[int] = None, cols: Optional[int] = None,
-              acrostic: Optional[str] = None, rhyme: bool = False, no_repeat: bool = False) -> Optional[FormSpec]:
+              acrostic: Optional[str] = None, rhyme: bool = False, no_repeat: bool = False,
+              prosody: str = "modern") -> Optional[FormSpec]:
     """Validate form options (CLI, server); None when no form is asked for."""
+    if prosody not in PROSODY:
+        raise UserError(f"unknown prosody {prosody!r}; valid: {', '.join(PROSODY)}")
     if form is not None and (rows is not None or cols is not None):
         raise UserError("give either --form or --rows/--cols, not both")
     if form is not None:
@@ -76,13 +85,22 @@ def form_spec(form: Optional[str] = None, rows: Optional[int] = None, cols: Opti
         raise UserError("--rhyme needs at least 4 lines (lines 4, 6, ... rhyme with line 2)")
     if rhyme and acrostic and cols < 2:
         raise UserError("--rhyme with --acrostic needs at least 2 characters per line")
-    return FormSpec(rows, cols, acrostic, rhyme, no_repeat)
+    return FormSpec(rows, cols, acrostic, rhyme, no_repeat, prosody)
+
+
+def rhyme_keys(chars: list[str], prosody: str) -> list[Optional[str]]:
+    """The rhyme class of each character (None: it cannot rhyme), as `FormSpec.prosody` defines it."""
+    if prosody == "modern":
+        return [key for key, _ in analyse(chars)]
+    from gpt2tune.evaluate.classical import info
+
+    return [min((r.group for r in info(ch).readings if r.tone == LEVEL), default=None) for ch in chars]
 
 
 class CharVocab:
     """The tokenizer's single-character CJK tokens, punctuation ids and rhyme classes."""
 
-    def __init__(self, tok, vocab_size: int):
+    def __init__(self, tok, vocab_size: int, prosody: str = "modern"):
         split = [ch for ch in PROBE if len(tok(ch, add_special_tokens=False)["input_ids"]) > 1]
         if split:
             n = len(tok(split[0], add_special_tokens=False)["input_ids"])
@@ -112,7 +130,7 @@ class CharVocab:
         self.n_chars = len(chars)
         keys = {}
         self.class_of = torch.full((vocab_size,), -1, dtype=torch.long)
-        for ch, (key, _) in zip(chars, analyse(chars)):
+        for ch, key in zip(chars, rhyme_keys(chars, prosody)):
             if key is not None:
                 self.class_of[self.char_to_id[ch]] = keys.setdefault(key, len(keys))
         self.class_names = list(keys)
@@ -130,10 +148,10 @@ class CharVocab:
 _VOCABS: dict = {}
 
 
-def char_vocab(tok, vocab_size: int) -> CharVocab:
-    key = (id(tok), vocab_size)
+def char_vocab(tok, vocab_size: int, prosody: str = "modern") -> CharVocab:
+    key = (id(tok), vocab_size, prosody)
     if key not in _VOCABS:
-        _VOCABS[key] = CharVocab(tok, vocab_size)
+        _VOCABS[key] = CharVocab(tok, vocab_size, prosody)
     return _VOCABS[key]
 
 
@@ -171,7 +189,7 @@ class FormConstraint:
 
     def __init__(self, tok, vocab_size: int, spec: FormSpec, prompts: list[str], eos_id: int):
         self.spec, self.eos = spec, eos_id
-        self.v = v = char_vocab(tok, vocab_size)
+        self.v = v = char_vocab(tok, vocab_size, spec.prosody)
         R, C = spec.rows, spec.cols
         if spec.no_repeat and v.n_chars < R * C:
             raise UserError(f"--no-repeat-chars needs {R * C} different characters but the vocabulary has {v.n_chars}")
@@ -212,7 +230,7 @@ class FormConstraint:
         if spec.no_repeat and len(set(chars)) < len(chars):
             raise UserError("the prompt repeats a character, which --no-repeat-chars forbids")
         if spec.rhyme and len(chars) >= 2 * C:
-            keys = [analyse(chars[(line + 1) * C - 1])[0][0] for line in range(1, len(chars) // C, 2)]
+            keys = rhyme_keys([chars[(line + 1) * C - 1] for line in range(1, len(chars) // C, 2)], spec.prosody)
             if keys[0] is None or any(k != keys[0] for k in keys):
                 raise UserError("the prompt's even lines do not rhyme (or line 2's last character has no known reading)")
 

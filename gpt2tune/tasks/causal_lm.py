@@ -1,8 +1,22 @@
-"""Task `causal-lm`: fine-tune a GPT-2 language model on text and sample from it."""
+"""Task `causal-lm`: fine-tune a GPT-2 language model on text and sample from it.
+
+Text sources (`text:`, `jsonl:`, `csv:`, `tsv:`, `chinese-poetry:`) go through the corpus cache
+(`data.cache`, on by default): read, cleaned and tokenized once into memory-mapped token ids keyed by
+the files' content, the tokenizer and the data settings; later runs (and every rank of a
+multi-process run) read that. Other sources (`builtin:`, `hf:`) are tokenized in memory at each run.
+"""
 
 from __future__ import annotations
 
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+from gpt2tune.data import cache, sources
+from gpt2tune.data.cache import CacheCorrupt, TokenStore
 from gpt2tune.data.dataset import tokenize_texts
+from gpt2tune.errors import UserError
 from gpt2tune.generate.text import complete
 from gpt2tune.method import apply_method
 from gpt2tune.recipe import Recipe, dump_recipe
@@ -12,17 +26,165 @@ from gpt2tune.train import distributed as dist
 from gpt2tune.train.device import pick_device
 from gpt2tune.train.loop import Data
 
+CACHED_KINDS = ("text", "jsonl", "csv", "tsv", "chinese-poetry")
+# data settings that do not change the tokens of a causal-lm corpus (or belong to other tasks)
+NOT_IN_KEY = {"cache", "cache_dir", "num_proc", "batching", "label_field", "balance", "split", "test"}
+
+
+@dataclass
+class Corpus:
+    folder: Path  # the cache entry
+    meta: dict
+    train: TokenStore
+    val: TokenStore
+    hit: bool  # read from an earlier build
+
+    @property
+    def stats(self) -> dict:
+        return dict(self.meta["stats"])
+
+
+def _source_files(spec: str) -> Optional[list[Path]]:
+    """The files a source reads, or None when it is not cached (its reader then runs as before)."""
+    from gpt2tune.data import poetry
+
+    kind, rest = sources.split_spec(spec)
+    if kind not in CACHED_KINDS:
+        return None
+    if kind == "chinese-poetry":
+        return sorted(poetry.find_files(rest))
+    p = Path(rest)
+    return [p] if p.is_file() else None  # a missing file: the reader's own error
+
+
+def _tokenizer_of(model_cfg):
+    """The tokenizer `load_base` would use (model.tokenizer, else the base model's), without the model."""
+    from gpt2tune.model.resolve import resolve_model_dir
+    from gpt2tune.model.tokenizer import load_tokenizer
+
+    if model_cfg.tokenizer:
+        return load_tokenizer(model_cfg.tokenizer)
+    if not model_cfg.name:
+        raise UserError("model.init: scratch needs model.tokenizer ('from-data' or a tokenizer folder)")
+    return load_tokenizer(resolve_model_dir(model_cfg.name, model_cfg.revision))
+
+
+def prepare_corpus(recipe: Recipe, run_dir: Optional[Path] = None, resume: bool = False, progress: bool = True,
+                   build: bool = True) -> Optional[Corpus]:
+    """The recipe's training and validation corpus from the cache, built first when missing, damaged
+    or out of date; None when the recipe's sources are not cached (data.cache false, builtin:, hf:)."""
+    from gpt2tune.model.tokenizer import build_tokenizer, framing_of, load_tokenizer
+
+    d = recipe.data
+    if not d.cache:
+        return None
+    specs = [s for s in (d.source, d.validation) if s]
+    files = {s: _source_files(s) for s in specs}
+    if any(f is None for f in files.values()):
+        return None
+    root = Path(d.cache_dir).expanduser() if d.cache_dir else cache.default_root()
+    parts = {"task": "causal-lm",
+             "sources": {s: [cache.file_fingerprint(f) for f in fs] for s, fs in files.items()},
+             "settings": recipe.data.model_dump(mode="json", exclude=NOT_IN_KEY)}
+    from_data = recipe.model.tokenizer == "from-data"
+    run_tok = Path(run_dir) / "tokenizer" if (run_dir is not None and from_data and resume) else None
+    keys = []
+    if from_data:  # the tokenizer is built from the data and kept in the entry
+        keys.append(cache.entry_key({**parts, "tokenizer": f"from-data:{recipe.model.vocab_size}"}))
+    if from_data and not (run_tok is not None and run_tok.is_dir()):
+        tok, fp = None, None
+    else:  # (a resumed from-data run keeps its own tokenizer: an entry built with another is not used)
+        tok = load_tokenizer(run_tok) if from_data else _tokenizer_of(recipe.model)
+        framing_of(tok)  # (may set a pad token, as load_base does)
+        fp = cache.tokenizer_fingerprint(tok)
+        keys.append(cache.entry_key({**parts, "tokenizer": fp}))
+    for key in dict.fromkeys(keys):
+        folder = root / key
+        if not folder.is_dir():
+            continue
+        try:
+            meta, stores = cache.open_entry(folder)
+        except CacheCorrupt as err:
+            if not build:
+                raise UserError(f"data cache entry {folder} is damaged ({err}); run on one process to rebuild it") from None
+            log(f"note: data cache entry {folder} is damaged ({err}); rebuilding it")
+            cache.discard(folder)
+            continue
+        if fp is not None and meta["tokenizer"] != fp:
+            continue
+        return Corpus(folder, meta, stores["train"], stores["val"], True)
+    if not build:
+        raise UserError(f"data cache entry {root / keys[-1]} is missing (the first process builds it)")
+
+    folder = root / keys[-1]
+    train, val, stats = train_val_texts(d)
+    tmp = cache.new_entry(root)
+    try:
+        if tok is None:
+            tok = build_tokenizer(train, tmp / "tokenizer", recipe.model.vocab_size)
+            tok = load_tokenizer(tmp / "tokenizer")  # as every run will load it
+            framing_of(tok)
+            fp = cache.tokenizer_fingerprint(tok)
+        fr = framing_of(tok)
+        from gpt2tune.data.corpus import tokenize_splits
+
+        dtype = cache.token_dtype(len(tok))
+        metas, truncated = tokenize_splits(tok, {"train": train, "val": val}, tmp, fr.bos, fr.eos, d.max_length,
+                                           d.long_samples == "split", dtype, d.num_proc, progress)
+        del train, val
+        stats.update(truncated=truncated, train_tokens=metas["train"]["tokens"])
+        import numpy as np
+
+        meta = {"dtype": np.dtype(dtype).name, "splits": metas, "stats": stats, "tokenizer": fp,
+                "vocab_size": len(tok), "framing": [fr.bos, fr.eos], "key": parts}
+        cache.commit(tmp, folder, meta)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    meta, stores = cache.open_entry(folder)
+    return Corpus(folder, meta, stores["train"], stores["val"], False)
+
+
+def cached_corpus(recipe: Recipe, run_dir: Path, resume: bool, progress: bool) -> Optional[Corpus]:
+    """prepare_corpus on rank 0 (which builds a missing entry) and then on the other ranks (which read
+    it); a from-data tokenizer is copied from the entry into RUN/tokenizer."""
+    corpus = prepare_corpus(recipe, run_dir, resume, progress) if dist.is_main() else None
+    if dist.world_size() > 1:
+        dist.barrier()
+        if not dist.is_main():
+            corpus = prepare_corpus(recipe, run_dir, resume, False, build=False)
+    if corpus is not None and recipe.model.tokenizer == "from-data":
+        tok_dir = run_dir / "tokenizer"
+        if dist.is_main() and not tok_dir.is_dir():
+            shutil.copytree(corpus.folder / "tokenizer", tok_dir)
+        dist.barrier()
+    return corpus
+
 
 def run(recipe: Recipe, resume: bool = False, overwrite: bool = False, progress: bool = True) -> dict:
     dist.init(pick_device(recipe.train.device).type)
     run_dir = prepare_run_dir(recipe.output.dir, resume, overwrite)
     d = recipe.data
-    train_texts, val_texts, stats = train_val_texts(d)
-    base = load_base(recipe.model, train_texts, run_dir, resume, d.max_length, recipe.train.seed)
-    split = d.long_samples == "split"
-    train_ids, tr_cut = tokenize_texts(base.tokenizer, train_texts, base.framing.bos, base.framing.eos, d.max_length, split)
-    val_ids, va_cut = tokenize_texts(base.tokenizer, val_texts, base.framing.bos, base.framing.eos, d.max_length, split)
-    stats.update(truncated=tr_cut + va_cut, train_tokens=sum(map(len, train_ids)))
+    corpus = cached_corpus(recipe, run_dir, resume, progress)
+    if corpus is not None:
+        stats = corpus.stats
+        for note in stats.get("notes", []):
+            log(f"note: {note}")
+        log(f"data: {'cached' if corpus.hit else 'tokenized into'} {corpus.folder} ({len(corpus.train):,} + "
+            f"{len(corpus.val):,} documents, {corpus.train.total_tokens:,} training tokens, {corpus.meta['dtype']})")
+        base = load_base(recipe.model, [], run_dir, resume or recipe.model.tokenizer == "from-data", d.max_length,
+                         recipe.train.seed)
+        if cache.tokenizer_fingerprint(base.tokenizer) != corpus.meta["tokenizer"]:
+            raise UserError(f"the run's tokenizer differs from the one data cache entry {corpus.folder} was built with")
+        train_ids, val_ids = corpus.train, corpus.val
+        stats["cache"] = {"entry": str(corpus.folder), "hit": corpus.hit}
+    else:
+        train_texts, val_texts, stats = train_val_texts(d)
+        base = load_base(recipe.model, train_texts, run_dir, resume, d.max_length, recipe.train.seed)
+        split = d.long_samples == "split"
+        train_ids, tr_cut = tokenize_texts(base.tokenizer, train_texts, base.framing.bos, base.framing.eos, d.max_length, split)
+        val_ids, va_cut = tokenize_texts(base.tokenizer, val_texts, base.framing.bos, base.framing.eos, d.max_length, split)
+        stats.update(truncated=tr_cut + va_cut, train_tokens=sum(map(len, train_ids)))
     if stats["truncated"]:
         log(f"note: {stats['truncated']} samples were longer than data.max_length={d.max_length} tokens and were truncated")
     if stats.get("skipped_records"):

@@ -19,7 +19,7 @@ from typing import Callable, Optional
 import torch
 from tqdm.auto import tqdm
 
-from gpt2tune.data.dataset import collate, epoch_batches, num_batches
+from gpt2tune.data.dataset import collate, epoch_batches, lengths_of, num_batches
 from gpt2tune.errors import UserError
 from gpt2tune.train import checkpoint as ckpt
 from gpt2tune.train import distributed as dist
@@ -28,7 +28,7 @@ from gpt2tune.train.best import Watch
 from gpt2tune.train.device import autocast, pick_device, pick_precision
 from gpt2tune.train.memory import enable_gradient_checkpointing
 from gpt2tune.train.objective import count_targets, evaluate, lm_loss
-from gpt2tune.train.optim import build_optimizer, build_scheduler, clip_and_step, lr_lambda
+from gpt2tune.train.optim import build_optimizer, build_scheduler, lr_lambda, optimizer_step
 from gpt2tune.train.plots import plot_training
 
 
@@ -38,10 +38,13 @@ class TrainingInterrupted(Exception):
 
 @dataclass
 class Data:
-    """What the loop trains on: token rows, how to batch them, and the pad id."""
+    """What the loop trains on: token rows, how to batch them, and the pad id.
 
-    train: list
-    val: list
+    `train` / `val` are lists of rows, or `TokenStore`s (the memory-mapped corpus cache): batches
+    then read their rows from the memory map as they are needed."""
+
+    train: object  # list of rows | TokenStore
+    val: object
     pad_id: int
     batching: str = "group"
     block: int = 128
@@ -112,7 +115,7 @@ class Trainer:
     # -- data -----------------------------------------------------------------
     def _epoch_rows(self) -> int:
         if self.data.batching == "pack":
-            tokens = sum(len(s) for s in self.data.train)
+            tokens = int(lengths_of(self.data.train).sum())
             return max(1, math.ceil(tokens / self.data.block))
         return len(self.data.train)
 
@@ -130,13 +133,14 @@ class Trainer:
         of that many batches' worth (the same at every evaluation; the first batches of the
         length-sorted set would hold only the shortest samples), sorted by length for little padding."""
         if self._val is None:
-            rows, bs = self.data.val, max(self.cfg.batch_size, 8)
-            if self.cfg.eval_batches and self.cfg.eval_batches * bs < len(rows):
-                pick = random.Random(f"val:{self.cfg.seed}").sample(range(len(rows)), self.cfg.eval_batches * bs)
-                rows = [rows[i] for i in pick]
-                self.log(f"validation: a fixed random subset of {len(rows):,} of {len(self.data.val):,} samples "
+            val, bs = self.data.val, max(self.cfg.batch_size, 8)
+            pick = list(range(len(val)))
+            if self.cfg.eval_batches and self.cfg.eval_batches * bs < len(val):
+                pick = random.Random(f"val:{self.cfg.seed}").sample(range(len(val)), self.cfg.eval_batches * bs)
+                self.log(f"validation: a fixed random subset of {len(pick):,} of {len(val):,} samples "
                          f"(train.eval_batches {self.cfg.eval_batches} x {bs})")
-            rows = sorted(rows, key=len)
+            lengths = lengths_of(val)
+            rows = [val[i] for i in sorted(pick, key=lambda i: lengths[i])]  # (stable, as sorted(rows, key=len))
             self._val = [self.data.collate(rows[i : i + bs]) for i in range(0, len(rows), bs)]
         return self._val
 
@@ -212,7 +216,7 @@ class Trainer:
         """Log the estimated peak memory; stop with advice when the device has less free."""
         cfg = self.cfg
         ckpt_on = getattr(cfg, "gradient_checkpointing", False)
-        longest = self.data.block if self.data.batching == "pack" else min(self.data.block, max(map(len, self.data.train)))
+        longest = self.data.block if self.data.batching == "pack" else min(self.data.block, int(lengths_of(self.data.train).max()))
         est = memory.estimate(model, cfg.batch_size, longest, self.dtype, ckpt_on,
                               chunked_loss=getattr(self.loss_fn, "fast", None) is not None)
         free = memory.free_memory(self.device)
@@ -361,14 +365,8 @@ class Trainer:
                 if bad:  # on_nonfinite: skip -> drop this update, keep going
                     skipped_steps += 1
                     self.log(f"warning: non-finite loss at step {step + 1}; update skipped")
-                elif scaler is not None:  # unscale, clip, step unless a gradient overflowed, adapt the scale
-                    scaler.unscale_(opt)
-                    if cfg.grad_clip:
-                        torch.nn.utils.clip_grad_norm_(trainable, cfg.grad_clip)
-                    scaler.step(opt)
-                    scaler.update()
                 else:
-                    clip_and_step(opt, trainable, cfg.grad_clip)
+                    optimizer_step(opt, trainable, cfg.grad_clip, scaler)
                 sched.step()
                 opt.zero_grad(set_to_none=True)
                 step += 1
