@@ -140,6 +140,27 @@ def test_verse_form_with_acrostic(client):
     assert text[0] == "白" and text[6] == "黃"
 
 
+def test_verse_rhyme_follows_the_requested_prosody(server):
+    from gpt2tune.evaluate import classical
+    from gpt2tune.evaluate.prosody import LEVEL, rhyme_key
+
+    for prosody in ("classical", "modern", None):
+        body = {"prompt": "", "max_tokens": 1, "form": "wuyan-jueju", "rhyme": True, "seed": 3, "n": 4}
+        if prosody:
+            body["prosody"] = prosody
+        r = post(server.url, "/v1/completions", body)
+        assert r.status_code == 200, r.text
+        for c in r.json()["choices"]:
+            ends = [c["text"][10], c["text"][22]]  # the last characters of lines 2 and 4
+            if prosody == "modern":
+                assert rhyme_key(ends[0]) == rhyme_key(ends[1]) is not None, c["text"]
+            else:  # classical, the default: one level-tone 平水韻 group
+                groups = [{x.group for x in classical.info(ch).readings if x.tone == LEVEL} for ch in ends]
+                assert groups[0] & groups[1], c["text"]
+    r = post(server.url, "/v1/completions", {"prompt": "", "form": "wuyan-jueju", "rhyme": True, "prosody": "tang"})
+    assert r.status_code == 400
+
+
 def test_chat_completions_with_the_openai_client(chat_dir):
     engine = load_engine(chat_dir, name="chat", max_tokens_cap=32)
     assert engine.task == "chat"
@@ -382,7 +403,7 @@ def _bodies():
                         st.text(max_size=12), st.sampled_from(["白日", "wuyan-jueju", "白黃", "", "\ud800"]))
     values = st.one_of(scalars, st.lists(scalars, max_size=5), st.dictionaries(st.text(max_size=5), scalars, max_size=3))
     keys = st.sampled_from(["prompt", "max_tokens", "temperature", "top_p", "top_k", "n", "stop", "seed", "stream",
-                            "echo", "form", "acrostic", "rhyme", "no_repeat_chars", "repetition_penalty", "logprobs",
+                            "echo", "form", "acrostic", "rhyme", "prosody", "no_repeat_chars", "repetition_penalty", "logprobs",
                             "best_of", "model", "stream_options", "messages", "input", "bogus"])
     return st.one_of(st.dictionaries(keys, values, max_size=6), values)
 

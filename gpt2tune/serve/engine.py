@@ -133,7 +133,8 @@ class Engine:
         from gpt2tune.generate.forms import form_spec
 
         try:
-            spec = form_spec(req.form, None, None, req.acrostic, bool(req.rhyme), bool(req.no_repeat_chars))
+            spec = form_spec(req.form, None, None, req.acrostic, bool(req.rhyme), bool(req.no_repeat_chars),
+                             req.prosody or "classical")
         except UserError as err:
             raise bad_request(str(err).replace("--no-repeat-chars", "no_repeat_chars").replace("--", ""), "form",
                               "invalid_form") from None

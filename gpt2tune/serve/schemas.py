@@ -169,6 +169,7 @@ class CompletionRequest(_Sampling):
     form: Optional[str] = None
     acrostic: Optional[str] = None
     rhyme: Optional[bool] = False
+    prosody: Optional[Literal["classical", "modern"]] = None  # what rhyme means (default classical: 平水韻)
     no_repeat_chars: Optional[bool] = False
 
     def prompts(self) -> list[str]:
