@@ -30,7 +30,7 @@ import torch.nn.functional as F
 IGNORE = -100
 
 
-def _unwrap(model):
+def unwrap(model):
     """The GPT2LMHeadModel inside a peft wrapper (or the model itself)."""
     inner = model
     for _ in range(3):
@@ -72,7 +72,7 @@ def supported(model, lora: bool = True) -> Optional[str]:
     peft_cfg = getattr(model, "peft_config", None)
     if isinstance(peft_cfg, dict) and any(getattr(c, "is_prompt_learning", False) for c in peft_cfg.values()):
         return "prompt / prefix tuning (virtual tokens)"
-    inner = _unwrap(model) if lora else model
+    inner = unwrap(model) if lora else model
     if type(inner).__name__ != "GPT2LMHeadModel":
         return f"{type(inner).__name__} is not a {'' if lora else 'plain '}GPT2LMHeadModel"
     c = inner.config
@@ -312,7 +312,7 @@ class FastGPT2:
         if why:
             raise ValueError(f"fast GPT-2 forward not applicable: {why}")
         self.outer = model
-        self.hf = _unwrap(model)
+        self.hf = unwrap(model)
         c = self.hf.config
         self.n_head = c.n_head
         self.eps = c.layer_norm_epsilon

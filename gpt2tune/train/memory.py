@@ -17,23 +17,12 @@ from dataclasses import dataclass
 import torch
 
 from gpt2tune.errors import UserError
-
-
-def _inner(model):
-    """The transformers model inside a peft wrapper (or the model itself)."""
-    for _ in range(3):
-        if hasattr(model, "get_base_model"):
-            model = model.get_base_model()
-        elif type(model).__name__ == "LoraModel" and hasattr(model, "model"):
-            model = model.model
-        else:
-            break
-    return model
+from gpt2tune.model.fast_gpt2 import unwrap
 
 
 def enable_gradient_checkpointing(model) -> None:
     """transformers' own gradient checkpointing (non-reentrant) on the model under any peft wrapper."""
-    inner = _inner(model)
+    inner = unwrap(model)
     if not getattr(inner, "supports_gradient_checkpointing", False):
         raise UserError(f"train.gradient_checkpointing: {type(inner).__name__} does not support it")
     kwargs = {"use_reentrant": False}
@@ -66,7 +55,7 @@ def estimate(model, batch_size: int, seq_len: int, dtype: torch.dtype, checkpoin
              chunked_loss: bool = False) -> Estimate:
     """Peak training memory of one micro-batch of `batch_size` x `seq_len` tokens. `chunked_loss`:
     train.fast's fused head + loss, which never holds the whole [tokens, vocab] logits."""
-    cfg = getattr(_inner(model), "config", None)
+    cfg = getattr(unwrap(model), "config", None)
     params = list(model.parameters())
     weights = sum(p.numel() * p.element_size() for p in params)
     trainable = sum(p.numel() for p in params if p.requires_grad)
@@ -74,7 +63,7 @@ def estimate(model, batch_size: int, seq_len: int, dtype: torch.dtype, checkpoin
     heads = getattr(cfg, "n_head", 12)
     layers = getattr(cfg, "n_layer", 12)
     # a language model's head has a row per vocabulary entry; a classifier's one per class
-    outputs = getattr(cfg, "vocab_size", 50257) if hasattr(_inner(model), "lm_head") else getattr(cfg, "num_labels", 2)
+    outputs = getattr(cfg, "vocab_size", 50257) if hasattr(unwrap(model), "lm_head") else getattr(cfg, "num_labels", 2)
     act_bytes = 2 if dtype in (torch.float16, torch.bfloat16) else 4
     tokens = batch_size * seq_len
     per_block = tokens * (17 * d + 2.5 * heads * seq_len) * act_bytes
@@ -82,7 +71,7 @@ def estimate(model, batch_size: int, seq_len: int, dtype: torch.dtype, checkpoin
         activations = layers * tokens * d * 4 + per_block
     else:
         activations = layers * per_block
-    if not hasattr(_inner(model), "lm_head"):  # a classifier: one row of logits per example
+    if not hasattr(unwrap(model), "lm_head"):  # a classifier: one row of logits per example
         logits = batch_size * outputs * 12
     elif chunked_loss:
         logits = min(tokens, 512) * outputs * 4 * 3
