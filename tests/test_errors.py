@@ -25,9 +25,11 @@ def expect_error(run_cli, tmp_path, *args, match):
     assert code == 2, (code, err)
     assert "Traceback" not in err
     lines = [l for l in err.strip().splitlines() if l.strip()]
-    assert len(lines) == 1 and lines[0].startswith("gpt2tune: error:"), err
-    assert match in lines[0], lines[0]
-    return lines[0]
+    # the run's own log lines may come first (e.g. "data: tokenized into ..."); the error is one last line
+    errors = [l for l in lines if l.startswith("gpt2tune: error:")]
+    assert len(errors) == 1 and lines[-1] == errors[0], err
+    assert match in lines[-1], lines[-1]
+    return lines[-1]
 
 
 def train_with(tmp_path, run_cli, match, content=None, spec_kind="text", extra_args=(), **over):
