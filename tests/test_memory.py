@@ -117,3 +117,24 @@ def test_a_run_that_cannot_fit_stops_with_advice(tmp_path, monkeypatch):
         trainer().fit()
     assert logs and logs[0].startswith("memory: about")
     trainer(check_memory=False).fit()  # the user may try anyway
+
+
+def test_the_estimate_counts_every_row_a_sample_makes(tmp_path, monkeypatch):
+    """A preference pair is two rows (chosen, rejected): its batch holds 2 x batch_size rows."""
+    from gpt2tune.model.build import build_scratch
+    from gpt2tune.model.tokenizer import Framing
+    from gpt2tune.recipe import TrainSection
+    from gpt2tune.train.loop import Data, Trainer
+
+    seen = []
+    real = memory.estimate
+    monkeypatch.setattr(memory, "estimate", lambda model, batch, *a, **k: seen.append(batch) or real(model, batch, *a, **k))
+    seqs = [[1, 5, 6, 7, 2]] * 8
+    for per in (1, 2):
+        model = build_scratch("nano", 30, Framing(1, 2, 0, True), n_positions=24, seed=0)
+        cfg = TrainSection(precision="fp32", max_steps=1, batch_size=4, num_threads=1)
+        (tmp_path / str(per)).mkdir()
+        Trainer(model, Data(seqs, [], 0, rows_per_sample=per), cfg, tmp_path / str(per), progress=False,
+                log=lambda m: None).fit()
+    assert seen == [4, 8]
+

@@ -162,7 +162,8 @@ def run(recipe: Recipe, resume: bool = False, overwrite: bool = False, progress:
 
     loss = PreferenceLoss(p.loss, p.beta, adapters_off if ref_mode == "adapter" else None, p.orpo_nll)
     pad = base.framing.pad
-    data = Data(train_rows, val_rows, pad, d.batching, d.max_length, collate=partial(collate_pairs, pad_id=pad))
+    data = Data(train_rows, val_rows, pad, d.batching, d.max_length, collate=partial(collate_pairs, pad_id=pad),
+                rows_per_sample=2)  # a pair is two rows (chosen, rejected)
     tracking = open_tracking(recipe, run_dir, log)
     trainer = Trainer(model, data, t, run_dir, loss_fn=loss, log=log, progress=progress,
                       on_record=tracking.record, eval_fn=loss.evaluate)

@@ -49,6 +49,7 @@ class Data:
     batching: str = "group"
     block: int = 128
     collate: Callable = None  # rows -> dict of tensors
+    rows_per_sample: int = 1  # rows of a batch per sample (preference pairs: 2), for the memory estimate
 
     def __post_init__(self):
         if self.collate is None:
@@ -217,7 +218,7 @@ class Trainer:
         cfg = self.cfg
         ckpt_on = getattr(cfg, "gradient_checkpointing", False)
         longest = self.data.block if self.data.batching == "pack" else min(self.data.block, int(lengths_of(self.data.train).max()))
-        est = memory.estimate(model, cfg.batch_size, longest, self.dtype, ckpt_on,
+        est = memory.estimate(model, cfg.batch_size * self.data.rows_per_sample, longest, self.dtype, ckpt_on,
                               chunked_loss=getattr(self.loss_fn, "fast", None) is not None)
         free = memory.free_memory(self.device)
         if self.rank == 0:
