@@ -17,7 +17,7 @@ import torch
 
 from gpt2tune.chat.history import fit_messages
 from gpt2tune.chat.template import ChatTemplate
-from gpt2tune.data.dataset import IGNORE
+from gpt2tune.data.dataset import IGNORE, pad_rows
 
 
 @dataclass
@@ -35,15 +35,8 @@ class Masked:
 
 def collate_masked(rows: list[Masked], pad_id: int) -> dict[str, torch.Tensor]:
     """Right-pad rows to the longest; padding gets attention 0 and label -100."""
-    width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    labels = torch.full((len(rows), width), IGNORE, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, r in enumerate(rows):
-        n = len(r.ids)
-        ids[i, :n] = torch.tensor(r.ids, dtype=torch.long)
-        labels[i, :n] = torch.tensor(r.labels, dtype=torch.long)
-        mask[i, :n] = 1
+    ids, mask = pad_rows([r.ids for r in rows], pad_id)
+    labels, _ = pad_rows([r.labels for r in rows], IGNORE)
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
 

@@ -22,7 +22,7 @@ from typing import Optional, Union
 import torch
 
 from gpt2tune.data.clean import clean_text
-from gpt2tune.data.dataset import IGNORE
+from gpt2tune.data.dataset import IGNORE, pad_rows
 from gpt2tune.errors import UserError
 
 ROLES = ("system", "user", "assistant")
@@ -170,15 +170,8 @@ def collate_pairs(rows: list[Pair], pad_id: int) -> dict[str, torch.Tensor]:
     `response_labels` is -100 on prompts and padding; `labels` has one entry per pair (what the
     trainer counts to weight micro-batches); `ref_logps` (2B) when every pair carries its reference."""
     sides = [p.chosen for p in rows] + [p.rejected for p in rows]
-    width = max(len(s) for s in sides)
-    ids = torch.full((len(sides), width), pad_id, dtype=torch.long)
-    labels = torch.full((len(sides), width), IGNORE, dtype=torch.long)
-    mask = torch.zeros((len(sides), width), dtype=torch.long)
-    for i, s in enumerate(sides):
-        n = len(s.ids)
-        ids[i, :n] = torch.tensor(s.ids, dtype=torch.long)
-        labels[i, :n] = torch.tensor(s.labels, dtype=torch.long)
-        mask[i, :n] = 1
+    ids, mask = pad_rows([s.ids for s in sides], pad_id)
+    labels, _ = pad_rows([s.labels for s in sides], IGNORE)
     batch = {"input_ids": ids, "attention_mask": mask, "response_labels": labels,
              "labels": torch.zeros(len(rows), dtype=torch.long)}  # label 0: the first of each pair is preferred
     if rows and all(p.ref is not None for p in rows):
