@@ -57,7 +57,7 @@ def test_poem_metrics_side_by_side_inputs():
     assert m.rhyme_rate == pytest.approx(2 / 2)  # the non-compliant sample has no line 4
     assert 0 < m.tone_conformity <= 1 and 0 < m.distinct_2 <= 1
     d = m.as_dict()
-    assert set(d) == {"samples", "form_compliance", "rhyme_rate", "tone_conformity", "distinct_1", "distinct_2",
+    assert set(d) == {"samples", "form_compliance", "rhyme_rate", "tone_conformity", "pattern_rate", "distinct_1", "distinct_2",
                       "repeated_char_rate"}
     with pytest.raises(ValueError):
         poem_metrics([], 4, 5)

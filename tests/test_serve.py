@@ -161,6 +161,31 @@ def test_verse_rhyme_follows_the_requested_prosody(server):
     assert r.status_code == 400
 
 
+def test_verse_tone_pattern_and_rhyme_group(server):
+    from gpt2tune.evaluate import patterns as tp
+    from gpt2tune.evaluate.poems import parse_poem
+    from gpt2tune.generate.forms import tone_sets
+
+    body = {"prompt": "", "max_tokens": 1, "form": "wuyan-jueju", "rhyme": True, "seed": 3, "n": 3, "tones": "strict",
+            "pattern": "ze-unrhymed", "rhyme_group": "陽"}
+    r = post(server.url, "/v1/completions", body)
+    assert r.status_code == 200, r.text
+    pat = tp.pattern("ze-unrhymed", 4, 5)
+    for c in r.json()["choices"]:
+        lines = parse_poem(c["text"], 4, 5)
+        assert tp.fits([tone_sets(list(line), "classical") for line in lines], pat, "strict"), c["text"]
+        assert all("下平七陽" in classical_groups(line[-1]) for line in lines[1::2]), c["text"]
+    for bad in ({"tones": "loose"}, {"rhyme_group": "陽"}, {"tones": "strict", "form": None}):
+        r = post(server.url, "/v1/completions", {"prompt": "", "form": "wuyan-jueju", **bad})
+        assert r.status_code == 400, (bad, r.text)
+
+
+def classical_groups(ch):
+    from gpt2tune.evaluate import classical
+
+    return classical.rhyme_groups(ch)
+
+
 def test_chat_completions_with_the_openai_client(chat_dir):
     engine = load_engine(chat_dir, name="chat", max_tokens_cap=32)
     assert engine.task == "chat"
@@ -403,7 +428,7 @@ def _bodies():
                         st.text(max_size=12), st.sampled_from(["白日", "wuyan-jueju", "白黃", "", "\ud800"]))
     values = st.one_of(scalars, st.lists(scalars, max_size=5), st.dictionaries(st.text(max_size=5), scalars, max_size=3))
     keys = st.sampled_from(["prompt", "max_tokens", "temperature", "top_p", "top_k", "n", "stop", "seed", "stream",
-                            "echo", "form", "acrostic", "rhyme", "prosody", "no_repeat_chars", "repetition_penalty", "logprobs",
+                            "echo", "form", "acrostic", "rhyme", "prosody", "no_repeat_chars", "tones", "pattern", "rhyme_group", "repetition_penalty", "logprobs",
                             "best_of", "model", "stream_options", "messages", "input", "bogus"])
     return st.one_of(st.dictionaries(keys, values, max_size=6), values)
 

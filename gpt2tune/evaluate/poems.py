@@ -17,6 +17,9 @@ involve a character of unknown tone are skipped):
 - couplets stick (黏): the 2nd character of an even line matches that of the next odd line;
 - even (rhyming) lines end on a level tone.
 Rhyme rate: share of even lines from line 4 on whose last character has line 2's rhyme (key or group).
+Pattern rate: share of samples that have the exact form and fit one of the four standard tone
+patterns of regulated verse at "standard" strictness (`evaluate.patterns`: 一三五不論, no 孤平, no
+三平尾/三仄尾; characters of unknown tone fit anywhere); n/a for forms without patterns.
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ from dataclasses import asdict, dataclass
 from typing import Optional, Sequence
 
 from gpt2tune.data.poetry import FORMS, is_cjk
-from gpt2tune.evaluate import classical
+from gpt2tune.evaluate import classical, patterns
 from gpt2tune.evaluate.prosody import LEVEL, analyse
 
 COMMA, STOP = "，", "。"
@@ -116,6 +119,13 @@ def tone_checks(lines: Sequence[str], prosody: str = "modern") -> tuple[int, int
     return ok, n
 
 
+def pattern_of(lines: Sequence[str], rows: int, cols: int, prosody: str = "modern",
+               strictness: str = "standard") -> Optional[str]:
+    """The name of the standard tone pattern the poem's lines fit (`evaluate.patterns`), or None."""
+    _check_prosody(prosody)
+    return patterns.best_fit([_tone_sets(line, prosody) for line in lines], rows, cols, strictness)
+
+
 def unclassified_chars(texts: Sequence[str], prosody: str = "modern") -> str:
     """The distinct Chinese characters of `texts` whose tone the prosody source does not know, in order."""
     _check_prosody(prosody)
@@ -152,6 +162,7 @@ class PoemMetrics:
     form_compliance: float
     rhyme_rate: Optional[float]
     tone_conformity: Optional[float]
+    pattern_rate: Optional[float]
     distinct_1: float
     distinct_2: float
     repeated_char_rate: float
@@ -172,9 +183,12 @@ def poem_metrics(texts: Sequence[str], rows: int, cols: int, prosody: str = "mod
     poems, compliant = [], 0
     rh = rt = th = tt = 0
     rep = 0.0
+    fit = 0
+    has_patterns = patterns.supported(rows, cols) is None
     for t in texts:
         lines = parse_poem(t, rows, cols)
         compliant += lines is not None
+        fit += has_patterns and lines is not None and pattern_of(lines, rows, cols, prosody) is not None
         lines = lines if lines is not None else loose_lines(t, rows)
         poems.append(lines)
         a, b = rhyme_checks(lines, prosody)
@@ -184,5 +198,6 @@ def poem_metrics(texts: Sequence[str], rows: int, cols: int, prosody: str = "mod
         rep += repeated_char_rate(lines)
     return PoemMetrics(samples=len(texts), form_compliance=compliant / len(texts),
                        rhyme_rate=rh / rt if rt else None, tone_conformity=th / tt if tt else None,
+                       pattern_rate=fit / len(texts) if has_patterns else None,
                        distinct_1=distinct_n(poems, 1), distinct_2=distinct_n(poems, 2),
                        repeated_char_rate=rep / len(texts))

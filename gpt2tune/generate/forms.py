@@ -12,6 +12,14 @@ counted from the start of the poem, so a prompt of any length is first parsed as
   "classical": the class is the character's level-tone (平聲) group of the 平水韻 rhyme book
   (`evaluate.classical`; regulated verse rhymes in level tones; a character without a level reading
   cannot end an even line); "modern": its pypinyin final (`evaluate.prosody`);
+  `rhyme_group` fixes the class from the start (a 平水韻 level group such as 東 / 上平一東, or a
+  modern final such as "ang");
+- `tones` ("strict" or "standard"): every character slot takes a character whose tone fits one of
+  the standard tone patterns of regulated verse (`evaluate.patterns`) still open for the row:
+  `pattern` names one, else all four are open and the first line written (or prompted) picks it.
+  Characters of unknown tone are not used. With `rhyme`, a first line that ends level rhymes too
+  (it then fixes the class). A prompt's or acrostic's character whose tone fits no open pattern
+  keeps its place and the pattern is relaxed there (一三五不論; the 孤平 remedy still applies);
 - `no_repeat`: no character twice in the poem (acrostic characters of later lines and the last
   members of the rhyme class are kept in reserve so the poem can always be finished).
 
@@ -28,7 +36,8 @@ import torch
 
 from gpt2tune.data.poetry import FORMS, is_cjk
 from gpt2tune.errors import UserError
-from gpt2tune.evaluate.prosody import LEVEL, analyse
+from gpt2tune.evaluate import patterns as tp
+from gpt2tune.evaluate.prosody import LEVEL, OBLIQUE, analyse
 
 PROSODY = ("classical", "modern")
 
@@ -45,7 +54,10 @@ class FormSpec:
     acrostic: str = ""
     rhyme: bool = False
     no_repeat: bool = False
-    prosody: str = "modern"  # what `rhyme` means: see the module's docstring
+    prosody: str = "modern"  # what `rhyme` (and `tones`) mean: see the module's docstring
+    tones: Optional[str] = None  # None, "strict" or "standard"
+    pattern: Optional[str] = None  # one of evaluate.patterns.PATTERN_NAMES; None: picked while writing
+    rhyme_group: Optional[str] = None  # the rhyme class, fixed (needs `rhyme`)
 
     @property
     def slots(self) -> int:
@@ -54,10 +66,20 @@ class FormSpec:
 
 def form_spec(form: Optional[str] = None, rows: Optional[int] = None, cols: Optional[int] = None,
               acrostic: Optional[str] = None, rhyme: bool = False, no_repeat: bool = False,
-              prosody: str = "modern") -> Optional[FormSpec]:
+              prosody: str = "modern", tones: Optional[str] = None, pattern: Optional[str] = None,
+              rhyme_group: Optional[str] = None) -> Optional[FormSpec]:
     """Validate form options (CLI, server); None when no form is asked for."""
     if prosody not in PROSODY:
         raise UserError(f"unknown prosody {prosody!r}; valid: {', '.join(PROSODY)}")
+    if tones is not None and tones not in tp.STRICTNESS:
+        raise UserError(f"unknown --tones {tones!r}; valid: {', '.join(tp.STRICTNESS)}")
+    if pattern is not None and pattern not in tp.PATTERN_NAMES:
+        raise UserError(f"unknown --pattern {pattern!r}; valid: {', '.join(tp.PATTERN_NAMES)}")
+    if pattern is not None and tones is None:
+        raise UserError("--pattern chooses the tone pattern of --tones: give --tones strict or --tones standard")
+    rhyme_group = (rhyme_group or "").strip() or None
+    if rhyme_group is not None and not rhyme:
+        raise UserError("--rhyme-group fixes the rhyme of --rhyme: give --rhyme too")
     if form is not None and (rows is not None or cols is not None):
         raise UserError("give either --form or --rows/--cols, not both")
     if form is not None:
@@ -70,8 +92,8 @@ def form_spec(form: Optional[str] = None, rows: Optional[int] = None, cols: Opti
         if not (1 <= rows <= 64 and 1 <= cols <= 64):
             raise UserError("--rows and --cols must be between 1 and 64")
     else:
-        if acrostic or rhyme or no_repeat:
-            raise UserError("--acrostic, --rhyme and --no-repeat-chars need a verse form (--form or --rows/--cols)")
+        if acrostic or rhyme or no_repeat or tones:
+            raise UserError("--acrostic, --rhyme, --tones and --no-repeat-chars need a verse form (--form or --rows/--cols)")
         return None
     acrostic = (acrostic or "").strip()
     if acrostic:
@@ -85,7 +107,29 @@ def form_spec(form: Optional[str] = None, rows: Optional[int] = None, cols: Opti
         raise UserError("--rhyme needs at least 4 lines (lines 4, 6, ... rhyme with line 2)")
     if rhyme and acrostic and cols < 2:
         raise UserError("--rhyme with --acrostic needs at least 2 characters per line")
-    return FormSpec(rows, cols, acrostic, rhyme, no_repeat, prosody)
+    if tones is not None:
+        why = tp.supported(rows, cols)
+        if why:
+            raise UserError(f"--tones: {why}")
+    return FormSpec(rows, cols, acrostic, rhyme, no_repeat, prosody, tones, pattern, rhyme_group)
+
+
+def form_notes(spec: FormSpec) -> list[str]:
+    """What the user should know about how the options combine (printed, not an error)."""
+    notes = []
+    if spec.tones == "strict" and spec.acrostic:
+        notes.append("--tones strict with --acrostic: a line start takes the acrostic's character even where its tone "
+                     "fits no open pattern (the pattern is relaxed there, as 一三五不論 allows)")
+    return notes
+
+
+def tone_sets(chars: list[str], prosody: str) -> list[frozenset]:
+    """The tones each character can take (empty: unknown), as `FormSpec.prosody` defines them."""
+    if prosody == "modern":
+        return [frozenset() if t is None else frozenset((t,)) for _, t in analyse(chars)]
+    from gpt2tune.evaluate.classical import info
+
+    return [info(ch).tones for ch in chars]
 
 
 def rhyme_keys(chars: list[str], prosody: str) -> list[Optional[str]]:
@@ -137,6 +181,50 @@ class CharVocab:
         self.classes = torch.zeros(max(1, len(keys)), vocab_size, dtype=torch.bool)
         has = self.class_of >= 0
         self.classes[self.class_of[has], torch.nonzero(has).squeeze(-1)] = True
+        self.prosody, self._chars = prosody, chars
+        self._tones = None
+
+    def _load_tones(self) -> None:
+        self.level = torch.zeros(self.vocab, dtype=torch.bool)
+        self.oblique = torch.zeros(self.vocab, dtype=torch.bool)
+        self.tones_of: dict[int, frozenset] = {}
+        for ch, ts in zip(self._chars, tone_sets(self._chars, self.prosody)):
+            i = self.char_to_id[ch]
+            self.tones_of[i] = ts
+            self.level[i] = LEVEL in ts
+            self.oblique[i] = OBLIQUE in ts
+        self._tones = True
+
+    def tone_mask(self, tones: frozenset) -> torch.Tensor:
+        """Characters with a reading of one of `tones`."""
+        if self._tones is None:
+            self._load_tones()
+        m = torch.zeros(self.vocab, dtype=torch.bool)
+        if LEVEL in tones:
+            m |= self.level
+        if OBLIQUE in tones:
+            m |= self.oblique
+        return m
+
+    def tones(self, i: int) -> frozenset:
+        if self._tones is None:
+            self._load_tones()
+        return self.tones_of.get(i, frozenset())
+
+    def rhyme_class(self, name: str) -> int:
+        """The class index of a rhyme-group name (上平一東, 一東, 東 or 东; a modern final: ang)."""
+        cands = {name}
+        if self.prosody == "classical":
+            import zhconv
+
+            cands.add(zhconv.convert(name, "zh-hant"))
+        hits = [k for k, c in enumerate(self.class_names) if any(c == x or (len(x) < len(c) and c.endswith(x)) for x in cands)]
+        if len(hits) != 1:
+            known = "、".join(c[-1] if self.prosody == "classical" else c for c in self.class_names[:40])
+            what = "matches several groups" if hits else "is not a rhyme group of this vocabulary"
+            level = " (regulated verse rhymes in level tones: 上平/下平 groups)" if self.prosody == "classical" else ""
+            raise UserError(f"--rhyme-group {name!r} {what}{level}; e.g. {known}")
+        return hits[0]
 
     def id_of(self, ch: str, what: str) -> int:
         i = self.char_to_id.get(ch)
@@ -183,6 +271,52 @@ def poem_prefix(spec: FormSpec, prompt: str) -> str:
     return "".join(out)
 
 
+class ToneState:
+    """Per-row tone-pattern state: the patterns still open and the tones of the current line."""
+
+    def __init__(self, spec: FormSpec, v: CharVocab):
+        self.pats = tp.patterns(spec.rows, spec.cols, [spec.pattern] if spec.pattern else None)
+        self.rhymed = [tp.PATTERN_NAMES[p.name][1] for p in self.pats]
+        self.strictness, self.cols, self.v = spec.tones, spec.cols, v
+        self._masks: dict[frozenset, torch.Tensor] = {}
+        self.relaxed = 0  # given characters (prompt, acrostic) no open pattern allowed
+
+    def start(self, n: int) -> None:
+        self.alive = [list(range(len(self.pats))) for _ in range(n)]
+        self.hist: list[list[frozenset]] = [[] for _ in range(n)]
+
+    def open_tones(self, r: int, line: int, pos: int, rhymed: Optional[bool] = None) -> frozenset:
+        out = frozenset()
+        for k in self.alive[r]:
+            if rhymed is None or self.rhymed[k] == rhymed:
+                out |= tp.allowed(self.pats[k], line, pos, self.hist[r], self.strictness)
+        return out
+
+    def mask(self, tones: frozenset) -> torch.Tensor:
+        if tones not in self._masks:
+            self._masks[tones] = self.v.tone_mask(tones)
+        return self._masks[tones]
+
+    def step(self, r: int, slot: int, tok: int, given: bool) -> None:
+        line, pos = divmod(slot, self.cols + 1)
+        if pos == self.cols:
+            self.hist[r] = []
+            return
+        ts = self.v.tones(tok)
+        if ts:
+            keep = [k for k in self.alive[r]
+                    if ts & tp.allowed(self.pats[k], line, pos, self.hist[r], self.strictness)]
+            if keep:
+                self.alive[r] = keep
+            elif given:
+                self.relaxed += 1
+        self.hist[r].append(ts)
+
+    def reorder(self, idx: list[int]) -> None:
+        self.alive = [list(self.alive[i]) for i in idx]
+        self.hist = [list(self.hist[i]) for i in idx]
+
+
 class FormConstraint:
     """Per-row state of poems being written; see the module docstring. Rows are positional
     (the decoder's active batch); `reorder` follows rows being dropped or beams being reordered."""
@@ -215,6 +349,11 @@ class FormConstraint:
         self.need_per_class = (R // 2) if spec.no_repeat else 1
         if spec.rhyme and int((v.classes.sum(-1) >= self.need_per_class).sum()) == 0:
             raise UserError("no rhyme class of this vocabulary has enough characters for --rhyme")
+        self.group = v.rhyme_class(spec.rhyme_group) if spec.rhyme_group else -1
+        if self.group >= 0 and int(v.classes[self.group].sum()) < self.need_per_class + 1:
+            raise UserError(f"--rhyme-group {spec.rhyme_group}: the vocabulary has too few characters of that group")
+        self.tones = ToneState(spec, v) if spec.tones else None
+        self.line1_end = C - 1 if (self.tones is not None and spec.rhyme) else -1  # may rhyme (首句入韻)
         self.prefixes = [poem_prefix(spec, p) for p in prompts]
         self.prefix_ids = [[v.id_of(ch, "prompt") for ch in pre] for pre in self.prefixes]
         for pre in self.prefixes:
@@ -233,20 +372,41 @@ class FormConstraint:
             keys = rhyme_keys([chars[(line + 1) * C - 1] for line in range(1, len(chars) // C, 2)], spec.prosody)
             if keys[0] is None or any(k != keys[0] for k in keys):
                 raise UserError("the prompt's even lines do not rhyme (or line 2's last character has no known reading)")
+            if self.group >= 0 and int(self.v.class_of[self.v.id_of(chars[2 * C - 1], "prompt")]) != self.group:
+                raise UserError(f"the prompt's line 2 does not end in the rhyme group {spec.rhyme_group}")
 
     def start(self, prompt_index: list[int]) -> None:
         """Begin one row per entry, each continuing prompt `prompt_index[row]`."""
         n = len(prompt_index)
         self.slot = torch.tensor([len(self.prefix_ids[p]) for p in prompt_index], dtype=torch.long)
         self.used = torch.zeros(n, self.v.vocab, dtype=torch.bool) if self.spec.no_repeat else None
-        self.cls = torch.full((n,), -1, dtype=torch.long)
+        self.cls = torch.full((n,), self.group, dtype=torch.long)
+        if self.tones is not None:
+            self.tones.start(n)
         for r, p in enumerate(prompt_index):
             ids = self.prefix_ids[p]
             if self.used is not None and ids:
                 self.used[r, torch.tensor(ids)] = True
+            for slot, t in enumerate(ids):
+                if slot == self.line1_end:
+                    self._line1_rhyme(r, t)
+                if self.tones is not None:
+                    self.tones.step(r, slot, t, given=True)
             line2_end = 2 * (self.spec.cols + 1) - 2
             if self.spec.rhyme and len(ids) > line2_end:
                 self.cls[r] = self.v.class_of[ids[line2_end]]
+
+    def _line1_rhyme(self, r: int, t: int) -> None:
+        """With tones and rhyme: a first line that ends on a level tone (首句入韻) fixes the rhyme class
+        (called before the tone state takes the character)."""
+        c = int(self.v.class_of[t])
+        if self.cls[r] >= 0 or c < 0 or LEVEL not in self.v.tones(t):
+            return
+        if LEVEL not in self.tones.open_tones(r, 0, self.spec.cols - 1, rhymed=True):
+            return
+        if self.used is not None and int((self.v.classes[c] & ~self.used[r]).sum()) < self.need_per_class:
+            return
+        self.cls[r] = c
 
     def prompt_ids(self, p: int) -> list[int]:
         return self.prefix_ids[p]
@@ -258,8 +418,12 @@ class FormConstraint:
         if self.used is not None:
             allowed &= ~self.used
             allowed &= ~self.reserved[slot]
+        if self.tones is not None:
+            self._tone_mask(allowed)
         if self.spec.rhyme:
-            choose, follow = self.rhyme_choose[slot], self.rhyme_follow[slot]
+            has = self.cls >= 0
+            choose = self.rhyme_choose[slot] & ~has
+            follow = (self.rhyme_follow[slot] | self.rhyme_choose[slot]) & has
             if bool(choose.any()):
                 rows = torch.nonzero(choose).squeeze(-1)
                 avail = v.classes[None] & allowed[rows][:, None, :]  # [r, K, V]
@@ -289,12 +453,41 @@ class FormConstraint:
                             "for --no-repeat-chars/--rhyme with this form)")
         return allowed
 
+    def _tone_mask(self, allowed: torch.Tensor) -> None:
+        """Keep, per row, the characters whose tone fits an open pattern (and, at the end of line 1
+        with --rhyme, level characters only where they can rhyme)."""
+        C, ts, v = self.spec.cols, self.tones, self.v
+        for r, slot in enumerate(self.slot.tolist()):
+            line, pos = divmod(slot, C + 1)
+            if pos == C or slot >= self.spec.slots or self.forced[slot] >= 0:
+                continue
+            if slot != self.line1_end:
+                allowed[r] &= ts.mask(ts.open_tones(r, line, pos))
+                continue
+            m = ts.mask(ts.open_tones(r, line, pos, rhymed=False))
+            if LEVEL in ts.open_tones(r, line, pos, rhymed=True):
+                if self.cls[r] >= 0:
+                    ok = v.classes[self.cls[r]]
+                else:
+                    avail = v.classes & allowed[r][None, :]
+                    ok = (v.classes & (avail.sum(-1) >= self.need_per_class + 1)[:, None]).any(0)
+                m = m | (ts.mask(frozenset((LEVEL,))) & ok)
+            allowed[r] &= m
+
     def advance(self, tokens: torch.Tensor) -> None:
         tokens = tokens.cpu()
         if self.used is not None:
             self.used[torch.arange(tokens.numel()), tokens] = True
+        if self.tones is not None:
+            toks, slots = tokens.tolist(), self.slot.tolist()
+            for r, (t, slot) in enumerate(zip(toks, slots)):
+                if slot >= self.spec.slots:
+                    continue
+                if slot == self.line1_end:
+                    self._line1_rhyme(r, t)
+                self.tones.step(r, slot, t, given=bool(self.forced[slot] >= 0))
         if self.spec.rhyme:
-            choose = self.rhyme_choose[self.slot]
+            choose = self.rhyme_choose[self.slot] & (self.cls < 0)
             if bool(choose.any()):
                 self.cls[choose] = self.v.class_of[tokens[choose]]
         self.slot = (self.slot + 1).clamp_max(self.spec.slots)
@@ -305,3 +498,5 @@ class FormConstraint:
         self.cls = self.cls[idx]
         if self.used is not None:
             self.used = self.used[idx]
+        if self.tones is not None:
+            self.tones.reorder(idx.tolist())

@@ -128,15 +128,15 @@ class Engine:
                       eos=self.framing.eos, echo=bool(req.echo))
 
     def _form(self, req: CompletionRequest):
-        if req.form is None and not req.acrostic and not req.rhyme and not req.no_repeat_chars:
+        if req.form is None and not req.acrostic and not req.rhyme and not req.no_repeat_chars and not req.tones:
             return None
         from gpt2tune.generate.forms import form_spec
 
         try:
             spec = form_spec(req.form, None, None, req.acrostic, bool(req.rhyme), bool(req.no_repeat_chars),
-                             req.prosody or "classical")
+                             req.prosody or "classical", req.tones, req.pattern, req.rhyme_group)
         except UserError as err:
-            raise bad_request(str(err).replace("--no-repeat-chars", "no_repeat_chars").replace("--", ""), "form",
+            raise bad_request(str(err).replace("--no-repeat-chars", "no_repeat_chars").replace("--rhyme-group", "rhyme_group").replace("--", ""), "form",
                               "invalid_form") from None
         if not self.forms:
             raise bad_request("verse forms need a tokenizer that writes every Chinese character as one token; "

@@ -170,6 +170,9 @@ class CompletionRequest(_Sampling):
     acrostic: Optional[str] = None
     rhyme: Optional[bool] = False
     prosody: Optional[Literal["classical", "modern"]] = None  # what rhyme means (default classical: 平水韻)
+    rhyme_group: Optional[str] = None  # with rhyme: e.g. 東 (a 平水韻 level group)
+    tones: Optional[Literal["strict", "standard"]] = None  # tone pattern of regulated verse
+    pattern: Optional[Literal["ping-rhymed", "ping-unrhymed", "ze-rhymed", "ze-unrhymed"]] = None
     no_repeat_chars: Optional[bool] = False
 
     def prompts(self) -> list[str]:
