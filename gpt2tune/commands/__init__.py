@@ -3,4 +3,4 @@
 To add a command, write its module and list it in COMMANDS.
 """
 
-COMMANDS = ["train", "generate", "data", "classify", "export", "compare", "eval-poems", "chat", "serve", "sweep", "lr-find"]
+COMMANDS = ["train", "generate", "data", "classify", "export", "compare", "eval-poems", "chat", "serve", "sweep", "lr-find", "prefer"]

@@ -129,7 +129,7 @@ def add_parser(sub):
                    help="sample N per returned sample and keep the best by --rank-by")
     p.add_argument("--rank-by", default=None, metavar="METRIC",
                    help="with --best-of: logprob (mean log-probability per token; any text), or for verse forms "
-                        "poem (default with a form), form, rhyme, tones, repetition")
+                        "poem (default with a form), form, rhyme, tones, pattern, repetition (by --prosody)")
     add_decoding_args(p)
     p.add_argument("--stream", action="store_true",
                    help="print text as it is generated (one sample; with --json: JSON lines of deltas, then the samples)")
@@ -199,7 +199,7 @@ def run(a) -> int:
         from gpt2tune.generate.best_of import keep_best, scores_of
 
         shape = (form.rows, form.cols) if form is not None else None
-        samples = keep_best(samples, scores_of(samples, metric, model, tok, framing, shape), a.num_return_sequences)
+        samples = keep_best(samples, scores_of(samples, metric, model, tok, framing, shape, a.prosody), a.num_return_sequences)
         print(f"best of {a.best_of} by {metric}: scores {', '.join(f'{x.score:.4g}' for x in samples)}", file=sys.stderr)
     if a.json:
         print(json.dumps([dict(x.as_dict(), tokens_per_s=stats["tokens_per_s"]) for x in samples], ensure_ascii=False))

@@ -5,9 +5,12 @@ Metrics:
 - `logprob`: the mean log-probability per token of the completion (its end marker included when the
   sample ended there) under the model that wrote it; any text.
 - `poem`: verse forms (`--form` or `--rows/--cols`): form compliance first (a compliant poem always
-  ranks above a non-compliant one), then rhyme rate + tone-pattern conformity - repeated-character
-  rate, as `eval-poems` measures them (its lines: the exact ones of a compliant poem, else its clauses).
-- `form`, `rhyme`, `tones`, `repetition` (fewer repeated characters is better): one of those alone.
+  ranks above a non-compliant one), then rhyme rate + tone-pattern conformity + fitting a standard
+  tone pattern (1 or 0) - repeated-character rate, as `eval-poems` measures them (its lines: the
+  exact ones of a compliant poem, else its clauses), by the prosody given (`--prosody`, classical
+  by default).
+- `form`, `rhyme`, `tones`, `pattern`, `repetition` (fewer repeated characters is better): one of
+  those alone.
 Ties keep the sampling order.
 """
 
@@ -18,29 +21,32 @@ from typing import Optional, Sequence
 import torch
 
 from gpt2tune.errors import UserError
-from gpt2tune.evaluate.poems import loose_lines, parse_poem, repeated_char_rate, rhyme_checks, tone_checks
+from gpt2tune.evaluate.poems import loose_lines, parse_poem, pattern_of, repeated_char_rate, rhyme_checks, tone_checks
 from gpt2tune.model.tokenizer import prompt_ids
 
-RANK_BY = ("logprob", "poem", "form", "rhyme", "tones", "repetition")
+RANK_BY = ("logprob", "poem", "form", "rhyme", "tones", "pattern", "repetition")
 POEM_METRICS = RANK_BY[1:]
 
 
-def poem_score(text: str, rows: int, cols: int, metric: str = "poem") -> float:
-    lines = parse_poem(text, rows, cols)
-    form = float(lines is not None)
-    lines = lines if lines is not None else loose_lines(text, rows)
+def poem_score(text: str, rows: int, cols: int, metric: str = "poem", prosody: str = "classical") -> float:
+    exact = parse_poem(text, rows, cols)
+    form = float(exact is not None)
+    lines = exact if exact is not None else loose_lines(text, rows)
     if metric == "form":
         return form
     if metric == "repetition":
         return -repeated_char_rate(lines)
-    rh, rt = rhyme_checks(lines)
-    th, tt = tone_checks(lines)
+    pattern = float(exact is not None and pattern_of(exact, rows, cols, prosody) is not None)
+    if metric == "pattern":
+        return pattern
+    rh, rt = rhyme_checks(lines, prosody)
+    th, tt = tone_checks(lines, prosody)
     rhyme, tones = (rh / rt if rt else 0.0), (th / tt if tt else 0.0)
     if metric == "rhyme":
         return rhyme
     if metric == "tones":
         return tones
-    return 10.0 * form + rhyme + tones - repeated_char_rate(lines)
+    return 10.0 * form + rhyme + tones + pattern - repeated_char_rate(lines)
 
 
 @torch.no_grad()
@@ -60,7 +66,7 @@ def _mean_from(model, ids: list[int], start: int) -> float:
 
 
 def scores_of(samples: Sequence, metric: str, model=None, tok=None, framing=None,
-              shape: Optional[tuple[int, int]] = None) -> list[float]:
+              shape: Optional[tuple[int, int]] = None, prosody: str = "classical") -> list[float]:
     """One score per sample (higher is better)."""
     if metric not in RANK_BY:
         raise UserError(f"--rank-by: unknown metric {metric!r}; valid: {', '.join(RANK_BY)}")
@@ -74,7 +80,7 @@ def scores_of(samples: Sequence, metric: str, model=None, tok=None, framing=None
             model.train(was)
     if shape is None:
         raise UserError(f"--rank-by {metric} scores poems: give a verse form (--form, or --rows and --cols)")
-    return [poem_score(s.text, shape[0], shape[1], metric) for s in samples]
+    return [poem_score(s.text, shape[0], shape[1], metric, prosody) for s in samples]
 
 
 def keep_best(samples: Sequence, scores: Sequence[float], n: int) -> list:
