@@ -31,7 +31,9 @@ def add_parser(sub):
                    help="start of the poems (repeatable; default: none, the model starts each poem)")
     p.add_argument("--candidates", choices=["mixed", "sampled"], default="mixed",
                    help="mixed: unconstrained and constrained samples (default); sampled: unconstrained only")
-    p.add_argument("--no-contrast", action="store_true", help="no rhyme-contrast pairs")
+    p.add_argument("--contrast", type=int, default=1, metavar="K",
+                   help="rhyme-contrast pairs per rhyming candidate: the poem against itself with one rhyme broken "
+                        "(default 1; 0: none)")
     p.add_argument("--margin", type=float, default=1.0, help="least score difference of a scored pair (default 1)")
     p.add_argument("--loss", choices=["dpo", "orpo"], default="dpo", help="preference loss (default dpo)")
     p.add_argument("--beta", type=float, default=0.1, help="DPO's beta / ORPO's lambda (default 0.1)")
@@ -50,7 +52,7 @@ def run(a) -> int:
     from gpt2tune.tasks.prefer import PreferConfig, prefer
 
     cfg = PreferConfig(model=a.model, form=a.form, output=a.output, n=a.num_candidates, rounds=a.rounds,
-                       prompts=tuple(a.prompts) or ("",), candidates=a.candidates, contrast=not a.no_contrast,
+                       prompts=tuple(a.prompts) or ("",), candidates=a.candidates, contrast=a.contrast,
                        margin=a.margin, loss=a.loss, beta=a.beta, lr=a.lr, epochs=a.epochs, batch_size=a.batch_size,
                        method=a.method, eval_samples=a.eval_samples, seed=a.seed, overwrite=a.overwrite)
     res = prefer(cfg, progress=not a.no_progress, log=lambda m: print(m, file=sys.stderr))

@@ -54,7 +54,7 @@ class PreferConfig:
     method: str = "full"
     eval_samples: int = 50
     seed: int = 0
-    contrast: bool = True  # add rhyme-contrast pairs (see the module docstring)
+    contrast: int = 1  # rhyme-contrast pairs per rhyming candidate (see the module docstring); 0: none
     temperature: float = 1.0
     top_k: int = 40
     overwrite: bool = False
@@ -110,7 +110,7 @@ def make_pairs(samples: list, scores: list[float], prompts, margin: float) -> li
     return pairs
 
 
-def rhyme_contrasts(samples: list, prompts, spec, seed: int) -> list[dict]:
+def rhyme_contrasts(samples: list, prompts, spec, seed: int, per_poem: int = 1) -> list[dict]:
     """Pairs (a rhyming poem, the same poem with one rhyme broken); see the module docstring."""
     import random
     from collections import Counter
@@ -137,8 +137,11 @@ def rhyme_contrasts(samples: list, prompts, spec, seed: int) -> list[dict]:
         if not n or ok < n or LEVEL not in classical.info(lines[1][-1]).tones:
             continue  # (regulated verse rhymes in level tones)
         groups = classical.rhyme_groups(lines[1][-1])
-        line = rng.choice(range(3, spec.rows, 2))
-        for _ in range(20):
+        made = set()
+        for _ in range(20 * per_poem):
+            if len(made) == per_poem:
+                break
+            line = rng.choice(range(3, spec.rows, 2))
             ch = rng.choices(pool, weights)[0] if pool else None
             if ch is None or classical.rhyme_groups(ch) & groups or ch in s.text:
                 continue
@@ -147,10 +150,12 @@ def rhyme_contrasts(samples: list, prompts, spec, seed: int) -> list[dict]:
             text = "".join(x + ("，" if i % 2 == 0 else "。") for i, x in enumerate(new))
             head = len(s.text) - len(s.completion)
             if text[:head] != s.text[:head]:
-                break  # the swap would touch the prompt
+                continue  # the swap would touch the prompt
+            if text in made:
+                continue
+            made.add(text)
             pairs.append({"prompt": prompts[s.prompt_index], "chosen": s.completion, "rejected": text[head:],
                           "kind": "rhyme-contrast"})
-            break
     return pairs
 
 
@@ -211,7 +216,7 @@ def prefer(cfg: PreferConfig, progress: bool = True, log=print) -> dict:
         scores = [poem_score(s.text, spec.rows, spec.cols, "poem", "classical") for s in cands]
         pairs = make_pairs(cands, scores, cfg.prompts, cfg.margin)
         if cfg.contrast:
-            pairs += rhyme_contrasts(cands, cfg.prompts, spec, seed)
+            pairs += rhyme_contrasts(cands, cfg.prompts, spec, seed, cfg.contrast)
         if len(pairs) < 4:
             raise UserError(f"round {k}: only {len(pairs)} pairs differ by --margin {cfg.margin}: "
                             "raise -n or lower --margin")
