@@ -5,19 +5,23 @@ estimate gpt2tune prints before training (`gpt2tune.train.memory.estimate`).
     .venv/bin/python bench/memory.py                          # GPT-2 124M, batch 8 x 512, fp32: ~10 min on 2 cores
     .venv/bin/python bench/memory.py --size large --batch 1   # GPT-2 774M
     .venv/bin/python bench/memory.py --size mini --batch 2 --seq 128   # a smoke run
+    .venv/bin/python bench/memory.py --sides fast --batch 1 --seq 256 --steps 3 \
+        --optimizer adamw,adamw_bf16,adamw_8bit       # train.optimizer: each side with each optimizer
 
 Each side builds the model (random weights: memory and speed do not depend on them), makes an AdamW,
 and runs `--steps` full fine-tuning steps on the same batch. Reported: the process's peak resident
 set (VmHWM), the part of it above the model's weights ("training"), seconds per step (the first
 step excluded when there are several), and the loss of the first step (equal with and without
-checkpointing: it only changes what is kept, not what is computed).
+checkpointing: it only changes what is kept, not what is computed). With `--optimizer`, each side
+runs once per listed `train.optimizer`, its optimizer made as training makes it (`build_optimizer`:
+weight decay 0.01 on matrices, foreach AdamW on the HF forward, fused on train.fast), and the
+optimizer step's own seconds are reported too.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 import time
@@ -52,23 +56,33 @@ def probe(a) -> dict:
         loss_fn = lm_loss
         if ckpt:
             enable_gradient_checkpointing(m)
-    opt = torch.optim.AdamW(m.parameters(), lr=1e-4, fused=a.side.startswith("fast"))
+    if a.optimizer:
+        from gpt2tune.train.optim import build_optimizer
+
+        opt = build_optimizer(m, 1e-4, 0.01, (0.9, 0.999), torch.device("cpu"), fused=a.side.startswith("fast"),
+                              kind=a.optimizer)
+    else:
+        opt = torch.optim.AdamW(m.parameters(), lr=1e-4, fused=a.side.startswith("fast"))
     ids = torch.randint(0, m.config.vocab_size, (a.batch, a.seq), generator=torch.Generator().manual_seed(0))
     batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
-    est = estimate(m, a.batch, a.seq, torch.float32, ckpt, chunked_loss=a.side.startswith("fast"))
+    est = estimate(m, a.batch, a.seq, torch.float32, ckpt, chunked_loss=a.side.startswith("fast"),
+                   optimizer=a.optimizer or "adamw")
     base = vm("VmRSS")
-    times, losses = [], []
+    times, opt_times, losses = [], [], []
     for _ in range(a.steps):
         t = time.perf_counter()
         loss = loss_fn(m, batch)[0]
         loss.backward()
+        t_opt = time.perf_counter()
         opt.step()
+        opt_times.append(time.perf_counter() - t_opt)
         opt.zero_grad(set_to_none=True)
         times.append(time.perf_counter() - t)
         losses.append(float(loss.detach()))
-    timed = times[1:] or times
+    timed, opt_timed = times[1:] or times, opt_times[1:] or opt_times
     return {"side": a.side, "peak": vm("VmHWM"), "weights_rss": base, "step_s": sum(timed) / len(timed),
-            "loss": losses[0], "estimate": est.total}
+            "opt_s": sum(opt_timed) / len(opt_timed), "loss": losses[0], "estimate": est.total,
+            "estimate_optimizer": est.optimizer}
 
 
 def main() -> None:
@@ -78,9 +92,13 @@ def main() -> None:
     ap.add_argument("--seq", type=int, default=512)
     ap.add_argument("--steps", type=int, default=2)
     ap.add_argument("--sides", default="hf,hf+ckpt,fast,fast+ckpt")
+    ap.add_argument("--optimizer", default="", help="comma-separated train.optimizer values: each side runs with "
+                                                     "each (adamw, adamw_bf16, adamw_8bit)")
     ap.add_argument("--json", help="also write the results here")
     ap.add_argument("--side", help=argparse.SUPPRESS)  # child process: one side
     a = ap.parse_args()
+    if a.side and "/" in a.side:  # child process of an --optimizer run: SIDE/OPTIMIZER
+        a.side, a.optimizer = a.side.split("/")
     if a.side:
         print(json.dumps(probe(a)))
         return
@@ -89,7 +107,8 @@ def main() -> None:
     print(f"GPT-2 {a.size}, batch {a.batch} x {a.seq}, fp32, {a.steps} steps per side; {cpu}, "
           f"{torch.get_num_threads()} threads")
     res = {}
-    for side in a.sides.split(","):
+    sides = [f"{s}/{o}" for s in a.sides.split(",") for o in a.optimizer.split(",")] if a.optimizer else a.sides.split(",")
+    for side in sides:
         cmd = [sys.executable, __file__, "--side", side, "--size", a.size, "--batch", str(a.batch),
                "--seq", str(a.seq), "--steps", str(a.steps)]
         r = subprocess.run(cmd, capture_output=True, text=True)
@@ -98,6 +117,20 @@ def main() -> None:
             continue
         res[side] = json.loads(r.stdout.strip().splitlines()[-1])
     gib = lambda b: b / 2**30  # noqa: E731
+    if a.optimizer:
+        print(f"{'side':22s} {'peak GiB':>9s} {'training GiB':>13s} {'estimate GiB':>13s} {'(optimizer)':>12s} "
+              f"{'s/step':>8s} {'opt s/step':>11s} {'loss':>10s}")
+        for side, r in res.items():
+            print(f"{side:22s} {gib(r['peak']):9.2f} {gib(r['peak'] - r['weights_rss']):13.2f} {gib(r['estimate']):13.2f} "
+                  f"{gib(r['estimate_optimizer']):12.2f} {r['step_s']:8.2f} {r['opt_s']:11.3f} {r['loss']:10.5f}")
+        for side, r in res.items():
+            ref = res.get(side.split("/")[0] + "/adamw")
+            if ref and r is not ref:
+                print(f"{side}: peak {gib(r['peak'] - ref['peak']):+.2f} GiB vs adamw, step time x{r['step_s'] / ref['step_s']:.2f}, "
+                      f"optimizer step x{r['opt_s'] / ref['opt_s']:.1f}")
+        if a.json:
+            Path(a.json).write_text(json.dumps(res, indent=2))
+        return
     print(f"{'side':10s} {'peak GiB':>9s} {'training GiB':>13s} {'estimate GiB':>13s} {'s/step':>8s} {'loss':>10s}")
     for side, r in res.items():
         print(f"{side:10s} {gib(r['peak']):9.2f} {gib(r['peak'] - r['weights_rss']):13.2f} {gib(r['estimate']):13.2f} "

@@ -2,7 +2,8 @@
 
 RUN/checkpoints/step-N/
   model.safetensors      trainable parameters
-  optimizer.safetensors  optimizer state tensors, keyed "<param name>/<state key>"
+  optimizer.safetensors  optimizer state tensors, keyed "<param name>/<state key>" (fp32; bf16 or
+                         uint8 codes + fp32 block scales with train.optimizer adamw_bf16 / adamw_8bit)
   rng.safetensors        torch RNG states
   state.json             step, epoch, position in the epoch, scheduler, optimizer
                          hyper-parameters, Python RNG, metrics so far
@@ -240,6 +241,11 @@ def load_checkpoint(path: Path, model, optimizer, scheduler, rank: int = 0, shar
                 params[n].copy_(t)
     if not sharded and len(state["optimizer_groups"]) != len(optimizer.param_groups):
         raise UserError(f"checkpoint {path}: optimizer groups differ from this run's")
+    for g, saved in zip([] if sharded else optimizer.param_groups, state["optimizer_groups"]):
+        theirs, mine = saved.get("optimizer", "adamw"), g.get("optimizer", "adamw")  # (torch's AdamW: no key)
+        if theirs != mine:  # the state tensors are of another format
+            raise UserError(f"checkpoint {path} holds the state of train.optimizer {theirs}, this run uses {mine}; "
+                            f"resume with the same train.optimizer")
     for g, saved in zip([] if sharded else optimizer.param_groups, state["optimizer_groups"]):
         for k, v in saved.items():
             if k != "params":

@@ -82,7 +82,7 @@ def lr_range_test(model, train_rows: list, collate: Callable, cfg, loss_fn=lm_lo
         torch.set_num_threads(cfg.num_threads)
     torch.manual_seed(cfg.seed)
     model.to(device).train()
-    opt = build_optimizer(model, start, cfg.weight_decay, cfg.betas, device)
+    opt = build_optimizer(model, start, cfg.weight_decay, cfg.betas, device, kind=getattr(cfg, "optimizer", "adamw"))
     params = [p for g in opt.param_groups for p in g["params"]]
     scaler = torch.amp.GradScaler(device.type) if dtype == torch.float16 else None
     factor = (end / start) ** (1.0 / (steps - 1))

@@ -2,7 +2,8 @@
 the device has free before the first step.
 
 The estimate adds weights, gradients and AdamW's two moments (fp32 master weights whatever the
-compute precision), the activations autograd keeps for one micro-batch (per block and token, after
+compute precision; the moments 8 bytes per trained parameter, 4 with `train.optimizer: adamw_bf16`,
+about 2 with adamw_8bit), the activations autograd keeps for one micro-batch (per block and token, after
 Korthikanti et al. 2022, "Reducing Activation Recomputation in Large Transformer Models": about
 34·d + 5·heads·T values in 16-bit terms, i.e. 17·d + 2.5·heads·T elements; with checkpointing
 only each block's input plus one block's inside) and the output layer's logits. It is an estimate
@@ -18,6 +19,7 @@ import torch
 
 from gpt2tune.errors import UserError
 from gpt2tune.model.fast_gpt2 import unwrap
+from gpt2tune.train.optim_lowmem import state_bytes
 
 
 def enable_gradient_checkpointing(model) -> None:
@@ -52,9 +54,11 @@ class Estimate:
 
 
 def estimate(model, batch_size: int, seq_len: int, dtype: torch.dtype, checkpointing: bool = False,
-             chunked_loss: bool = False) -> Estimate:
+             chunked_loss: bool = False, optimizer: str = "adamw") -> Estimate:
     """Peak training memory of one micro-batch of `batch_size` x `seq_len` tokens. `chunked_loss`:
-    train.fast's fused head + loss, which never holds the whole [tokens, vocab] logits."""
+    train.fast's fused head + loss, which never holds the whole [tokens, vocab] logits. `optimizer`:
+    train.optimizer, whose moments take 8 (adamw), 4 (adamw_bf16) or ~2 (adamw_8bit) bytes per
+    trained parameter (tensors under 4096 elements: 8)."""
     cfg = getattr(unwrap(model), "config", None)
     params = list(model.parameters())
     weights = sum(p.numel() * p.element_size() for p in params)
@@ -77,7 +81,9 @@ def estimate(model, batch_size: int, seq_len: int, dtype: torch.dtype, checkpoin
         logits = min(tokens, 512) * outputs * 4 * 3
     else:  # logits, their fp32 copy for the loss, and the gradient
         logits = tokens * outputs * (act_bytes + 4 + 4)
-    return Estimate(weights, trainable * 4, trainable * 8, int(activations), int(logits))
+    opt_bytes = trainable * 8 if optimizer == "adamw" else state_bytes([p.numel() for p in params if p.requires_grad],
+                                                                          optimizer)
+    return Estimate(weights, trainable * 4, opt_bytes, int(activations), int(logits))
 
 
 def free_memory(device: torch.device) -> int:
@@ -96,6 +102,8 @@ def check_fits(est: Estimate, free: int, device: torch.device, checkpointing: bo
               "a shorter data.max_length"]
     if not checkpointing:
         advice.insert(0, "train.gradient_checkpointing: true")
+    if est.optimizer > 1.5 * est.gradients:  # fp32 moments (4 bytes of gradient, 8 of state per parameter)
+        advice.append("train.optimizer: adamw_8bit (a quarter of AdamW's state)")
     advice.append("a method that trains fewer parameters (lora)")
     raise UserError(f"training would need about {est.describe()} but {device} has {free / 2**30:.2f} GiB free; "
                     f"try {'; '.join(advice)} (or train.check_memory: false to try anyway)")

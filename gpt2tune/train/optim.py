@@ -1,4 +1,5 @@
-"""AdamW with decoupled weight decay on matrices only, and the learning-rate schedule."""
+"""AdamW with decoupled weight decay on matrices only (its state in fp32, bf16 or 8 bits:
+`train.optimizer`, see `optim_lowmem`), and the learning-rate schedule."""
 
 from __future__ import annotations
 
@@ -6,15 +7,39 @@ import math
 
 import torch
 
+from gpt2tune.errors import UserError
+from gpt2tune.train.optim_lowmem import LowMemAdamW
 
-def build_optimizer(model, lr: float, weight_decay: float, betas, device: torch.device, fused: bool = False):
+
+OPTIMIZERS = ("adamw", "adamw_bf16", "adamw_8bit")
+
+
+def build_optimizer(model, lr: float, weight_decay: float, betas, device: torch.device, fused: bool = False,
+                    kind: str = "adamw"):
+    """`kind` (train.optimizer): adamw, torch's AdamW with fp32 moments (fused on CUDA, and on the
+    CPU with `fused`, else foreach); adamw_bf16 / adamw_8bit, `optim_lowmem.LowMemAdamW`."""
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     decay = [p for n, p in named if p.dim() >= 2]
     no_decay = [p for n, p in named if p.dim() < 2]
     groups = [g for g in ({"params": decay, "weight_decay": weight_decay},
                           {"params": no_decay, "weight_decay": 0.0}) if g["params"]]
-    kw = {"fused": True} if device.type == "cuda" or (fused and device.type == "cpu") else {"foreach": True}
-    return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), **kw)
+    if kind == "adamw":
+        kw = {"fused": True} if device.type == "cuda" or (fused and device.type == "cpu") else {"foreach": True}
+        return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), **kw)
+    if kind not in OPTIMIZERS:
+        raise UserError(f"train.optimizer: unknown optimizer {kind!r} (one of {', '.join(OPTIMIZERS)})")
+    if any(_is_dtensor(p) for _, p in named):
+        raise UserError(f"train.optimizer {kind} needs whole parameters: it does not run with train.distributed "
+                        f"fsdp (use ddp, or train.optimizer adamw)")
+    return LowMemAdamW(groups, lr=lr, betas=tuple(betas), state=kind.removeprefix("adamw_"))
+
+
+def _is_dtensor(p) -> bool:
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # a torch built without distributed
+        return False
+    return isinstance(p, DTensor)
 
 
 def optimizer_step(opt, params, max_norm: float, scaler=None) -> None:
