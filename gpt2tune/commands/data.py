@@ -25,6 +25,9 @@ def add_parser(sub):
     q.add_argument("--form", default=None, help="chinese-poetry: keep one verse form, e.g. qiyan-jueju")
     q.add_argument("--simplified", action="store_true", help="chinese-poetry: convert to simplified characters")
     q.add_argument("-n", type=int, default=3, help="examples to show")
+    q.add_argument("--streaming", type=int, default=None, metavar="N",
+                   help="read only the first N records, through datasets' streaming mode (hf:, jsonl:, text:), "
+                        "as data.streaming reads a source too large to read whole")
     q.add_argument("--json", action="store_true")
     r = dsub.add_parser("prepare", help="tokenize a recipe's data into the corpus cache before training",
                         description="Read, clean and tokenize the recipe's data (task causal-lm; text, jsonl, csv, "
@@ -46,6 +49,9 @@ def prepare(a) -> int:
     if recipe.task != "causal-lm":
         raise UserError(f"data prepare: task {recipe.task} is tokenized in memory at each run; only causal-lm "
                         f"recipes use the corpus cache")
+    if recipe.data.streaming:
+        raise UserError("data prepare: the recipe sets data.streaming: the source is read as training goes, "
+                        "nothing is prepared")
     if not recipe.data.cache:
         raise UserError("data prepare: the recipe sets data.cache: false")
     corpus = prepare_corpus(recipe, progress=not a.no_progress)
@@ -75,10 +81,18 @@ def run(a) -> int:
     from gpt2tune.model.tokenizer import build_tokenizer, framing_of, load_tokenizer
 
     cols = a.columns.split(",") if a.columns else None
-    opts = sources.SourceOptions(field=a.field, columns=cols, poetry_form=a.form, poetry_simplified=a.simplified)
-    loaded = sources.load_source(a.spec, opts)
-    texts = sources.texts_of(loaded, a.field, a.spec)
-    texts, stats = clean_all(texts)
+    if a.streaming is not None:
+        from gpt2tune.data import stream
+
+        if a.streaming < 1:
+            raise UserError("--streaming N needs N >= 1 records")
+        raw, skipped = stream.head_texts(a.spec, a.field, a.streaming)
+        loaded = sources.Loaded([], skipped, [f"the first {len(raw) + skipped:,} records of the stream (--streaming)"])
+    else:
+        opts = sources.SourceOptions(field=a.field, columns=cols, poetry_form=a.form, poetry_simplified=a.simplified)
+        loaded = sources.load_source(a.spec, opts)
+        raw = sources.texts_of(loaded, a.field, a.spec)
+    texts, stats = clean_all(raw)
     stats["skipped_records"] = loaded.skipped
     if loaded.text_mode:
         stats["text_mode"] = loaded.text_mode

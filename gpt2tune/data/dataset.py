@@ -90,8 +90,12 @@ def epoch_batches(seqs, batch_size: int, mode: str, seed: int, epoch: int, block
            own causal attention, positions from 0 and no label across a boundary
 
     The plan is a pure function of (seed, epoch) and the rows' lengths: the same for a list and for a
-    TokenStore of the same rows.
+    TokenStore of the same rows. A stream (`data.stream.RowStream`, which has its own `epoch_batches`)
+    gives its packed rows in the order it reads them: one endless epoch.
     """
+    own = getattr(seqs, "epoch_batches", None)
+    if own is not None:
+        return own(batch_size, seed, epoch)
     rng = random.Random(f"{seed}:{epoch}")
     order = list(range(len(seqs)))
     rng.shuffle(order)

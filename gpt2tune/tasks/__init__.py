@@ -14,5 +14,9 @@ TASKS = {"causal-lm": "gpt2tune.tasks.causal_lm", "chat": "gpt2tune.tasks.chat",
 
 
 def run_recipe(recipe, resume: bool = False, overwrite: bool = False, progress: bool = True) -> dict:
+    if recipe.data.streaming and recipe.task != "causal-lm":
+        from gpt2tune.errors import UserError
+
+        raise UserError(f"data.streaming is for task causal-lm, not {recipe.task}")
     module = importlib.import_module(TASKS[recipe.task])
     return module.run(recipe, resume=resume, overwrite=overwrite, progress=progress)

@@ -4,6 +4,8 @@ Text sources (`text:`, `jsonl:`, `csv:`, `tsv:`, `chinese-poetry:`) go through t
 (`data.cache`, on by default): read, cleaned and tokenized once into memory-mapped token ids keyed by
 the files' content, the tokenizer and the data settings; later runs (and every rank of a
 multi-process run) read that. Other sources (`builtin:`, `hf:`) are tokenized in memory at each run.
+With `data.streaming` (`hf:`, `jsonl:`, `text:`), nothing is cached or read whole: the training rows
+come from a `data.stream.RowStream` as the source is read (see gpt2tune/data/stream.py).
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from gpt2tune.data import cache, sources
+from gpt2tune.data import cache, sources, stream
 from gpt2tune.data.cache import CacheCorrupt, TokenStore
 from gpt2tune.data.dataset import tokenize_texts
 from gpt2tune.errors import UserError
@@ -28,7 +30,8 @@ from gpt2tune.train.loop import Data
 
 CACHED_KINDS = ("text", "jsonl", "csv", "tsv", "chinese-poetry")
 # data settings that do not change the tokens of a causal-lm corpus (or belong to other tasks)
-NOT_IN_KEY = {"cache", "cache_dir", "num_proc", "batching", "label_field", "balance", "split", "test"}
+NOT_IN_KEY = {"cache", "cache_dir", "num_proc", "batching", "label_field", "balance", "split", "test", "streaming",
+              "shuffle_buffer", "val_documents"}
 
 
 @dataclass
@@ -161,12 +164,59 @@ def cached_corpus(recipe: Recipe, run_dir: Path, resume: bool, progress: bool) -
     return corpus
 
 
+def check_streaming(recipe: Recipe) -> None:
+    """One-line errors for what data.streaming cannot do, before anything is loaded; notes for the
+    settings it does not use."""
+    d = recipe.data
+    if not recipe.train.max_steps:
+        raise UserError("data.streaming needs train.max_steps: a stream has no known length, so no epochs")
+    if recipe.model.tokenizer == "from-data":
+        raise UserError("data.streaming needs a ready tokenizer (the model's, or model.tokenizer a folder): "
+                        "model.tokenizer from-data would read the whole corpus first")
+    for spec in (d.source, d.validation):
+        if spec and sources.split_spec(spec)[0] not in stream.KINDS:
+            raise UserError(f"data.streaming reads hf:, jsonl: and text: sources, not {spec}")
+    given = d.model_fields_set
+    unused = [f"data.batching {d.batching} (rows are packed)" if "batching" in given and d.batching != "pack" else "",
+              "data.val_fraction (validation: data.val_documents)" if "val_fraction" in given else "",
+              "data.cache" if "cache" in given else ""]
+    if any(unused):
+        log(f"note: data.streaming does not use {', '.join(u for u in unused if u)}")
+    if sources.split_spec(d.source)[0] == "text" and d.text_mode == "auto":
+        log("note: data.streaming reads text: files line by line (text_mode auto); data.text_mode documents "
+            "reads blank-line separated documents")
+
+
+def streaming_data(recipe: Recipe, base) -> tuple[stream.RowStream, list, dict]:
+    """The training stream, the validation rows, and the data.json statistics of a data.streaming run."""
+    d = recipe.data
+    st = stream.StreamSettings.of(d)
+    fr = base.framing
+    val_rows, start, vstats = stream.read_validation(st, base.tokenizer, fr.bos, fr.eos)
+    rows = stream.RowStream(st, base.tokenizer, fr.bos, fr.eos, start=start, seed=recipe.train.seed, log=log,
+                            tokenizer_id=cache.tokenizer_fingerprint(base.tokenizer))
+    where = (f"the first {vstats['documents']:,} documents of {d.validation}" if d.validation else
+             f"the first {vstats['documents']:,} documents of the stream (held out)")
+    log(f"data: streaming {d.source} (rows of {d.max_length} tokens, shuffled in windows of {d.shuffle_buffer:,}); "
+        f"validation: {where}, {len(val_rows):,} rows")
+    stats = {"streaming": True, "validation_samples": len(val_rows), "validation_documents": vstats["documents"],
+             "validation_from": "data.validation" if d.validation else "stream head (held out)",
+             "truncated": vstats["truncated"], "validation_cleaning": {k: vstats[k] for k in ("too_short", "too_long",
+                                                                                             "skipped_records")}}
+    return rows, val_rows, stats
+
+
 def run(recipe: Recipe, resume: bool = False, overwrite: bool = False, progress: bool = True) -> dict:
+    d = recipe.data
+    if d.streaming:
+        check_streaming(recipe)
     dist.init(pick_device(recipe.train.device).type)
     run_dir = prepare_run_dir(recipe.output.dir, resume, overwrite)
-    d = recipe.data
-    corpus = cached_corpus(recipe, run_dir, resume, progress)
-    if corpus is not None:
+    corpus = None if d.streaming else cached_corpus(recipe, run_dir, resume, progress)
+    if d.streaming:
+        base = load_base(recipe.model, [], run_dir, resume, d.max_length, recipe.train.seed)
+        train_ids, val_ids, stats = streaming_data(recipe, base)
+    elif corpus is not None:
         stats = corpus.stats
         for note in stats.get("notes", []):
             log(f"note: {note}")
@@ -186,24 +236,29 @@ def run(recipe: Recipe, resume: bool = False, overwrite: bool = False, progress:
         val_ids, va_cut = tokenize_texts(base.tokenizer, val_texts, base.framing.bos, base.framing.eos, d.max_length, split)
         stats.update(truncated=tr_cut + va_cut, train_tokens=sum(map(len, train_ids)))
     if stats["truncated"]:
-        log(f"note: {stats['truncated']} samples were longer than data.max_length={d.max_length} tokens and were truncated")
+        what = "validation documents" if d.streaming else "samples"  # (the stream's count: data.json at the end)
+        log(f"note: {stats['truncated']} {what} were longer than data.max_length={d.max_length} tokens and were truncated")
     if stats.get("skipped_records"):
         log(f"note: skipped {stats['skipped_records']} malformed records")
 
     model = apply_method(base.model, recipe.method, tokenizer=base.tokenizer, seed=recipe.train.seed)
     params = describe_params(model)
+    samples = "streamed training rows" if d.streaming else f"{len(train_ids):,} training samples"
     log(f"model {base.source}: {params['total']:,} parameters, {params['trainable']:,} trainable "
-        f"({params['percent']:.2f}%); {len(train_ids):,} training samples, {len(val_ids):,} validation")
+        f"({params['percent']:.2f}%); {samples}, {len(val_ids):,} validation")
     check_disk(run_dir, params["total"], recipe.train.keep_checkpoints, recipe.train.save_every)
     if dist.is_main():
         dump_recipe(recipe, run_dir / "recipe.yaml")
         write_json(run_dir / "data.json", stats)
 
-    data = Data(train_ids, val_ids, base.framing.pad, d.batching, d.max_length)
+    data = Data(train_ids, val_ids, base.framing.pad, "pack" if d.streaming else d.batching, d.max_length)
     done = fit_and_save(recipe, run_dir, base, model, data, params, resume, progress)
     if done is None:  # not rank 0
         return {}
     model, report, _ = done
+    if d.streaming:  # what this process read (a resumed run counts from its resume)
+        stats["stream"] = dict(train_ids.stats, position=train_ids.state_dict())
+        write_json(run_dir / "data.json", stats)
 
     if recipe.sample.prompts:
         s = sample_settings(recipe)

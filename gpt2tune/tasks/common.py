@@ -93,6 +93,9 @@ def read_texts(data_cfg, spec: str) -> tuple[list[str], dict]:
 
 
 def train_val_texts(data_cfg) -> tuple[list[str], list[str], dict]:
+    if getattr(data_cfg, "streaming", False):  # (lr-find, compare and the other tasks read the corpus whole)
+        raise UserError("data.streaming is for gpt2tune train with task causal-lm; this reads the whole corpus: "
+                        "set data.streaming false")
     texts, stats = read_texts(data_cfg, data_cfg.source)
     if data_cfg.validation:
         val, vstats = read_texts(data_cfg, data_cfg.validation)

@@ -115,6 +115,10 @@ class Trainer:
 
     # -- data -----------------------------------------------------------------
     def _epoch_rows(self) -> int:
+        if getattr(self.data.train, "streaming", False):  # data.stream.RowStream: its length is unknown
+            if not self.cfg.max_steps:
+                raise UserError("data.streaming needs train.max_steps: a stream has no known length, so no epochs")
+            return self.global_batch
         if self.data.batching == "pack":
             tokens = int(lengths_of(self.data.train).sum())
             return max(1, math.ceil(tokens / self.data.block))
@@ -219,7 +223,8 @@ class Trainer:
         ckpt_on = getattr(cfg, "gradient_checkpointing", False)
         longest = self.data.block if self.data.batching == "pack" else min(self.data.block, int(lengths_of(self.data.train).max()))
         est = memory.estimate(model, cfg.batch_size * self.data.rows_per_sample, longest, self.dtype, ckpt_on,
-                              chunked_loss=getattr(self.loss_fn, "fast", None) is not None)
+                              chunked_loss=getattr(self.loss_fn, "fast", None) is not None,
+                              optimizer=getattr(cfg, "optimizer", "adamw"))
         free = memory.free_memory(self.device)
         if self.rank == 0:
             self.log(f"memory: about {est.describe()} at the peak; {free / 2**30:.1f} GiB free on {self.device}")
@@ -239,7 +244,8 @@ class Trainer:
         torch.manual_seed(cfg.seed + self.rank)  # each rank its own dropout masks
         par = dist.Parallel(model, self.loss_fn, self.device, sharded=self.sharded)  # before the optimizer: FSDP
         opt = build_optimizer(model, cfg.lr, cfg.weight_decay, cfg.betas, self.device,  # replaces the parameters
-                              fused=getattr(cfg, "fast", False) and not self.sharded)
+                              fused=getattr(cfg, "fast", False) and not self.sharded,
+                              kind=getattr(cfg, "optimizer", "adamw"))
         sched = build_scheduler(opt, cfg.schedule, self.warmup, self.total_steps)
         # fp16 (GPUs without bf16) needs loss scaling, or small gradients underflow to zero
         scaler = torch.amp.GradScaler(self.device.type) if self.dtype == torch.float16 else None
@@ -262,6 +268,8 @@ class Trainer:
             st = ckpt.load_checkpoint(last, model, opt, sched, self.rank, sharded=self.sharded)
             step, epoch, pos, tokens_seen = st["step"], st["epoch"], st["pos"], st["tokens"]
             records, first_eval = st["metrics"], st.get("first_eval", {})
+            if getattr(self.data.train, "streaming", False):
+                self.data.train.load_state_dict(st.get("stream"))  # the stream goes on where it was
             if watch is not None:
                 watch.load(st.get("best_watch"))  # the patience count and the best so far go on
             if scaler is not None and st.get("grad_scaler"):
@@ -313,7 +321,8 @@ class Trainer:
             return {"epoch": epoch, "pos": pos, "tokens": tokens_seen, "metrics": records,
                     "first_eval": first_eval, "total_steps": self.total_steps, "planned_steps": self.planned_steps,
                     "grad_scaler": scaler.state_dict() if scaler is not None else None,
-                    "best_watch": watch.state() if watch is not None else None}
+                    "best_watch": watch.state() if watch is not None else None,
+                    "stream": self.data.train.state_dict() if getattr(self.data.train, "streaming", False) else None}
 
         t_fit = time.perf_counter()
         if step == 0:
