@@ -49,8 +49,8 @@ def test_rhyme_contrast_breaks_exactly_one_rhyme():
 def test_prefer_round_end_to_end(tmp_path, run_cli):
     base = need(TANG_MINI)
     out = tmp_path / "prefer"
-    code, text, err = run_cli("prefer", base, "--form", "wuyan-jueju", "-n", "12", "--rounds", "1",
-                              "--eval-samples", "6", "--epochs", "1", "--output", out, "--no-progress")
+    code, text, err = run_cli("prefer", base, "--form", "wuyan-jueju", "-n", "8", "--rounds", "1",
+                              "--eval-samples", "4", "--epochs", "1", "--output", out, "--no-progress")
     assert code == 0, err
     res = json.loads((out / "prefer.json").read_text())
     assert [r["round"] for r in res["rounds"]] == [0, 1]

@@ -19,14 +19,14 @@ def add_parser(sub):
             "pairs (a rhyming poem against itself with one rhyme broken), trains a DPO (or ORPO) round on the "
             "pairs and measures the new model's unconstrained samples. The next round starts from the model the "
             "last one wrote. Writes DIR/round-K/{pairs.jsonl,run/} and DIR/prefer.{json,md,png}.", 100),
-        epilog="Example:\n  gpt2tune prefer ../shared/models/gpt2-tang-mini --form qiyan-jueju --rounds 2 "
-               "--output runs/prefer-jueju\n  then: gpt2tune eval-poems runs/prefer-jueju/round-2/run --form qiyan-jueju",
+        epilog="Example:\n  gpt2tune prefer ../shared/models/gpt2-tang-mini --form qiyan-jueju "
+               "--output runs/prefer-jueju\n  then: gpt2tune eval-poems runs/prefer-jueju/round-3/run --form qiyan-jueju",
         formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("model", metavar="RUN_OR_MODEL", help="a run folder (its model) or a model folder (full weights)")
     p.add_argument("--form", required=True, choices=["wuyan-jueju", "qiyan-jueju", "wuyan-lvshi", "qiyan-lvshi"])
     p.add_argument("-n", "--num-candidates", type=int, default=256,
                    help="poems sampled per prompt and round, of each kind (default 256)")
-    p.add_argument("--rounds", type=int, default=2, help="preference rounds (default 2)")
+    p.add_argument("--rounds", type=int, default=3, help="preference rounds (default 3)")
     p.add_argument("--prompt", action="append", default=[], dest="prompts", metavar="TEXT",
                    help="start of the poems (repeatable; default: none, the model starts each poem)")
     p.add_argument("--candidates", choices=["mixed", "sampled"], default="mixed",
@@ -37,7 +37,7 @@ def add_parser(sub):
     p.add_argument("--margin", type=float, default=1.0, help="least score difference of a scored pair (default 1)")
     p.add_argument("--loss", choices=["dpo", "orpo"], default="dpo", help="preference loss (default dpo)")
     p.add_argument("--beta", type=float, default=0.1, help="DPO's beta / ORPO's lambda (default 0.1)")
-    p.add_argument("--lr", type=float, default=1e-4, help="learning rate of each round (default 1e-4)")
+    p.add_argument("--lr", type=float, default=3e-5, help="learning rate of each round (default 3e-5)")
     p.add_argument("--epochs", type=int, default=3, help="epochs over each round's pairs (default 3)")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--method", default="full", help="fine-tuning method of each round (default full)")

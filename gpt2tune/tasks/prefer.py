@@ -42,13 +42,13 @@ class PreferConfig:
     output: str
     n: int = 256  # candidates of each kind per prompt and round
     prompts: tuple[str, ...] = ("",)
-    rounds: int = 1
+    rounds: int = 3
     candidates: str = "mixed"  # "mixed" (unconstrained + constrained samples) or "sampled" (unconstrained only)
     tones: str = "standard"  # strictness of the constrained candidates
     margin: float = 1.0  # minimum score difference between chosen and rejected
     loss: str = "dpo"
     beta: float = 0.1
-    lr: float = 1e-4
+    lr: float = 3e-5
     epochs: int = 3
     batch_size: int = 16
     method: str = "full"
