@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Optional
 
@@ -283,7 +283,3 @@ def plot(result: dict, path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
-
-
-def config_from(**kw) -> PreferConfig:
-    return replace(PreferConfig(model=kw.pop("model"), form=kw.pop("form"), output=kw.pop("output")), **kw)
