@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import BERT_ZH, ROOT, ZH_TEXT, need, write_recipe
+from conftest import BERT_ZH, GPT2_BPE, POEMS, ROOT, SMS, TANG_MINI, ZH_TEXT, need, write_recipe
 
 RECIPE = """
 task: causal-lm
@@ -286,3 +286,61 @@ def test_dedupe_and_counts_survive_the_cache(tmp_path, run_cli):
     assert counts["true"].pop("cache")["hit"] is False
     assert counts["true"] == counts["false"]
     assert counts["true"]["duplicates"] == 160 - 28 and counts["true"]["train_samples"] == 25
+
+
+@pytest.mark.parametrize("validation", [False, True])
+def test_streamed_build_equals_the_in_memory_path(tmp_path, monkeypatch, validation):
+    """A source read a line at a time, cleaned and deduplicated by the workers (repeats across chunks
+    and processes), split, limited: the documents and every data.json count equal the in-memory path's."""
+    need(BERT_ZH)
+    import gpt2tune.data.corpus as corpus
+    from gpt2tune.data.dataset import tokenize_texts
+    from gpt2tune.model.tokenizer import framing_of, load_tokenizer
+    from gpt2tune.tasks import causal_lm
+    from gpt2tune.tasks.common import train_val_texts
+
+    lines = [f"{t}{i % 9}" for i in range(30) for t in ZH_TEXT] + ["甲", "  " + ZH_TEXT[0] + "0  ", "丁" * 90]
+    lines += ["", "   ", "\u3000"] + [ZH_TEXT[1] * 3 + str(i) for i in range(5)]
+    src = corpus_file(tmp_path, lines)
+    val = corpus_file(tmp_path, [ZH_TEXT[2] + "x", ZH_TEXT[2] + "x", ZH_TEXT[3]], "val.txt")
+    _, r = make_recipe(tmp_path, src=f"text:{src}", tok=f'"{BERT_ZH}"', max_length=16, procs=2)
+    r.data.long_samples, r.data.dedupe, r.data.min_chars, r.data.max_chars = "split", True, 2, 80
+    if validation:
+        r.data.validation, r.data.limit = f"text:{val}", 7
+    monkeypatch.setattr(corpus, "CHUNK", 5)
+    c = causal_lm.prepare_corpus(r, progress=False)
+    tok = load_tokenizer(BERT_ZH)
+    fr = framing_of(tok)
+    train, val_texts, stats = train_val_texts(r.data)
+    want_train, cut = tokenize_texts(tok, train, fr.bos, fr.eos, 16, True)
+    want_val, cut_val = tokenize_texts(tok, val_texts, fr.bos, fr.eos, 16, True)
+    assert len(want_train) > len(train)  # some texts were split
+    assert list(c.train) == want_train and list(c.val) == want_val
+    stats.update(truncated=cut + cut_val, train_tokens=sum(map(len, want_train)))
+    assert c.stats == stats
+    assert stats["duplicates"] >= 30 * len(ZH_TEXT) - 9 * len(ZH_TEXT) and stats["too_short"] == 1
+    assert stats["too_long"] == 1
+    assert not list(c.folder.glob("all.*"))
+
+
+@pytest.mark.parametrize("which", ["bert-zh", "gpt2-bpe", "tang-mini"])
+def test_direct_rust_encoding_equals_the_transformers_call(which):
+    """The corpus builder calls the Rust tokenizer directly (the fast path is taken) and gets exactly
+    the ids of tok(texts, add_special_tokens=False, split_special_tokens=True): real poems and SMS,
+    special-token strings as text, odd Unicode."""
+    folder = {"bert-zh": BERT_ZH, "gpt2-bpe": GPT2_BPE, "tang-mini": TANG_MINI}[which]
+    for p in (folder, POEMS, SMS):
+        need(p)
+    from gpt2tune.data.corpus import encoder
+    from gpt2tune.model.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(folder)
+    texts = ["".join(p["paragraphs"]) for f in sorted(POEMS.glob("poet.tang.*.json"))[:2]
+             for p in json.loads(f.read_text(encoding="utf-8"))]
+    texts += [line.split("\t", 1)[1] for line in SMS.read_text(encoding="utf-8").splitlines()[:3000]]
+    texts += ["[SEP] x [CLS]", "a<|endoftext|>b", "x [UNK] y [PAD][MASK]", "héllo ÅÉ ﬁ Ⅻ ①", "日本語 한국어 😀",
+              "  two  spaces\tand\ttabs  ", "", "\u200b\u3000"]
+    fast = encoder(tok, texts[:64])
+    assert fast.__qualname__.startswith("encoder")  # the direct path, not the transformers call
+    want = tok(texts, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+    assert fast(texts) == [list(x) for x in want]

@@ -161,3 +161,16 @@ def test_epoch_batches_deterministic_and_complete(mode):
     else:
         rows = sorted(tuple(r) for b in a for r in b)
         assert rows == sorted(tuple(s) for s in seqs)
+
+
+def test_control_characters_dropped_are_exactly_those_of_their_unicode_category():
+    """clean_text's fast pass drops what testing every character's category drops, over all of Unicode."""
+    import sys
+    import unicodedata
+
+    from gpt2tune.data.clean import _BREAKS, DROPPED
+
+    every = _BREAKS.sub("\n", "".join(chr(c) for c in range(sys.maxunicode + 1)))
+    want = "".join(ch for ch in every if ch in "\n\t" or unicodedata.category(ch) not in DROPPED)
+    assert len(want) < len(every) - 2000  # (C0, C1, format characters, surrogates)
+    assert clean_text(every, normalize="none", whitespace=False) == want

@@ -157,6 +157,23 @@ def _memmap(path: Path, dtype, count: int) -> np.ndarray:
     return np.memmap(path, dtype=dtype, mode="r", shape=(count,))
 
 
+def open_split(folder: Path, split: str, m: dict, dtype, verify: bool = True) -> TokenStore:
+    """One split's store, as its meta `m` (`SplitWriter.close`) describes it; CacheCorrupt when the
+    files do not match it."""
+    dtype = np.dtype(dtype)
+    tpath, opath = folder / f"{split}.tokens.bin", folder / f"{split}.offsets.bin"
+    for path, size in ((tpath, m["tokens"] * dtype.itemsize), (opath, (m["documents"] + 1) * 8)):
+        if not path.is_file() or path.stat().st_size != size:
+            have = path.stat().st_size if path.is_file() else "missing"
+            raise CacheCorrupt(f"{path.name}: {have} bytes, {size} expected")
+        if verify and _hash_file(path) != m["blake2b"][path.name]:
+            raise CacheCorrupt(f"{path.name}: content hash differs from meta.json")
+    offsets = np.fromfile(opath, dtype=np.int64)
+    if offsets[0] != 0 or offsets[-1] != m["tokens"] or (len(offsets) > 1 and np.any(np.diff(offsets) < 0)):
+        raise CacheCorrupt(f"{opath.name}: offsets do not describe {m['tokens']} tokens")
+    return TokenStore(_memmap(tpath, dtype, m["tokens"]), offsets)
+
+
 def open_entry(folder: Path, verify: bool = True) -> tuple[dict, dict[str, TokenStore]]:
     """meta.json and the stores of an entry; CacheCorrupt when anything does not match."""
     try:
@@ -166,20 +183,7 @@ def open_entry(folder: Path, verify: bool = True) -> tuple[dict, dict[str, Token
     if meta.get("format") != FORMAT:
         raise CacheCorrupt(f"format {meta.get('format')} is not {FORMAT}")
     dtype = np.dtype(meta["dtype"])
-    stores = {}
-    for split in SPLITS:
-        m = meta["splits"][split]
-        tpath, opath = folder / f"{split}.tokens.bin", folder / f"{split}.offsets.bin"
-        for path, size in ((tpath, m["tokens"] * dtype.itemsize), (opath, (m["documents"] + 1) * 8)):
-            if not path.is_file() or path.stat().st_size != size:
-                have = path.stat().st_size if path.is_file() else "missing"
-                raise CacheCorrupt(f"{path.name}: {have} bytes, {size} expected")
-            if verify and _hash_file(path) != m["blake2b"][path.name]:
-                raise CacheCorrupt(f"{path.name}: content hash differs from meta.json")
-        offsets = np.fromfile(opath, dtype=np.int64)
-        if offsets[0] != 0 or offsets[-1] != m["tokens"] or (len(offsets) > 1 and np.any(np.diff(offsets) < 0)):
-            raise CacheCorrupt(f"{opath.name}: offsets do not describe {m['tokens']} tokens")
-        stores[split] = TokenStore(_memmap(tpath, dtype, m["tokens"]), offsets)
+    stores = {split: open_split(folder, split, meta["splits"][split], dtype, verify) for split in SPLITS}
     return meta, stores
 
 

@@ -1,43 +1,136 @@
-"""Tokenize texts into a corpus cache entry: in chunks, on several processes, with a progress bar.
+"""Tokenize texts into a corpus cache entry: streamed, on several processes, with a progress bar.
 
-Each chunk of texts is sent to a worker process (a few chunks per worker in flight), encoded and
-framed there (`[bos] text [eos]`, truncated or split at max_length) and comes back as one flat token
-array plus the documents' lengths, which the parent appends to the entry's files in order: memory
-holds a few chunks, never the corpus' token lists, the workers never touch (and so never copy) the
-parent's texts, and the result does not depend on the number of processes.
+The texts arrive from an iterator (a source read a line at a time, see `sources.iter_records`) and
+are cut into chunks (CHUNK texts or CHUNK_CHARS characters, whichever comes first). Each chunk goes
+to a worker process, which cleans it (the cleaning of `clean.py`; length filters), tokenizes the
+kept texts and frames them (`[bos] text [eos]`, truncated or split at max_length), and sends back
+one flat token array with the pieces' lengths, how many pieces each kept text gave, and the kept
+texts' 64-bit hashes. The parent drops repeated hashes (`dedupe`: a set of 8-byte hashes, never the
+texts) and appends the rest to the split's files in order. A few chunks per worker are in flight,
+so memory holds a few chunks, never the corpus; the result does not depend on the number of
+processes.
+
+Without a validation source, the whole source is tokenized into one temporary split and then
+divided by `split_indices` over its texts (so exactly as the in-memory path divides them), a block
+of texts at a time from the memory map.
 """
 
 from __future__ import annotations
 
+import itertools
 import multiprocessing as mp
 import os
 import sys
-from typing import Optional
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Iterable, Iterator, Optional
 
 import numpy as np
 
-from gpt2tune.data.cache import SplitWriter
+from gpt2tune.data.cache import SplitWriter, TokenStore
+from gpt2tune.data.clean import clean_text, control_characters, length_ok, text_hash
 from gpt2tune.data.dataset import frame
 
 CHUNK = 2048  # texts per task
-
+CHUNK_CHARS = 1 << 20  # and at most about this many characters (long documents make small chunks)
 IN_FLIGHT = 4  # chunks queued per worker
-_TOK = None  # the tokenizer and framing, inherited by forked workers
+_TOK = None  # the tokenizer, framing and cleaning, inherited by forked workers
 _FRAME: tuple = ()
+_CLEAN: Optional["Cleaning"] = None
 
 
-def _encode(texts: list[str]) -> tuple[np.ndarray, np.ndarray, int, int]:
+@dataclass(frozen=True)
+class Cleaning:
+    """What a worker does to a raw text before tokenizing it (the data section's fields)."""
+
+    normalize: str = "nfc"
+    whitespace: bool = True
+    min_chars: int = 1
+    max_chars: Optional[int] = None
+    dedupe: bool = False
+
+    @classmethod
+    def of(cls, data_cfg) -> "Cleaning":
+        return cls(**{k: getattr(data_cfg, k) for k in cls.__dataclass_fields__})
+
+
+@dataclass
+class Chunk:
+    """A worker's answer for one chunk of texts."""
+
+    flat: np.ndarray  # the kept texts' pieces, end to end
+    lengths: np.ndarray  # tokens per piece
+    pieces: np.ndarray  # pieces per kept text (int32)
+    hashes: Optional[np.ndarray]  # the kept texts' hashes (uint64), when deduplicating
+    truncated: np.ndarray  # per kept text (bool)
+    too_short: int
+    too_long: int
+    nbytes: int  # UTF-8 bytes of the raw texts
+
+
+@dataclass
+class Built:
+    """One split as written: its meta (`SplitWriter.close`), pieces per text, truncated texts, and the
+    cleaning counts of the texts it read."""
+
+    meta: dict
+    pieces: np.ndarray
+    truncated: np.ndarray
+    counts: dict = field(default_factory=lambda: {"too_short": 0, "too_long": 0, "duplicates": 0})
+
+
+def _encode(texts: list[str]) -> Chunk:
     bos, eos, max_length, split_long, dtype = _FRAME
+    nbytes = sum(len(t.encode("utf-8")) for t in texts)
+    counts = {"too_short": 0, "too_long": 0}
+    hashes = None
+    if _CLEAN is not None:
+        c = _CLEAN
+        texts = [clean_text(t, c.normalize, c.whitespace) for t in texts]
+        texts = [t for t in texts if length_ok(t, c.min_chars, c.max_chars, counts)]
+        if c.dedupe:
+            hashes = np.fromiter((text_hash(t) for t in texts), dtype=np.uint64, count=len(texts))
+    enc = _TOK(texts) if texts else []
+    out, per_text, cut = [], np.zeros(len(texts), dtype=np.int32), np.zeros(len(texts), dtype=bool)
+    for i, ids in enumerate(enc):
+        got, cut[i] = frame(list(ids), bos, eos, max_length, split_long)
+        per_text[i] = len(got)
+        out += got
+    flat = np.fromiter((t for p in out for t in p), dtype=dtype)
+    lengths = np.fromiter((len(p) for p in out), dtype=np.int64, count=len(out))
+    return Chunk(flat, lengths, per_text, hashes, cut, counts["too_short"], counts["too_long"], nbytes)
+
+
+def _through_transformers(tok):
     # text is text: a literal `<|endoftext|>` or `[SEP]` in a sample is not the control token
-    enc = _TOK(texts, add_special_tokens=False, split_special_tokens=True)["input_ids"] if texts else []
-    pieces, truncated = [], 0
-    for ids in enc:
-        got, cut = frame(list(ids), bos, eos, max_length, split_long)
-        pieces += got
-        truncated += int(cut)
-    flat = np.fromiter((t for p in pieces for t in p), dtype=dtype)
-    lengths = np.fromiter((len(p) for p in pieces), dtype=np.int64, count=len(pieces))
-    return flat, lengths, truncated, sum(len(t.encode("utf-8")) for t in texts)
+    return lambda texts: tok(texts, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+
+
+def encoder(tok, probe: list[str]):
+    """texts -> token ids, as `tok(texts, add_special_tokens=False, split_special_tokens=True)` gives them.
+
+    A tokenizer backed by `tokenizers` is called directly: a copy of its Rust tokenizer that encodes
+    special-token strings as text and skips offsets (`encode_batch_fast`), ~1.6x faster than the
+    transformers call. It is used only when it gives the same ids on `probe` (e.g. the first chunk);
+    else (and for Python tokenizers) the transformers call is."""
+    slow = _through_transformers(tok)
+    backend = getattr(tok, "backend_tokenizer", None)
+    if backend is None:
+        return slow
+    try:
+        from tokenizers import Tokenizer
+
+        rust = Tokenizer.from_str(backend.to_str())
+        rust.encode_special_tokens = True
+        rust.no_truncation()
+        rust.no_padding()
+        encode = getattr(rust, "encode_batch_fast", rust.encode_batch)
+        fast = lambda texts: [e.ids for e in encode(texts, add_special_tokens=False)]  # noqa: E731
+        if probe and fast(probe) != [list(x) for x in slow(probe)]:
+            return slow
+    except Exception:  # (an old `tokenizers`, a tokenizer it cannot serialize: the transformers call)
+        return slow
+    return fast
 
 
 def _init_worker() -> None:
@@ -51,39 +144,125 @@ def default_procs() -> int:
         return max(1, os.cpu_count() or 1)
 
 
-def tokenize_splits(tok, splits: dict[str, list[str]], folder, bos: Optional[int], eos: Optional[int],
-                    max_length: int, split_long: bool, dtype, num_proc: Optional[int] = None,
-                    progress: bool = True) -> tuple[dict, int]:
-    """Write every split's framed token ids into `folder`; (per-split meta, truncated samples)."""
-    global _TOK, _FRAME
+def _chunks(texts: Iterable[str]) -> Iterator[list[str]]:
+    chunk, chars = [], 0
+    for t in texts:
+        chunk.append(t)
+        chars += len(t)
+        if len(chunk) >= CHUNK or chars >= CHUNK_CHARS:
+            yield chunk
+            chunk, chars = [], 0
+    if chunk:
+        yield chunk
+
+
+def _answers(pool, chunks: Iterator[list[str]], depth: int) -> Iterator[Chunk]:
+    """The workers' answers in the order of the chunks, with at most `depth` chunks in flight."""
+    if pool is None:
+        yield from map(_encode, chunks)
+        return
+    pending: deque = deque()
+    for chunk in chunks:
+        pending.append(pool.apply_async(_encode, (chunk,)))
+        if len(pending) >= depth:
+            yield pending.popleft().get()
+    while pending:
+        yield pending.popleft().get()
+
+
+def tokenize_splits(tok, splits: dict[str, tuple[Iterable[str], int]], folder, bos: Optional[int],
+                    eos: Optional[int], max_length: int, split_long: bool, dtype, cleaning: Optional[Cleaning] = None,
+                    num_proc: Optional[int] = None, progress: bool = True) -> dict[str, Built]:
+    """Write every split's framed token ids into `folder`. `splits` maps a name to (texts, bytes): the
+    texts as an iterable (read as they are consumed) and the size the progress bar counts for them
+    (e.g. the source files' sizes). With `cleaning`, workers clean and filter the texts first."""
+    global _TOK, _FRAME, _CLEAN
     from tqdm.auto import tqdm
 
     procs = num_proc or default_procs()
     if "fork" not in mp.get_all_start_methods():
         procs = 1  # workers inherit the tokenizer
-    total = sum(len(t.encode("utf-8")) for texts in splits.values() for t in texts)
+    total = sum(size for _, size in splits.values())
     bar = tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1000, desc=f"tokenizing ({procs} proc)",
                disable=not progress, file=sys.stderr, dynamic_ncols=True, mininterval=0.5)
-    metas, truncated = {}, 0
-    _TOK, _FRAME = tok, (bos, eos, max_length, split_long, dtype)
+    built: dict[str, Built] = {}
+    first = {name: _chunks(texts) for name, (texts, _) in splits.items()}  # (read lazily; the first chunk now)
+    heads = {name: next(it, []) for name, it in first.items()}
+    _TOK = encoder(tok, next((h for h in heads.values() if h), [])[:256])
+    _FRAME, _CLEAN = (bos, eos, max_length, split_long, dtype), cleaning
+    if cleaning is not None:
+        control_characters()  # (built once, before the fork)
     pool = mp.get_context("fork").Pool(procs, initializer=_init_worker) if procs > 1 else None  # (after the globals)
     try:
-        for name, texts in splits.items():
+        for name, (_, size) in splits.items():
+            texts = itertools.chain([heads[name]], first[name]) if heads[name] else iter(())
             w = SplitWriter(folder, name, dtype)
-            window = CHUNK * IN_FLIGHT * procs  # texts sent at once: memory for chunks stays bounded
-            for a in range(0, len(texts), window):
-                chunks = [texts[i : min(i + CHUNK, a + window, len(texts))]
-                          for i in range(a, min(a + window, len(texts)), CHUNK)]
-                results = pool.imap(_encode, chunks) if pool is not None else map(_encode, chunks)
-                for flat, lengths, cut, nbytes in results:
-                    w.add(flat, lengths)
-                    truncated += cut
-                    bar.update(nbytes)
-            metas[name] = w.close()
+            seen: set[int] = set()
+            pieces, truncated, counts, done = [], [], {"too_short": 0, "too_long": 0, "duplicates": 0}, 0
+            for c in _answers(pool, texts, IN_FLIGHT * procs):
+                counts["too_short"] += c.too_short
+                counts["too_long"] += c.too_long
+                if c.hashes is not None:
+                    c = _drop_repeats(c, seen, counts)
+                w.add(c.flat, c.lengths)
+                pieces.append(c.pieces)
+                truncated.append(c.truncated)
+                step = min(c.nbytes, max(size - done, 0))
+                bar.update(step)
+                done += step
+            bar.update(max(size - done, 0))  # (newlines and markup the texts do not count)
+            built[name] = Built(w.close(), _cat(pieces, np.int32), _cat(truncated, bool), counts)
     finally:
         if pool is not None:
             pool.close()
             pool.join()
-        _TOK = None
+        _TOK, _CLEAN = None, None
         bar.close()
-    return metas, truncated
+    return built
+
+
+def _cat(parts: list[np.ndarray], dtype) -> np.ndarray:
+    return np.concatenate(parts) if parts else np.zeros(0, dtype=dtype)
+
+
+def _drop_repeats(c: Chunk, seen: set, counts: dict) -> Chunk:
+    """The chunk without the texts whose hash was seen before (in it or in an earlier chunk)."""
+    keep = np.ones(len(c.hashes), dtype=bool)
+    for i, h in enumerate(c.hashes.tolist()):
+        if h in seen:
+            keep[i] = False
+        else:
+            seen.add(h)
+    if keep.all():
+        return c
+    counts["duplicates"] += int((~keep).sum())
+    piece_keep = np.repeat(keep, c.pieces)
+    token_keep = np.repeat(piece_keep, c.lengths)
+    return Chunk(c.flat[token_keep], c.lengths[piece_keep], c.pieces[keep], c.hashes[keep], c.truncated[keep],
+                 c.too_short, c.too_long, c.nbytes)
+
+
+BLOCK = 1 << 16  # texts copied at a time when dividing a split
+
+
+def divide(folder, whole: TokenStore, pieces: np.ndarray, parts: dict[str, np.ndarray], dtype) -> dict[str, dict]:
+    """Write split files `parts` (name -> sorted indices of texts) from `whole`, whose text i is
+    `pieces[i]` consecutive documents; every part keeps the texts' order. Memory: one block of texts."""
+    first = np.zeros(len(pieces) + 1, dtype=np.int64)
+    np.cumsum(pieces, out=first[1:])  # the first document of each text
+    metas = {}
+    lengths = whole.lengths
+    for name, idx in parts.items():
+        w = SplitWriter(folder, name, dtype)
+        member = np.zeros(len(pieces), dtype=bool)
+        member[idx] = True
+        for a in range(0, len(pieces), BLOCK):
+            b = min(a + BLOCK, len(pieces))
+            if not member[a:b].any():
+                continue
+            d0, d1 = first[a], first[b]
+            doc_keep = np.repeat(member[a:b], pieces[a:b])
+            span = whole.tokens[whole.offsets[d0] : whole.offsets[d1]]
+            w.add(span[np.repeat(doc_keep, lengths[d0:d1])], lengths[d0:d1][doc_keep])
+        metas[name] = w.close()
+    return metas

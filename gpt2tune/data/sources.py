@@ -1,7 +1,8 @@
 """Data sources, named `KIND:PATH`.
 
-Every reader returns a list of records (dicts) plus a count of skipped records.
-Text-like readers put the text under "text"; tabular readers keep every column.
+Every reader gives records (dicts) plus a count of skipped records and notes: `iter_records` as they
+are read (`text:` and `jsonl:` a line at a time), `load_source` as a list. Text-like readers put the
+text under "text"; tabular readers keep every column.
 
   text:PATH            one sample per line, or blank-line separated documents (see _text)
   jsonl:PATH           one JSON object per line
@@ -25,7 +26,7 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Iterable, Iterator, Optional
 
 from gpt2tune.data import poetry
 from gpt2tune.errors import UserError
@@ -63,69 +64,107 @@ def split_spec(spec: str) -> tuple[str, str]:
     return kind, rest
 
 
-def read_text_file(path: str | Path) -> str:
-    """Read a UTF-8 text file, with one-line errors for missing, binary or non-UTF-8 files."""
+def _check_file(path: str | Path) -> Path:
     p = Path(path)
     if not p.exists():
         raise UserError(f"data file not found: {p}")
     if p.is_dir():
         raise UserError(f"expected a file, got a folder: {p}")
-    raw = p.read_bytes()
-    if b"\x00" in raw[:8192] or b"\x00" in raw:
+    return p
+
+
+def _decode(raw: bytes, p: Path, line: int, first: bool) -> str:
+    if b"\x00" in raw:
         raise UserError(f"{p} looks like a binary file (it contains NUL bytes), not text")
     try:
-        text = raw.decode("utf-8-sig")
+        return raw.decode("utf-8-sig" if first else "utf-8")
     except UnicodeDecodeError as err:
-        line = raw[: err.start].count(b"\n") + 1
+        line += raw[: err.start].count(b"\n")
         raise UserError(f"{p}:{line}: not valid UTF-8 (byte 0x{raw[err.start]:02x}); re-save the file as UTF-8") from None
+
+
+def read_text_file(path: str | Path) -> str:
+    """Read a UTF-8 text file, with one-line errors for missing, binary or non-UTF-8 files."""
+    p = _check_file(path)
+    text = _decode(p.read_bytes(), p, 1, True)
     if not text.strip():
         raise UserError(f"{p} is empty (no text in it)")
     return text
+
+
+def iter_lines(path: str | Path, universal: bool = True) -> Iterator[tuple[int, str]]:
+    """(line number, line) of a UTF-8 text file, read a line at a time (memory: one line), with the
+    errors of `read_text_file`; lines end at "\n" or "\r\n" and, with `universal`, at a lone "\r" too
+    (the line number counts "\n"s)."""
+    p = _check_file(path)
+    any_text = False
+    with open(p, "rb") as f:
+        if b"\x00" in f.read(8192):  # (a binary file: say so before a decoding error does)
+            raise UserError(f"{p} looks like a binary file (it contains NUL bytes), not text")
+        f.seek(0)
+        for i, raw in enumerate(f, 1):
+            text = _decode(raw, p, i, i == 1)
+            text = text.removesuffix("\n").removesuffix("\r")
+            pieces = text.split("\r") if universal and "\r" in text else (text,)
+            for line in pieces:
+                any_text = any_text or bool(line.strip())
+                yield i, line
+    if not any_text:
+        raise UserError(f"{p} is empty (no text in it)")
 
 
 # auto text mode: documents only when blank lines cut most of the file into multi-line blocks
 DOC_MIN_SEPARATORS = 3
 
 
-def _text(path: str, opts: SourceOptions) -> Loaded:
-    """Lines or documents (runs of non-blank lines; a blank line may hold spaces).
+def _blocks(path: str) -> Iterator[list[str]]:
+    """Runs of non-blank lines (a blank line may hold spaces)."""
+    block: list[str] = []
+    for _, line in iter_lines(path):
+        if line.strip():
+            block.append(line)
+        elif block:
+            yield block
+            block = []
+    if block:
+        yield block
+
+
+def _text(path: str, opts: SourceOptions, info: Loaded) -> Iterator[dict]:
+    """Lines or documents (runs of non-blank lines), read as they are iterated.
 
     `text_mode: auto` reads documents when there are at least DOC_MIN_SEPARATORS blank-line
     separators (4+ blocks) and at least half of the non-blank lines sit in blocks of 2+ lines;
-    else lines, so a stray blank line or two in a one-sample-per-line file changes nothing.
-    When the file has a blank line, the decision and its numbers go to `notes`.
+    else lines, so a stray blank line or two in a one-sample-per-line file changes nothing. Deciding
+    takes one pass over the file (counting, nothing kept). When the file has a blank line, the decision
+    and its numbers go to `info.notes`.
     """
-    text = read_text_file(path).replace("\r\n", "\n").replace("\r", "\n")
-    blocks: list[list[str]] = [[]]
-    for line in text.split("\n"):
-        if line.strip():
-            blocks[-1].append(line)
-        elif blocks[-1]:
-            blocks.append([])
-    blocks = [b for b in blocks if b]
-    mode, notes = opts.text_mode, []
+    mode = opts.text_mode
     if mode == "auto":
-        n_lines = sum(map(len, blocks))
-        in_multi = sum(len(b) for b in blocks if len(b) > 1)
-        seps = len(blocks) - 1
+        blocks = n_lines = in_multi = 0
+        for b in _blocks(path):
+            blocks += 1
+            n_lines += len(b)
+            in_multi += len(b) if len(b) > 1 else 0
+        seps = blocks - 1
         mode = "documents" if seps >= DOC_MIN_SEPARATORS and 2 * in_multi >= n_lines else "lines"
-        if seps:  # without a blank line there is nothing to decide
-            notes.append(f"{path}: text_mode auto -> {mode} ({seps} blank-line separators, {in_multi} of {n_lines} "
-                         f"non-blank lines in blocks of 2+ lines; documents needs {DOC_MIN_SEPARATORS}+ separators "
-                         f"and half the lines in such blocks; set data.text_mode to choose)")
-    if mode == "lines":
-        items = [line for b in blocks for line in b]
-    else:
-        items = ["\n".join(b) for b in blocks]
-    return Loaded([{"text": t} for t in items], notes=notes, text_mode=mode)
+        if seps > 0:  # without a blank line there is nothing to decide
+            info.notes.append(f"{path}: text_mode auto -> {mode} ({seps} blank-line separators, {in_multi} of {n_lines} "
+                              f"non-blank lines in blocks of 2+ lines; documents needs {DOC_MIN_SEPARATORS}+ separators "
+                              f"and half the lines in such blocks; set data.text_mode to choose)")
+    info.text_mode = mode
+    for b in _blocks(path):
+        if mode == "lines":
+            for line in b:
+                yield {"text": line}
+        else:
+            yield {"text": "\n".join(b)}
 
 
-def _jsonl(path: str, opts: SourceOptions) -> Loaded:
+def _jsonl(path: str, opts: SourceOptions, info: Loaded) -> Iterator[dict]:
     """One object per "\n"-ended line (not `splitlines()`: U+2028 etc. may sit raw inside strings)."""
-    text = read_text_file(path)
-    out = []
-    for i, line in enumerate(text.split("\n"), 1):
-        line = line.removesuffix("\r")
+    n = 0
+    for i, line in iter_lines(path, universal=False):
         if not line.strip():
             continue
         try:
@@ -134,10 +173,10 @@ def _jsonl(path: str, opts: SourceOptions) -> Loaded:
             raise UserError(f"{path}:{i}: broken JSON line ({err.msg})") from None
         if not isinstance(obj, dict):
             raise UserError(f"{path}:{i}: expected a JSON object per line, got {type(obj).__name__}")
-        out.append(obj)
-    if not out:
+        n += 1
+        yield obj
+    if not n:
         raise UserError(f"{path} holds no JSON records")
-    return Loaded(out)
 
 
 def _table(path: str, opts: SourceOptions, delimiter: str) -> Loaded:
@@ -259,36 +298,57 @@ def _hf(spec: str, opts: SourceOptions) -> Loaded:
     return Loaded([dict(r) for r in ds])
 
 
-def load_source(spec: str, opts: SourceOptions | None = None) -> Loaded:
+def iter_records(spec: str, opts: SourceOptions | None = None, info: Loaded | None = None) -> Iterator[dict]:
+    """The source's records, read as they are iterated: `text:` and `jsonl:` a line at a time (memory
+    does not grow with the file), the other kinds read whole first. `info` (a Loaded whose records stay
+    empty) gets the skipped count, notes and text mode."""
     opts = opts or SourceOptions()
+    info = info if info is not None else Loaded([])
     kind, rest = split_spec(spec)
     if kind == "text":
-        return _text(rest, opts)
+        yield from _text(rest, opts, info)
+        return
     if kind == "jsonl":
-        return _jsonl(rest, opts)
+        yield from _jsonl(rest, opts, info)
+        return
     if kind in ("csv", "tsv"):
-        return _table(rest, opts, "\t" if kind == "tsv" else ",")
-    if kind == "chinese-poetry":
-        return _poetry(rest, opts)
-    if kind == "builtin":
-        return _builtin(rest, opts)
-    return _hf(rest, opts)
+        whole = _table(rest, opts, "\t" if kind == "tsv" else ",")
+    elif kind == "chinese-poetry":
+        whole = _poetry(rest, opts)
+    elif kind == "builtin":
+        whole = _builtin(rest, opts)
+    else:
+        whole = _hf(rest, opts)
+    info.skipped += whole.skipped
+    info.notes += whole.notes
+    records, whole.records = whole.records, []
+    yield from records
+
+
+def load_source(spec: str, opts: SourceOptions | None = None) -> Loaded:
+    loaded = Loaded([])
+    loaded.records = list(iter_records(spec, opts, loaded))
+    return loaded
+
+
+def iter_texts(records: Iterable[dict], field_name: str, spec: str, info: Loaded) -> Iterator[str]:
+    """The text field of every record (skipped, and counted in `info`, where it is not text); a clear
+    error if the first record has no such field/column."""
+    first = True
+    for r in records:
+        if first and field_name not in r:
+            have = ", ".join(map(str, r.keys()))
+            raise UserError(f"{spec}: no field/column {field_name!r}; available: {have}")
+        first = False
+        v = r.get(field_name)
+        if isinstance(v, str):
+            yield v
+        elif v is not None and not isinstance(v, (list, dict)):
+            yield str(v)
+        else:
+            info.skipped += 1
 
 
 def texts_of(loaded: Loaded, field_name: str, spec: str) -> list[str]:
     """The text field of every record; a clear error if the field/column is absent."""
-    if not loaded.records:
-        return []
-    if field_name not in loaded.records[0]:
-        have = ", ".join(map(str, loaded.records[0].keys()))
-        raise UserError(f"{spec}: no field/column {field_name!r}; available: {have}")
-    out = []
-    for r in loaded.records:
-        v = r.get(field_name)
-        if isinstance(v, str):
-            out.append(v)
-        elif v is not None and not isinstance(v, (list, dict)):
-            out.append(str(v))
-        else:
-            loaded.skipped += 1
-    return out
+    return list(iter_texts(loaded.records, field_name, spec, loaded))

@@ -38,7 +38,7 @@ from typing import Callable, Optional
 import numpy as np
 
 from gpt2tune.data import sources
-from gpt2tune.data.clean import clean_text, length_ok
+from gpt2tune.data.clean import clean_text, length_ok, text_hash
 from gpt2tune.data.dataset import EpochBatches, Packed, frame
 from gpt2tune.errors import UserError
 
@@ -122,10 +122,6 @@ class Doc:
     ids: np.ndarray
     starts: list
     truncated: bool
-
-
-def text_hash(text: str) -> int:
-    return int.from_bytes(hashlib.blake2b(text.encode("utf-8"), digest_size=8).digest(), "little")
 
 
 class Reader:

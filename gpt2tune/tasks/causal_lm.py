@@ -23,7 +23,7 @@ from gpt2tune.generate.text import complete
 from gpt2tune.method import apply_method
 from gpt2tune.recipe import Recipe, dump_recipe
 from gpt2tune.tasks.common import (check_disk, describe_params, fit_and_save, load_base, log, prepare_run_dir,
-                                   sample_settings, train_val_texts, write_json)
+                                   sample_settings, source_options, source_stats, train_val_texts, write_json)
 from gpt2tune.train import distributed as dist
 from gpt2tune.train.device import pick_device
 from gpt2tune.train.loop import Data
@@ -120,25 +120,23 @@ def prepare_corpus(recipe: Recipe, run_dir: Optional[Path] = None, resume: bool 
         raise UserError(f"data cache entry {root / keys[-1]} is missing (the first process builds it)")
 
     folder = root / keys[-1]
-    train, val, stats = train_val_texts(d)
     tmp = cache.new_entry(root)
     try:
-        if tok is None:
+        if tok is None:  # from-data: the tokenizer is built from the training texts, read whole first
+            train, val, stats = train_val_texts(d)
             tok = build_tokenizer(train, tmp / "tokenizer", recipe.model.vocab_size)
             tok = load_tokenizer(tmp / "tokenizer")  # as every run will load it
             framing_of(tok)
             fp = cache.tokenizer_fingerprint(tok)
-        fr = framing_of(tok)
-        from gpt2tune.data.corpus import tokenize_splits
-
-        dtype = cache.token_dtype(len(tok))
-        metas, truncated = tokenize_splits(tok, {"train": train, "val": val}, tmp, fr.bos, fr.eos, d.max_length,
-                                           d.long_samples == "split", dtype, d.num_proc, progress)
-        del train, val
+            metas, truncated = _tokenize_lists(tok, {"train": train, "val": val}, tmp, d, progress)
+            del train, val
+        else:
+            metas, truncated, stats = _tokenize_sources(tok, files, tmp, d, progress)
         stats.update(truncated=truncated, train_tokens=metas["train"]["tokens"])
         import numpy as np
 
-        meta = {"dtype": np.dtype(dtype).name, "splits": metas, "stats": stats, "tokenizer": fp,
+        fr = framing_of(tok)
+        meta = {"dtype": np.dtype(cache.token_dtype(len(tok))).name, "splits": metas, "stats": stats, "tokenizer": fp,
                 "vocab_size": len(tok), "framing": [fr.bos, fr.eos], "key": parts}
         cache.commit(tmp, folder, meta)
     except BaseException:
@@ -146,6 +144,78 @@ def prepare_corpus(recipe: Recipe, run_dir: Optional[Path] = None, resume: bool 
         raise
     meta, stores = cache.open_entry(folder)
     return Corpus(folder, meta, stores["train"], stores["val"], False)
+
+
+def _tokenize_lists(tok, texts: dict[str, list[str]], tmp: Path, d, progress: bool) -> tuple[dict, int]:
+    """Tokenize cleaned texts already in memory into the entry's splits; (split metas, truncated)."""
+    from gpt2tune.data import corpus as cp
+    from gpt2tune.model.tokenizer import framing_of
+
+    fr = framing_of(tok)
+    splits = {name: (t, sum(len(x.encode("utf-8")) for x in t)) for name, t in texts.items()}
+    built = cp.tokenize_splits(tok, splits, tmp, fr.bos, fr.eos, d.max_length, d.long_samples == "split",
+                               cache.token_dtype(len(tok)), None, d.num_proc, progress)
+    return {n: b.meta for n, b in built.items()}, sum(int(b.truncated.sum()) for b in built.values())
+
+
+def _tokenize_sources(tok, files: dict, tmp: Path, d, progress: bool) -> tuple[dict, int, dict]:
+    """Read, clean and tokenize the recipe's sources into the entry's splits as they are read, never
+    holding them whole (see data/corpus.py); (split metas, truncated samples, data.json counts), equal
+    to what train_val_texts and tokenize_texts give in memory."""
+    import numpy as np
+
+    from gpt2tune.data import corpus as cp
+    from gpt2tune.data.dataset import split_indices
+    from gpt2tune.model.tokenizer import framing_of
+
+    opts, infos = source_options(d), {}
+
+    def texts(spec):
+        infos[spec] = info = sources.Loaded([])
+        return sources.iter_texts(sources.iter_records(spec, opts, info), d.field, spec, info), \
+            sum(f.stat().st_size for f in files[spec])
+
+    fr, dtype = framing_of(tok), cache.token_dtype(len(tok))
+    splits = {"all": texts(d.source)}
+    if d.validation:
+        splits["val"] = texts(d.validation)
+    built = cp.tokenize_splits(tok, splits, tmp, fr.bos, fr.eos, d.max_length, d.long_samples == "split", dtype,
+                               cp.Cleaning.of(d), d.num_proc, progress)
+    stats = {}
+    for name, spec in (("all", d.source), ("val", d.validation)):
+        if name not in built:
+            continue
+        s = source_stats(built[name].counts, infos[spec])
+        if not len(built[name].pieces):
+            raise UserError(f"{spec}: no usable samples (after cleaning: {s})")
+        if name == "all":
+            stats = s
+        else:
+            stats["validation_source"] = s
+    n = len(built["all"].pieces)
+    if d.validation:
+        tr, va = list(range(n)), None
+    else:
+        tr, va = split_indices(n, d.val_fraction, d.seed)
+    if d.limit:
+        tr = tr[: d.limit]
+    parts = {"train": np.asarray(tr, dtype=np.int64)}
+    if va is not None:
+        parts["val"] = np.asarray(va, dtype=np.int64)
+    whole = cache.open_split(tmp, "all", built["all"].meta, dtype, verify=False)
+    metas = cp.divide(tmp, whole, built["all"].pieces, parts, dtype)
+    del whole
+    for f in ("all.tokens.bin", "all.offsets.bin"):
+        (tmp / f).unlink()
+    truncated = int(built["all"].truncated[parts["train"]].sum())
+    if va is None:
+        metas["val"] = built["val"].meta
+        truncated += int(built["val"].truncated.sum())
+    else:
+        truncated += int(built["all"].truncated[parts["val"]].sum())
+    stats.update(train_samples=len(parts["train"]), validation_samples=len(built["val"].pieces) if va is None
+                 else len(parts["val"]))
+    return metas, truncated, stats
 
 
 def cached_corpus(recipe: Recipe, run_dir: Path, resume: bool, progress: bool) -> Optional[Corpus]:

@@ -72,21 +72,31 @@ def check_disk(run: Path, n_params: int, keep: int, save_every: int) -> None:
                         f"(model and checkpoints), {free / 1e9:.2f} GB free")
 
 
-def read_texts(data_cfg, spec: str) -> tuple[list[str], dict]:
-    opts = sources.SourceOptions(field=data_cfg.field, columns=data_cfg.columns, header=data_cfg.header,
+def source_options(data_cfg) -> sources.SourceOptions:
+    return sources.SourceOptions(field=data_cfg.field, columns=data_cfg.columns, header=data_cfg.header,
                                  text_mode=data_cfg.text_mode, poetry_include_title=data_cfg.poetry.include_title,
                                  poetry_form=data_cfg.poetry.form, poetry_simplified=data_cfg.poetry.simplified)
-    loaded = sources.load_source(spec, opts)
-    texts = sources.texts_of(loaded, data_cfg.field, spec)
-    texts, stats = clean_all(texts, data_cfg.normalize, data_cfg.whitespace, data_cfg.min_chars,
-                             data_cfg.max_chars, data_cfg.dedupe)
-    stats["skipped_records"] = loaded.skipped
+
+
+def source_stats(counts: dict, loaded: sources.Loaded) -> dict:
+    """A source's data.json counts: cleaning (too_short, too_long, duplicates), skipped records, and
+    the reader's text mode and notes."""
+    stats = {**counts, "skipped_records": loaded.skipped}
     if loaded.text_mode:
         stats["text_mode"] = loaded.text_mode
     if loaded.notes:
         stats["notes"] = loaded.notes
-        for note in loaded.notes:
-            log(f"note: {note}")
+    return stats
+
+
+def read_texts(data_cfg, spec: str) -> tuple[list[str], dict]:
+    loaded = sources.load_source(spec, source_options(data_cfg))
+    texts = sources.texts_of(loaded, data_cfg.field, spec)
+    texts, stats = clean_all(texts, data_cfg.normalize, data_cfg.whitespace, data_cfg.min_chars,
+                             data_cfg.max_chars, data_cfg.dedupe)
+    stats = source_stats(stats, loaded)
+    for note in loaded.notes:
+        log(f"note: {note}")
     if not texts:
         raise UserError(f"{spec}: no usable samples (after cleaning: {stats})")
     return texts, stats
