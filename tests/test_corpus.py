@@ -344,3 +344,24 @@ def test_direct_rust_encoding_equals_the_transformers_call(which):
     assert fast.__qualname__.startswith("encoder")  # the direct path, not the transformers call
     want = tok(texts, add_special_tokens=False, split_special_tokens=True)["input_ids"]
     assert fast(texts) == [list(x) for x in want]
+
+
+def test_vectorised_framing_equals_framing_each_text():
+    """frame_all (texts that fit framed in one numpy pass, the rest one by one) gives exactly the
+    pieces of `frame` on every text, in order: random lengths, markers present or not, split or cut."""
+    import random
+
+    from gpt2tune.data.corpus import frame_all
+    from gpt2tune.data.dataset import frame
+
+    rng = random.Random(0)
+    for _ in range(300):
+        enc = [[rng.randrange(1000) for _ in range(rng.choice([0, 1, 3, 10, 20, 40]))] for _ in range(rng.randrange(30))]
+        bos, eos = rng.choice([None, 5]), rng.choice([None, 7])
+        max_length, split = rng.choice([3, 12, 25, 50]), rng.random() < 0.5
+        flat, lengths, per_text, cut = frame_all(enc, bos, eos, max_length, split, np.uint16)
+        framed = [frame(list(e), bos, eos, max_length, split) for e in enc]
+        pieces = [p for got, _ in framed for p in got]
+        assert flat.tolist() == [t for p in pieces for t in p]
+        assert lengths.tolist() == [len(p) for p in pieces]
+        assert per_text.tolist() == [len(got) for got, _ in framed] and cut.tolist() == [c for _, c in framed]

@@ -164,7 +164,7 @@ def test_epoch_batches_deterministic_and_complete(mode):
 
 
 def test_control_characters_dropped_are_exactly_those_of_their_unicode_category():
-    """clean_text's fast pass drops what testing every character's category drops, over all of Unicode."""
+    """clean_text drops what testing every character's category drops, over all of Unicode."""
     import sys
     import unicodedata
 

@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import re
-import sys
 import unicodedata
 from typing import Optional
 
@@ -16,21 +14,20 @@ _BREAKS = re.compile("\r\n|[\r\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029]")
 
 
 DROPPED = ("Cc", "Cf", "Cs")  # Unicode categories removed by clean_text (not "\n" and "\t")
+_KEPT: set[str] = set("\n\t")  # characters seen so far, by fate (a corpus uses a few thousand)
+_GONE: set[str] = set()
 
 
-@functools.lru_cache(maxsize=1)
-def control_characters() -> re.Pattern:
-    """A character class of every code point in DROPPED but "\n" and "\t", from this Python's
-    Unicode tables (built once: a regex pass is ~50x faster than testing each character)."""
-    ranges, start = [], None
-    for cp in range(sys.maxunicode + 2):
-        hit = cp <= sys.maxunicode and chr(cp) not in "\n\t" and unicodedata.category(chr(cp)) in DROPPED
-        if hit and start is None:
-            start = cp
-        elif not hit and start is not None:
-            ranges.append(f"\\U{start:08x}-\\U{cp - 1:08x}")
-            start = None
-    return re.compile("[" + "".join(ranges) + "]")
+def drop_controls(text: str) -> str:
+    """`text` without its characters of a DROPPED category: each distinct character's category is
+    looked up once per process, and most texts (printable) need no pass over their characters."""
+    if text.isprintable():
+        return text
+    chars = set(text)
+    for ch in chars - _KEPT - _GONE:
+        (_GONE if unicodedata.category(ch) in DROPPED else _KEPT).add(ch)
+    gone = chars & _GONE
+    return text.translate(dict.fromkeys(map(ord, gone))) if gone else text
 
 
 def clean_text(text: str, normalize: str = "nfc", whitespace: bool = True) -> str:
@@ -38,8 +35,7 @@ def clean_text(text: str, normalize: str = "nfc", whitespace: bool = True) -> st
         text = unicodedata.normalize(normalize.upper(), text)
     text = _BREAKS.sub("\n", text)
     # drop other control characters (keep newlines and tabs, which whitespace handling deals with)
-    if not text.isprintable():  # (most texts: nothing to drop, and no pass over the characters)
-        text = control_characters().sub("", text)
+    text = drop_controls(text)
     if whitespace:
         lines = [_SPACES.sub(" ", l).strip() for l in text.split("\n")]
         text = "\n".join(l for l in lines if l)

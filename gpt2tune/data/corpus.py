@@ -27,8 +27,8 @@ from typing import Iterable, Iterator, Optional
 
 import numpy as np
 
-from gpt2tune.data.cache import SplitWriter, TokenStore
-from gpt2tune.data.clean import clean_text, control_characters, length_ok, text_hash
+from gpt2tune.data.cache import SplitWriter
+from gpt2tune.data.clean import clean_text, length_ok, text_hash
 from gpt2tune.data.dataset import frame
 
 CHUNK = 2048  # texts per task
@@ -91,14 +91,48 @@ def _encode(texts: list[str]) -> Chunk:
         if c.dedupe:
             hashes = np.fromiter((text_hash(t) for t in texts), dtype=np.uint64, count=len(texts))
     enc = _TOK(texts) if texts else []
-    out, per_text, cut = [], np.zeros(len(texts), dtype=np.int32), np.zeros(len(texts), dtype=bool)
-    for i, ids in enumerate(enc):
-        got, cut[i] = frame(list(ids), bos, eos, max_length, split_long)
-        per_text[i] = len(got)
-        out += got
-    flat = np.fromiter((t for p in out for t in p), dtype=dtype)
-    lengths = np.fromiter((len(p) for p in out), dtype=np.int64, count=len(out))
+    flat, lengths, per_text, cut = frame_all(enc, bos, eos, max_length, split_long, dtype)
     return Chunk(flat, lengths, per_text, hashes, cut, counts["too_short"], counts["too_long"], nbytes)
+
+
+def frame_all(enc: list[list[int]], bos: Optional[int], eos: Optional[int], max_length: int, split_long: bool,
+              dtype) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """`frame` every text's ids: (the pieces end to end, their lengths, pieces per text, truncated per
+    text). Texts that fit are framed in one vectorised pass (most of them: no Python loop over their
+    tokens); the others go through `frame`."""
+    n = len(enc)
+    lens = np.fromiter(map(len, enc), dtype=np.int64, count=n)
+    ids = np.fromiter(itertools.chain.from_iterable(enc), dtype=dtype, count=int(lens.sum()))
+    start = np.zeros(n + 1, dtype=np.int64)
+    np.cumsum(lens, out=start[1:])
+    head, tail = int(bos is not None), int(eos is not None)
+    framed = lens + head + tail
+    per_text, cut = np.ones(n, dtype=np.int32), np.zeros(n, dtype=bool)
+    flats, lengths, a = [], [], 0
+    for j in [*np.flatnonzero(framed > max_length).tolist(), n]:
+        if j > a:  # texts a..j-1 fit: [bos] ids [eos] each
+            fl = framed[a:j]
+            out = np.empty(int(fl.sum()), dtype=dtype)
+            ends = np.cumsum(fl)
+            body = np.ones(len(out), dtype=bool)
+            if head:
+                out[ends - fl] = bos
+                body[ends - fl] = False
+            if tail:
+                out[ends - 1] = eos
+                body[ends - 1] = False
+            out[body] = ids[start[a] : start[j]]
+            flats.append(out)
+            lengths.append(fl)
+        if j < n:
+            got, cut[j] = frame(enc[j] if isinstance(enc[j], list) else list(enc[j]), bos, eos, max_length, split_long)
+            per_text[j] = len(got)
+            flats.append(np.fromiter(itertools.chain.from_iterable(got), dtype=dtype))
+            lengths.append(np.fromiter(map(len, got), dtype=np.int64, count=len(got)))
+        a = j + 1
+    if not flats:
+        return np.zeros(0, dtype=dtype), np.zeros(0, dtype=np.int64), per_text, cut
+    return np.concatenate(flats), np.concatenate(lengths).astype(np.int64), per_text, cut
 
 
 def _through_transformers(tok):
@@ -190,8 +224,6 @@ def tokenize_splits(tok, splits: dict[str, tuple[Iterable[str], int]], folder, b
     heads = {name: next(it, []) for name, it in first.items()}
     _TOK = encoder(tok, next((h for h in heads.values() if h), [])[:256])
     _FRAME, _CLEAN = (bos, eos, max_length, split_long, dtype), cleaning
-    if cleaning is not None:
-        control_characters()  # (built once, before the fork)
     pool = mp.get_context("fork").Pool(procs, initializer=_init_worker) if procs > 1 else None  # (after the globals)
     try:
         for name, (_, size) in splits.items():
@@ -245,24 +277,29 @@ def _drop_repeats(c: Chunk, seen: set, counts: dict) -> Chunk:
 BLOCK = 1 << 16  # texts copied at a time when dividing a split
 
 
-def divide(folder, whole: TokenStore, pieces: np.ndarray, parts: dict[str, np.ndarray], dtype) -> dict[str, dict]:
-    """Write split files `parts` (name -> sorted indices of texts) from `whole`, whose text i is
-    `pieces[i]` consecutive documents; every part keeps the texts' order. Memory: one block of texts."""
+def divide(folder, whole: str, pieces: np.ndarray, parts: dict[str, np.ndarray], dtype) -> dict[str, dict]:
+    """Write split files `parts` (name -> sorted indices of texts) from split `whole` of `folder`, whose
+    text i is `pieces[i]` consecutive documents; every part keeps the texts' order. Memory: one block of
+    texts (read with plain reads, not a memory map, whose pages would count as the process's own)."""
+    dtype = np.dtype(dtype)
     first = np.zeros(len(pieces) + 1, dtype=np.int64)
     np.cumsum(pieces, out=first[1:])  # the first document of each text
+    offsets = np.fromfile(folder / f"{whole}.offsets.bin", dtype=np.int64)
+    lengths = np.diff(offsets)
     metas = {}
-    lengths = whole.lengths
-    for name, idx in parts.items():
-        w = SplitWriter(folder, name, dtype)
-        member = np.zeros(len(pieces), dtype=bool)
-        member[idx] = True
-        for a in range(0, len(pieces), BLOCK):
-            b = min(a + BLOCK, len(pieces))
-            if not member[a:b].any():
-                continue
-            d0, d1 = first[a], first[b]
-            doc_keep = np.repeat(member[a:b], pieces[a:b])
-            span = whole.tokens[whole.offsets[d0] : whole.offsets[d1]]
-            w.add(span[np.repeat(doc_keep, lengths[d0:d1])], lengths[d0:d1][doc_keep])
-        metas[name] = w.close()
+    with open(folder / f"{whole}.tokens.bin", "rb") as f:
+        for name, idx in parts.items():
+            w = SplitWriter(folder, name, dtype)
+            member = np.zeros(len(pieces), dtype=bool)
+            member[idx] = True
+            for a in range(0, len(pieces), BLOCK):
+                b = min(a + BLOCK, len(pieces))
+                if not member[a:b].any():
+                    continue
+                d0, d1 = first[a], first[b]
+                doc_keep = np.repeat(member[a:b], pieces[a:b])
+                f.seek(int(offsets[d0]) * dtype.itemsize)
+                span = np.fromfile(f, dtype=dtype, count=int(offsets[d1] - offsets[d0]))
+                w.add(span[np.repeat(doc_keep, lengths[d0:d1])], lengths[d0:d1][doc_keep])
+            metas[name] = w.close()
     return metas

@@ -202,9 +202,7 @@ def _tokenize_sources(tok, files: dict, tmp: Path, d, progress: bool) -> tuple[d
     parts = {"train": np.asarray(tr, dtype=np.int64)}
     if va is not None:
         parts["val"] = np.asarray(va, dtype=np.int64)
-    whole = cache.open_split(tmp, "all", built["all"].meta, dtype, verify=False)
-    metas = cp.divide(tmp, whole, built["all"].pieces, parts, dtype)
-    del whole
+    metas = cp.divide(tmp, "all", built["all"].pieces, parts, dtype)
     for f in ("all.tokens.bin", "all.offsets.bin"):
         (tmp / f).unlink()
     truncated = int(built["all"].truncated[parts["train"]].sum())

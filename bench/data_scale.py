@@ -1,9 +1,10 @@
 """Corpus scale: peak memory and wall time to the first training step on a large text corpus.
 
-    .venv/bin/python bench/corpus.py --mb 100                  # cold and warm cache, this checkout
-    .venv/bin/python bench/corpus.py --mb 100 --code DIR       # the same run with another checkout's code
-    .venv/bin/python bench/corpus.py --mb 100 --no-cache       # data.cache: false (tokenized in memory)
-    .venv/bin/python bench/corpus.py --mb 10 --throughput      # `data prepare` MB/s on 1 and 2 processes
+    .venv/bin/python bench/data_scale.py --mb 10,100,400          # cold and warm cache, this checkout
+    .venv/bin/python bench/data_scale.py --mb 100 --code DIR      # the same run with another checkout's code
+    .venv/bin/python bench/data_scale.py --mb 10,100 --no-cache   # data.cache: false (tokenized in memory)
+    .venv/bin/python bench/data_scale.py --mb 20 --throughput     # MB/s: `data prepare` on 1 and 2 processes,
+                                                                  # and raw `tokenizers` on 1 and 2 threads
 
 The corpus is made from the Tang poems in ../shared (one poem a line, lines shuffled and repeated
 until the size is reached) in --work (default /tmp/gpt2tune-bench; never in the repository). Each
@@ -112,49 +113,96 @@ def run(work: Path, src: Path, steps: int, cache: bool, code: Path, label: str) 
             "peak_rss_mb": round(peak_main / 1e6), "peak_pss_with_workers_mb": round(peak_tree / 1e6)}
 
 
+PREPARE = """
+import sys, time
+from gpt2tune.recipe import load_recipe
+from gpt2tune.tasks.causal_lm import prepare_corpus
+from gpt2tune.model.tokenizer import load_tokenizer
+r = load_recipe(sys.argv[1])
+r.data.num_proc = int(sys.argv[2])
+load_tokenizer(r.model.tokenizer)  # (transformers' lazy imports: the raw side loads its tokenizer untimed too)
+t0 = time.perf_counter()
+prepare_corpus(r, progress=False)
+print(time.perf_counter() - t0)
+"""
+
+
 def throughput(work: Path, src: Path, procs: int) -> dict:
-    """`gpt2tune data prepare` into an empty cache with data.num_proc procs: read, clean, tokenize, write."""
+    """What `gpt2tune data prepare` does (read, clean, tokenize, split, write, hash) into an empty cache
+    with data.num_proc procs, in a fresh process, timed after the imports; the Rust tokenizer's own
+    threads limited to as many (workers never use them)."""
     recipe = work / "prepare.yaml"
     fields = f', cache: true, cache_dir: "{work / "cache-prepare"}"'
     recipe.write_text(RECIPE.format(vocab=VOCAB, src=src, cache=fields, steps=1, out=work / "unused"), encoding="utf-8")
     shutil.rmtree(work / "cache-prepare", ignore_errors=True)
-    t0 = time.perf_counter()
-    subprocess.run([sys.executable, "-m", "gpt2tune", "data", "prepare", str(recipe), "--no-progress",
-                    "--set", f"data.num_proc={procs}"], cwd=ROOT, check=True, stdout=subprocess.DEVNULL)
-    dt = time.perf_counter() - t0
+    env = dict(os.environ, RAYON_NUM_THREADS=str(procs))  # one process: one core (no Rust threads either)
+    out = subprocess.run([sys.executable, "-c", PREPARE, str(recipe), str(procs)], cwd=ROOT, check=True, env=env,
+                         capture_output=True, text=True).stdout
+    dt = float(out.strip().splitlines()[-1])
     return {"label": f"prepare-{procs}proc", "seconds": round(dt, 1), "MB_per_s": round(src.stat().st_size / 1e6 / dt, 2)}
+
+
+RAW = """
+import os, sys, time
+from gpt2tune.model.tokenizer import load_tokenizer
+tok = load_tokenizer(sys.argv[1])
+with open(sys.argv[2], encoding="utf-8") as f:
+    lines = [l for l in f.read().split("\\n") if l.strip()]
+t0 = time.perf_counter()
+for i in range(0, len(lines), 8192):
+    tok.backend_tokenizer.encode_batch_fast(lines[i : i + 8192], add_special_tokens=False)
+print(time.perf_counter() - t0)
+"""
+
+
+def raw_tokenizers(src: Path, threads: int) -> dict:
+    """The reference: the same text's lines through the raw `tokenizers` batch encoder (Rust, rayon on
+    `threads` threads; no cleaning, framing or writing), in a fresh process, file read before timing."""
+    env = dict(os.environ, RAYON_NUM_THREADS=str(threads), TOKENIZERS_PARALLELISM="true")
+    out = subprocess.run([sys.executable, "-c", RAW, str(VOCAB), str(src)], cwd=ROOT, env=env, check=True,
+                         capture_output=True, text=True).stdout
+    dt = float(out.strip().splitlines()[-1])
+    return {"label": f"raw-tokenizers-{threads}thread", "seconds": round(dt, 1),
+            "MB_per_s": round(src.stat().st_size / 1e6 / dt, 2)}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--mb", type=float, default=100)
+    ap.add_argument("--mb", default="100", help="corpus sizes in MB, comma-separated (e.g. 10,100,400)")
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--work", type=Path, default=Path("/tmp/gpt2tune-bench"))
     ap.add_argument("--code", type=Path, default=ROOT, help="the checkout whose gpt2tune runs (default: this one)")
     ap.add_argument("--no-cache", action="store_true", help="only a data.cache: false run")
     ap.add_argument("--label", default=None)
-    ap.add_argument("--throughput", action="store_true", help="only `data prepare` on 1 and 2 processes")
+    ap.add_argument("--throughput", action="store_true",
+                    help="only tokenization speed: `data prepare` on 1 and 2 processes, raw tokenizers on 1 and 2 threads")
+    ap.add_argument("--repeat", type=int, default=3, help="--throughput: each side's best of this many runs")
     a = ap.parse_args()
     if not POEMS.is_dir() or not VOCAB.is_dir():
         raise SystemExit(f"needs {POEMS} and {VOCAB} (../shared)")
-    src = make_corpus(a.work / f"corpus-{a.mb:g}mb.txt", a.mb)
-    print(f"corpus {src}: {src.stat().st_size / 1e6:.1f} MB, {sum(1 for _ in open(src, encoding='utf-8')):,} lines",
-          flush=True)
     cpu = Path("/proc/cpuinfo").read_text()
     kind = "AMX/AVX512-BF16" if ("amx_bf16" in cpu or "avx512_bf16" in cpu) else "AVX2-only (no AMX/AVX512-BF16)"
     print(f"CPU: {kind}, {os.cpu_count()} cores", flush=True)
-    rows = []
-    tag = a.label or ("code" if a.code != ROOT else "")
-    if a.throughput:
-        rows += [throughput(a.work, src, 1), throughput(a.work, src, 2)]
-    elif a.no_cache or a.code != ROOT:
-        rows.append(run(a.work, src, a.steps, False, a.code, f"{tag or 'nocache'}-{a.mb:g}mb"))
-    else:
-        shutil.rmtree(a.work / "cache", ignore_errors=True)
-        rows.append(run(a.work, src, a.steps, True, a.code, f"cold-{a.mb:g}mb"))
-        rows.append(run(a.work, src, a.steps, True, a.code, f"warm-{a.mb:g}mb"))
-    for r in rows:
-        print(json.dumps(r), flush=True)
+    for mb in (float(x) for x in a.mb.split(",")):
+        src = make_corpus(a.work / f"corpus-{mb:g}mb.txt", mb)
+        print(f"corpus {src}: {src.stat().st_size / 1e6:.1f} MB, "
+              f"{sum(1 for _ in open(src, encoding='utf-8')):,} lines", flush=True)
+        tag = a.label or ("code" if a.code != ROOT else "")
+        if a.throughput:
+            best = lambda runs: min(runs, key=lambda r: r["seconds"])  # noqa: E731  (best of --repeat: noise only slows)
+            rows = [best([side(*args) for _ in range(a.repeat)])
+                    for side, args in ((throughput, (a.work, src, 1)), (throughput, (a.work, src, 2)),
+                                       (raw_tokenizers, (src, 1)), (raw_tokenizers, (src, 2)))]
+            rows.append({"label": "ratios", "prepare_2proc_over_1proc": round(rows[1]["MB_per_s"] / rows[0]["MB_per_s"], 2),
+                         "raw_2thread_over_prepare_2proc": round(rows[3]["MB_per_s"] / rows[1]["MB_per_s"], 2)})
+        elif a.no_cache or a.code != ROOT:
+            rows = [run(a.work, src, a.steps, False, a.code, f"{tag or 'nocache'}-{mb:g}mb")]
+        else:
+            shutil.rmtree(a.work / "cache", ignore_errors=True)
+            rows = [run(a.work, src, a.steps, True, a.code, f"cold-{mb:g}mb"),
+                    run(a.work, src, a.steps, True, a.code, f"warm-{mb:g}mb")]
+        for r in rows:
+            print(json.dumps(r), flush=True)
 
 
 if __name__ == "__main__":
