@@ -212,3 +212,28 @@ output: {{dir: "{tmp_path / 'run'}"}}
     assert code == 2 and err.strip().splitlines() == [
         "gpt2tune: error: class 'spam' has 2 samples; data.split [0.7, 0.1, 0.2] needs at least 6 per class for "
         "non-empty validation and test; add data or change data.split"]
+
+
+@pytest.mark.parametrize("kind,mode", [("text", "lines"), ("text", "auto"), ("jsonl", None)])
+def test_streamed_readers_hold_one_line_not_the_file(tmp_path, kind, mode):
+    """iter_records reads text: and jsonl: a line at a time: walking 4 MB of records allocates well
+    under a megabyte at any moment (a reader that splits the whole file would hold all of it), and
+    gives the records load_source gives."""
+    import tracemalloc
+
+    from gpt2tune.data.sources import Loaded, iter_records
+
+    f = tmp_path / f"big.{kind}"
+    lines = [f"第{i}行 白日依山盡，黃河入海流。欲窮千里目，更上一層樓。" for i in range(60_000)]
+    if kind == "jsonl":
+        lines = [json.dumps({"text": t}, ensure_ascii=False) for t in lines]
+    f.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    assert f.stat().st_size > 4e6
+    opts = SourceOptions(text_mode=mode or "auto")
+    info = Loaded([])
+    tracemalloc.start()
+    n = sum(1 for _ in iter_records(f"{kind}:{f}", opts, info))
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert n == 60_000 and peak < 1e6, peak
+    assert load_source(f"{kind}:{f}", opts).records[-1] == ({"text": lines[-1]} if kind == "text" else json.loads(lines[-1]))

@@ -170,10 +170,11 @@ def test_ddp_two_processes_equal_one_process_with_double_batch(tmp_path):
 
 def test_two_process_resume_restores_every_ranks_random_stream(tmp_path):
     """With dropout on, each rank draws its own masks; a resumed 2-process run (from the step-4
-    checkpoint) ends with weights identical to the uninterrupted run."""
+    checkpoint) ends with weights identical to the uninterrupted run. The first run starts with an
+    empty corpus cache: rank 0 builds the entry while rank 1 waits, then both read it."""
     import shutil
 
-    env = dict(os.environ, OMP_NUM_THREADS="1")
+    env = dict(os.environ, OMP_NUM_THREADS="1", GPT2TUNE_CACHE_DIR=str(tmp_path / "cache"))
 
     def torchrun(r, *extra):
         p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
@@ -183,6 +184,7 @@ def test_two_process_resume_restores_every_ranks_random_stream(tmp_path):
         return p
 
     torchrun(recipe(tmp_path, "ref", steps=12, save=4, bs=2, dropout=0.1))
+    assert json.loads((tmp_path / "ref" / "data.json").read_text())["cache"]["hit"] is False  # built under torchrun
     rng = load_file(str(tmp_path / "ref" / "checkpoints" / "step-4" / "rng.safetensors"))
     assert not torch.equal(rng["rank0/torch"], rng["rank1/torch"])  # the ranks' streams really differ
     res = recipe(tmp_path, "res", steps=12, save=4, bs=2, dropout=0.1)

@@ -130,6 +130,19 @@ def _blocks(path: str) -> Iterator[list[str]]:
         yield block
 
 
+def _block_sizes(path: str) -> Iterator[int]:
+    """The number of lines of each run of non-blank lines (memory: none of them)."""
+    n = 0
+    for _, line in iter_lines(path):
+        if line.strip():
+            n += 1
+        elif n:
+            yield n
+            n = 0
+    if n:
+        yield n
+
+
 def _text(path: str, opts: SourceOptions, info: Loaded) -> Iterator[dict]:
     """Lines or documents (runs of non-blank lines), read as they are iterated.
 
@@ -142,10 +155,10 @@ def _text(path: str, opts: SourceOptions, info: Loaded) -> Iterator[dict]:
     mode = opts.text_mode
     if mode == "auto":
         blocks = n_lines = in_multi = 0
-        for b in _blocks(path):
+        for size in _block_sizes(path):
             blocks += 1
-            n_lines += len(b)
-            in_multi += len(b) if len(b) > 1 else 0
+            n_lines += size
+            in_multi += size if size > 1 else 0
         seps = blocks - 1
         mode = "documents" if seps >= DOC_MIN_SEPARATORS and 2 * in_multi >= n_lines else "lines"
         if seps > 0:  # without a blank line there is nothing to decide
@@ -153,11 +166,12 @@ def _text(path: str, opts: SourceOptions, info: Loaded) -> Iterator[dict]:
                               f"non-blank lines in blocks of 2+ lines; documents needs {DOC_MIN_SEPARATORS}+ separators "
                               f"and half the lines in such blocks; set data.text_mode to choose)")
     info.text_mode = mode
-    for b in _blocks(path):
-        if mode == "lines":
-            for line in b:
+    if mode == "lines":
+        for _, line in iter_lines(path):
+            if line.strip():
                 yield {"text": line}
-        else:
+    else:
+        for b in _blocks(path):
             yield {"text": "\n".join(b)}
 
 
