@@ -13,10 +13,12 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from gpt2tune.chat.history import fit_messages
 from gpt2tune.chat.template import ChatTemplate
+from gpt2tune.data.cache import TokenStore
 from gpt2tune.data.dataset import IGNORE, pad_rows
 
 
@@ -31,6 +33,36 @@ class Masked:
     @property
     def trained(self) -> int:
         return sum(1 for l in self.labels if l != IGNORE)
+
+
+class MaskedStore:
+    """Masked rows read from a corpus cache entry (see data/corpus.py `encode_records`): the ids and a
+    uint8 mask (1 where trained) as two memory-mapped `TokenStore`s with the same offsets; `store[i]`
+    is row i as a `Masked`."""
+
+    def __init__(self, ids: TokenStore, mask: TokenStore):
+        if not np.array_equal(ids.offsets, mask.offsets):
+            raise ValueError("the ids and the masks of a cached split have different rows")
+        self.store, self.mask = ids, mask
+
+    @property
+    def lengths(self) -> np.ndarray:
+        return self.store.lengths
+
+    def __len__(self) -> int:
+        return len(self.store)
+
+    def __bool__(self) -> bool:
+        return len(self) > 0
+
+    def __getitem__(self, i) -> Masked:
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        ids = self.store.ids(int(i)).astype(np.int64)
+        return Masked(ids.tolist(), np.where(self.mask.ids(int(i)) != 0, ids, IGNORE).tolist())
+
+    def __iter__(self):
+        return (self[i] for i in range(len(self)))
 
 
 def collate_masked(rows: list[Masked], pad_id: int) -> dict[str, torch.Tensor]:
@@ -111,6 +143,17 @@ class FitStats:
         d = {k: v for k, v in self.__dict__.items() if k != "extra"}
         return {**d, **self.extra}
 
+    COUNTERS = ("samples", "dropped_turns", "shortened", "prompt_cut", "answer_cut", "skipped_no_answer",
+                "skipped_too_long", "trained_tokens")
+
+    def vector(self) -> list[int]:
+        """The counters in COUNTERS order (summed over rows, they give the stats of a set of rows)."""
+        return [getattr(self, k) for k in self.COUNTERS]
+
+    @classmethod
+    def of_vector(cls, v) -> "FitStats":
+        return cls(**{k: int(x) for k, x in zip(cls.COUNTERS, v)})
+
     def accept(self, row):
         """Count a fitted row; None (and counted as skipped) when nothing in it is trained."""
         if row.trained == 0:
@@ -173,14 +216,3 @@ def encode_conversation(tok, template: ChatTemplate, messages: list[dict], max_l
             st.shortened += 1
             st.dropped_turns += start
     return st.accept(row)
-
-
-def encode_conversations(tok, template: ChatTemplate, conversations: list[list[dict]],
-                         max_length: int) -> tuple[list[Masked], FitStats]:
-    st = FitStats()
-    rows = []
-    for conv in conversations:
-        r = encode_conversation(tok, template, conv, max_length, st)
-        if r is not None:
-            rows.append(r)
-    return rows, st

@@ -56,9 +56,10 @@ def conversation_of(record: dict, field: str, normalize: str = "nfc", whitespace
 
 
 def conversations_of(records: list[dict], field: str, spec: str, normalize: str = "nfc",
-                     whitespace: bool = False) -> tuple[list[list[dict]], int]:
-    """All conversations of a source; the number of malformed records skipped."""
-    if records and not any(field in r for r in records[:100]):
+                     whitespace: bool = False, check: bool = True) -> tuple[list[list[dict]], int]:
+    """All conversations of a source (or of a chunk of it); the number of malformed records skipped.
+    `check`: the records are the source's first, where a missing field is an error."""
+    if check and records and not any(field in r for r in records[:100]):
         have = ", ".join(map(str, records[0].keys()))
         raise UserError(f"{spec}: no field {field!r} holding messages; available: {have} (set chat.field)")
     out, skipped = [], 0

@@ -110,9 +110,10 @@ def parse_template(template: str) -> PromptTemplate:
     return PromptTemplate(template, prompt_parts, completion_parts, prompt_fields, completion)
 
 
-def values_of(records: list[dict], pt: PromptTemplate, spec: str) -> tuple[list[dict], int]:
-    """The template fields of every record (as strings); records missing one are skipped."""
-    if records:
+def values_of(records: list[dict], pt: PromptTemplate, spec: str, check: bool = True) -> tuple[list[dict], int]:
+    """The template fields of every record (as strings); records missing one are skipped. `check`: the
+    records are the source's first, where a field no record has is an error."""
+    if check and records:
         have = set().union(*(r.keys() for r in records[:100]))
         missing = [f for f in pt.fields if f not in have]
         if missing:
@@ -164,13 +165,6 @@ def encode_pair(tok, pt: PromptTemplate, values: dict, bos: str, eos: str, max_l
     elif shortened:
         st.prompt_cut += 1
     return st.accept(row)
-
-
-def encode_pairs(tok, pt: PromptTemplate, items: list[dict], bos: str, eos: str,
-                 max_length: int) -> tuple[list[Masked], FitStats]:
-    st = FitStats()
-    rows = [r for v in items if (r := encode_pair(tok, pt, v, bos, eos, max_length, st)) is not None]
-    return rows, st
 
 
 def save_prompt_template(pt: PromptTemplate, folder: str | Path) -> None:

@@ -30,9 +30,10 @@ def add_parser(sub):
                         "as data.streaming reads a source too large to read whole")
     q.add_argument("--json", action="store_true")
     r = dsub.add_parser("prepare", help="tokenize a recipe's data into the corpus cache before training",
-                        description="Read, clean and tokenize the recipe's data (task causal-lm; text, jsonl, csv, "
-                                    "tsv and chinese-poetry sources) into the memory-mapped corpus cache "
-                                    "(data.cache_dir), so that training, on one process or several, starts from it.",
+                        description="Read, clean and tokenize the recipe's data (tasks causal-lm, chat and completion; "
+                                    "text, jsonl, csv, tsv and chinese-poetry sources) into the memory-mapped corpus "
+                                    "cache (data.cache_dir), so that training, on one process or several, starts "
+                                    "from it. Chat and completion rows are stored with their loss masks.",
                         epilog="Example: gpt2tune data prepare recipes/english-gpt2.yaml --set data.source=text:book.txt")
     r.add_argument("recipe", help="path to a YAML recipe")
     r.add_argument("--set", dest="overrides", action="append", default=[], metavar="FIELD=VALUE",
@@ -43,32 +44,60 @@ def add_parser(sub):
 
 def prepare(a) -> int:
     from gpt2tune.recipe import load_recipe
-    from gpt2tune.tasks.causal_lm import prepare_corpus
+    from gpt2tune.tasks.cached import recipe_files
 
     recipe = load_recipe(a.recipe, a.overrides)
-    if recipe.task != "causal-lm":
-        raise UserError(f"data prepare: task {recipe.task} is tokenized in memory at each run; only causal-lm "
-                        f"recipes use the corpus cache")
+    if recipe.task not in ("causal-lm", "chat", "completion"):
+        raise UserError(f"data prepare: task {recipe.task} is tokenized in memory at each run; causal-lm, chat and "
+                        f"completion recipes use the corpus cache")
     if recipe.data.streaming:
         raise UserError("data prepare: the recipe sets data.streaming: the source is read as training goes, "
                         "nothing is prepared")
     if not recipe.data.cache:
         raise UserError("data prepare: the recipe sets data.cache: false")
-    corpus = prepare_corpus(recipe, progress=not a.no_progress)
-    if corpus is None:
+    if recipe_files(recipe.data) is None:
         raise UserError(f"data prepare: {recipe.data.source} is not cached (text, jsonl, csv, tsv and "
                         f"chinese-poetry sources are; builtin: and hf: are read at each run)")
-    info = {"entry": str(corpus.folder), "built": not corpus.hit, "dtype": corpus.meta["dtype"],
-            "train_documents": len(corpus.train), "validation_documents": len(corpus.val),
-            "train_tokens": corpus.train.total_tokens, "validation_tokens": corpus.val.total_tokens,
-            "stats": corpus.stats}
+    if recipe.task == "causal-lm":
+        info = _prepare_corpus(recipe, not a.no_progress)
+        what = "documents"
+    else:
+        info = _prepare_rows(recipe, not a.no_progress)
+        what = "rows"
     if a.json:
         print(json.dumps(info, ensure_ascii=False, indent=2))
     else:
         print(f"{'built' if info['built'] else 'already cached'}: {info['entry']}\n"
-              f"train {info['train_documents']:,} documents, {info['train_tokens']:,} tokens; validation "
-              f"{info['validation_documents']:,} documents, {info['validation_tokens']:,} tokens ({info['dtype']})")
+              f"train {info['train_documents']:,} {what}, {info['train_tokens']:,} tokens; validation "
+              f"{info['validation_documents']:,} {what}, {info['validation_tokens']:,} tokens")
     return 0
+
+
+def _prepare_corpus(recipe, progress: bool) -> dict:
+    from gpt2tune.tasks.causal_lm import prepare_corpus
+
+    corpus = prepare_corpus(recipe, progress=progress)
+    return {"entry": str(corpus.folder), "built": not corpus.hit, "dtype": corpus.meta["dtype"],
+            "train_documents": len(corpus.train), "validation_documents": len(corpus.val),
+            "train_tokens": corpus.train.total_tokens, "validation_tokens": corpus.val.total_tokens,
+            "stats": corpus.stats}
+
+
+def _prepare_rows(recipe, progress: bool) -> dict:
+    """A chat or completion recipe's masked rows (the template's added tokens are part of the key)."""
+    if recipe.model.tokenizer == "from-data":
+        raise UserError(f"data prepare: task {recipe.task} with model.tokenizer from-data reads its data in memory "
+                        f"at each run (the tokenizer is built from it first); nothing is cached")
+    if recipe.task == "chat":
+        from gpt2tune.tasks.chat import prepare
+    else:
+        from gpt2tune.tasks.completion import prepare
+    rows = prepare(recipe, progress)
+    return {"entry": rows.cache["entry"], "built": not rows.cache["hit"],
+            "train_documents": len(rows.train), "validation_documents": len(rows.val),
+            "train_tokens": rows.train.store.total_tokens, "validation_tokens": rows.val.store.total_tokens,
+            "trained_tokens": rows.train_fit.trained_tokens, "skipped_records": rows.skipped,
+            "train_fit": rows.train_fit.as_dict(), "validation_fit": rows.val_fit.as_dict()}
 
 
 def run(a) -> int:

@@ -7,6 +7,7 @@ content hash), the tokenizer (its own fingerprint), and every data setting that 
   SPLIT.tokens.bin    every document's token ids back to back (uint16 when the vocabulary has fewer
                       than 65,536 entries, else uint32), read through `numpy.memmap`
   SPLIT.offsets.bin   int64, one more than documents: document i is tokens[offsets[i]:offsets[i+1]]
+  SPLIT.mask.*        (tasks chat and completion) uint8 loss masks, row for row: 1 where trained
   meta.json           format, dtype, counts, byte sizes and content hashes of the files above, the
                       `data.json` statistics of the source; written last
 
@@ -183,7 +184,11 @@ def open_entry(folder: Path, verify: bool = True) -> tuple[dict, dict[str, Token
     if meta.get("format") != FORMAT:
         raise CacheCorrupt(f"format {meta.get('format')} is not {FORMAT}")
     dtype = np.dtype(meta["dtype"])
-    stores = {split: open_split(folder, split, meta["splits"][split], dtype, verify) for split in SPLITS}
+    splits = meta.get("splits") or {}
+    if any(s not in splits for s in SPLITS):
+        raise CacheCorrupt(f"meta.json lists splits {', '.join(splits) or 'none'}, not {' and '.join(SPLITS)}")
+    stores = {split: open_split(folder, split, m, np.uint8 if split.endswith(".mask") else dtype, verify)
+              for split, m in splits.items()}
     return meta, stores
 
 

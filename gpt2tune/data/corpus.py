@@ -13,6 +13,12 @@ processes.
 Without a validation source, the whole source is tokenized into one temporary split and then
 divided by `split_indices` over its texts (so exactly as the in-memory path divides them), a block
 of texts at a time from the memory map.
+
+Rows with a loss mask (tasks chat and completion) take the same road through `encode_records`:
+chunks of raw records go to the workers, which turn them into rows by the task's own function
+(template, masking, fitting to max_length: the data layer knows nothing of chats) and send back
+the ids, a uint8 mask (1 where the loss applies) and per-item counters; the parent writes the
+ids to split NAME and the masks to split NAME.mask, row for row.
 """
 
 from __future__ import annotations
@@ -190,14 +196,15 @@ def _chunks(texts: Iterable[str]) -> Iterator[list[str]]:
         yield chunk
 
 
-def _answers(pool, chunks: Iterator[list[str]], depth: int) -> Iterator[Chunk]:
-    """The workers' answers in the order of the chunks, with at most `depth` chunks in flight."""
+def _answers(pool, fn, chunks: Iterator, depth: int) -> Iterator:
+    """fn(chunk) for every chunk, computed by the workers, in the order of the chunks, with at most
+    `depth` chunks in flight."""
     if pool is None:
-        yield from map(_encode, chunks)
+        yield from map(fn, chunks)
         return
     pending: deque = deque()
     for chunk in chunks:
-        pending.append(pool.apply_async(_encode, (chunk,)))
+        pending.append(pool.apply_async(fn, (chunk,)))
         if len(pending) >= depth:
             yield pending.popleft().get()
     while pending:
@@ -211,14 +218,8 @@ def tokenize_splits(tok, splits: dict[str, tuple[Iterable[str], int]], folder, b
     texts as an iterable (read as they are consumed) and the size the progress bar counts for them
     (e.g. the source files' sizes). With `cleaning`, workers clean and filter the texts first."""
     global _TOK, _FRAME, _CLEAN
-    from tqdm.auto import tqdm
-
-    procs = num_proc or default_procs()
-    if "fork" not in mp.get_all_start_methods():
-        procs = 1  # workers inherit the tokenizer
-    total = sum(size for _, size in splits.values())
-    bar = tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1000, desc=f"tokenizing ({procs} proc)",
-               disable=not progress, file=sys.stderr, dynamic_ncols=True, mininterval=0.5)
+    procs = _procs(num_proc)
+    bar = _bar(sum(size for _, size in splits.values()), procs, progress)
     built: dict[str, Built] = {}
     first = {name: _chunks(texts) for name, (texts, _) in splits.items()}  # (read lazily; the first chunk now)
     heads = {name: next(it, []) for name, it in first.items()}
@@ -231,7 +232,7 @@ def tokenize_splits(tok, splits: dict[str, tuple[Iterable[str], int]], folder, b
             w = SplitWriter(folder, name, dtype)
             seen: set[int] = set()
             pieces, truncated, counts, done = [], [], {"too_short": 0, "too_long": 0, "duplicates": 0}, 0
-            for c in _answers(pool, texts, IN_FLIGHT * procs):
+            for c in _answers(pool, _encode, texts, IN_FLIGHT * procs):
                 counts["too_short"] += c.too_short
                 counts["too_long"] += c.too_long
                 if c.hashes is not None:
@@ -251,6 +252,19 @@ def tokenize_splits(tok, splits: dict[str, tuple[Iterable[str], int]], folder, b
         _TOK, _CLEAN = None, None
         bar.close()
     return built
+
+
+def _procs(num_proc: Optional[int]) -> int:
+    if "fork" not in mp.get_all_start_methods():
+        return 1  # workers inherit the tokenizer
+    return num_proc or default_procs()
+
+
+def _bar(total: int, procs: int, progress: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1000, desc=f"tokenizing ({procs} proc)",
+                disable=not progress, file=sys.stderr, dynamic_ncols=True, mininterval=0.5)
 
 
 def _cat(parts: list[np.ndarray], dtype) -> np.ndarray:
@@ -303,3 +317,103 @@ def divide(folder, whole: str, pieces: np.ndarray, parts: dict[str, np.ndarray],
                 w.add(span[np.repeat(doc_keep, lengths[d0:d1])], lengths[d0:d1][doc_keep])
             metas[name] = w.close()
     return metas
+
+
+# --------------------------------------------------------------------------- rows with a loss mask
+
+ROW_CHUNK = 256  # records per task (a chat record is encoded turn by turn: small tasks keep workers even)
+_ROWS: dict = {}  # split name -> rows_of, inherited by forked workers
+
+
+@dataclass
+class RowsChunk:
+    """A worker's answer for one chunk of records (see `encode_records`)."""
+
+    ids: np.ndarray  # the rows end to end
+    mask: np.ndarray  # uint8, 1 where the loss applies
+    lengths: np.ndarray  # tokens per row
+    pieces: np.ndarray  # rows per item, 0 or 1 (int32)
+    stats: np.ndarray  # per item counters (int64, items x k)
+    bad: int  # records that gave no item
+    nbytes: int
+
+
+@dataclass
+class BuiltRows:
+    """One split of rows as written: the metas of NAME and NAME.mask, rows per item, per item counters,
+    records that gave no item."""
+
+    metas: dict
+    pieces: np.ndarray
+    stats: np.ndarray
+    bad: int
+
+
+def record_bytes(r) -> int:
+    """UTF-8 bytes of the strings in a record (what the progress bar counts of a record)."""
+    if isinstance(r, str):
+        return len(r.encode("utf-8"))
+    if isinstance(r, dict):
+        return sum(record_bytes(v) for v in r.values())
+    if isinstance(r, (list, tuple)):
+        return sum(record_bytes(v) for v in r)
+    return 0
+
+
+def _encode_rows(task: tuple) -> RowsChunk:
+    name, records, first, dtype, k = task
+    rows, stats, bad = _ROWS[name](records, first)
+    kept = [r for r in rows if r is not None]
+    lengths = np.fromiter((len(ids) for ids, _ in kept), dtype=np.int64, count=len(kept))
+    ids = np.fromiter(itertools.chain.from_iterable(ids for ids, _ in kept), dtype=dtype, count=int(lengths.sum()))
+    mask = np.fromiter(itertools.chain.from_iterable(m for _, m in kept), dtype=np.uint8, count=int(lengths.sum()))
+    pieces = np.fromiter((r is not None for r in rows), dtype=np.int32, count=len(rows))
+    return RowsChunk(ids, mask, lengths, pieces, np.asarray(stats, dtype=np.int64).reshape(len(rows), k), bad,
+                     sum(map(record_bytes, records)))
+
+
+def _record_chunks(name: str, records: Iterable[dict], dtype, k: int) -> Iterator[tuple]:
+    it = iter(records)
+    first = True
+    while chunk := list(itertools.islice(it, ROW_CHUNK)):
+        yield name, chunk, first, dtype, k
+        first = False
+
+
+def encode_records(splits: dict[str, tuple], folder, dtype, k: int, num_proc: Optional[int] = None,
+                   progress: bool = True) -> dict[str, BuiltRows]:
+    """Write every split's rows and loss masks into `folder` (splits NAME and NAME.mask). `splits` maps a
+    name to (records, bytes, rows_of): the records as an iterable read as it is consumed, the size the
+    progress bar counts, and `rows_of(records, first) -> (rows, stats, bad)`, which turns a chunk of
+    records (`first`: the source's first chunk) into its items' rows (`(ids, mask)`, or None for an item
+    with nothing to train), one row of `k` counters per item, and how many records gave no item. The
+    workers run `rows_of` (forked: it may hold a tokenizer); the parent writes in order."""
+    procs = _procs(num_proc)
+    bar = _bar(sum(size for _, size, _ in splits.values()), procs, progress)
+    _ROWS.clear()
+    _ROWS.update({name: rows_of for name, (_, _, rows_of) in splits.items()})
+    pool = mp.get_context("fork").Pool(procs, initializer=_init_worker) if procs > 1 else None  # (after _ROWS)
+    built: dict[str, BuiltRows] = {}
+    try:
+        for name, (records, size, _) in splits.items():
+            w, wm = SplitWriter(folder, name, dtype), SplitWriter(folder, f"{name}.mask", np.uint8)
+            pieces, stats, bad, done = [], [], 0, 0
+            for c in _answers(pool, _encode_rows, _record_chunks(name, records, dtype, k), IN_FLIGHT * procs):
+                w.add(c.ids, c.lengths)
+                wm.add(c.mask, c.lengths)
+                pieces.append(c.pieces)
+                stats.append(c.stats)
+                bad += c.bad
+                step = min(c.nbytes, max(size - done, 0))
+                bar.update(step)
+                done += step
+            bar.update(max(size - done, 0))
+            built[name] = BuiltRows({name: w.close(), f"{name}.mask": wm.close()}, _cat(pieces, np.int32),
+                                    np.concatenate(stats) if stats else np.zeros((0, k), dtype=np.int64), bad)
+    finally:
+        if pool is not None:
+            pool.close()
+            pool.join()
+        _ROWS.clear()
+        bar.close()
+    return built

@@ -16,22 +16,18 @@ from pathlib import Path
 from typing import Optional
 
 from gpt2tune.data import cache, sources, stream
-from gpt2tune.data.cache import CacheCorrupt, TokenStore
+from gpt2tune.data.cache import TokenStore
 from gpt2tune.data.dataset import tokenize_texts
 from gpt2tune.errors import UserError
 from gpt2tune.generate.text import complete
 from gpt2tune.method import apply_method
 from gpt2tune.recipe import Recipe, dump_recipe
+from gpt2tune.tasks import cached
 from gpt2tune.tasks.common import (check_disk, describe_params, fit_and_save, load_base, log, prepare_run_dir,
                                    sample_settings, source_options, source_stats, train_val_texts, write_json)
 from gpt2tune.train import distributed as dist
 from gpt2tune.train.device import pick_device
 from gpt2tune.train.loop import Data
-
-CACHED_KINDS = ("text", "jsonl", "csv", "tsv", "chinese-poetry")
-# data settings that do not change the tokens of a causal-lm corpus (or belong to other tasks)
-NOT_IN_KEY = {"cache", "cache_dir", "num_proc", "batching", "label_field", "balance", "split", "test", "streaming",
-              "shuffle_buffer", "val_documents"}
 
 
 @dataclass
@@ -47,31 +43,6 @@ class Corpus:
         return dict(self.meta["stats"])
 
 
-def _source_files(spec: str) -> Optional[list[Path]]:
-    """The files a source reads, or None when it is not cached (its reader then runs as before)."""
-    from gpt2tune.data import poetry
-
-    kind, rest = sources.split_spec(spec)
-    if kind not in CACHED_KINDS:
-        return None
-    if kind == "chinese-poetry":
-        return sorted(poetry.find_files(rest))
-    p = Path(rest)
-    return [p] if p.is_file() else None  # a missing file: the reader's own error
-
-
-def _tokenizer_of(model_cfg):
-    """The tokenizer `load_base` would use (model.tokenizer, else the base model's), without the model."""
-    from gpt2tune.model.resolve import resolve_model_dir
-    from gpt2tune.model.tokenizer import load_tokenizer
-
-    if model_cfg.tokenizer:
-        return load_tokenizer(model_cfg.tokenizer)
-    if not model_cfg.name:
-        raise UserError("model.init: scratch needs model.tokenizer ('from-data' or a tokenizer folder)")
-    return load_tokenizer(resolve_model_dir(model_cfg.name, model_cfg.revision))
-
-
 def prepare_corpus(recipe: Recipe, run_dir: Optional[Path] = None, resume: bool = False, progress: bool = True,
                    build: bool = True) -> Optional[Corpus]:
     """The recipe's training and validation corpus from the cache, built first when missing, damaged
@@ -79,16 +50,11 @@ def prepare_corpus(recipe: Recipe, run_dir: Optional[Path] = None, resume: bool 
     from gpt2tune.model.tokenizer import build_tokenizer, framing_of, load_tokenizer
 
     d = recipe.data
-    if not d.cache:
+    files = cached.recipe_files(d)
+    if files is None:
         return None
-    specs = [s for s in (d.source, d.validation) if s]
-    files = {s: _source_files(s) for s in specs}
-    if any(f is None for f in files.values()):
-        return None
-    root = Path(d.cache_dir).expanduser() if d.cache_dir else cache.default_root()
-    parts = {"task": "causal-lm",
-             "sources": {s: [cache.file_fingerprint(f) for f in fs] for s, fs in files.items()},
-             "settings": recipe.data.model_dump(mode="json", exclude=NOT_IN_KEY)}
+    root = cached.root_of(d)
+    parts = cached.key_parts("causal-lm", d, files)
     from_data = recipe.model.tokenizer == "from-data"
     run_tok = Path(run_dir) / "tokenizer" if (run_dir is not None and from_data and resume) else None
     keys = []
@@ -97,25 +63,18 @@ def prepare_corpus(recipe: Recipe, run_dir: Optional[Path] = None, resume: bool 
     if from_data and not (run_tok is not None and run_tok.is_dir()):
         tok, fp = None, None
     else:  # (a resumed from-data run keeps its own tokenizer: an entry built with another is not used)
-        tok = load_tokenizer(run_tok) if from_data else _tokenizer_of(recipe.model)
+        tok = load_tokenizer(run_tok) if from_data else cached.tokenizer_of(recipe.model)
         framing_of(tok)  # (may set a pad token, as load_base does)
         fp = cache.tokenizer_fingerprint(tok)
         keys.append(cache.entry_key({**parts, "tokenizer": fp}))
     for key in dict.fromkeys(keys):
-        folder = root / key
-        if not folder.is_dir():
+        found = cached.open_cached(root / key, build)
+        if found is None:
             continue
-        try:
-            meta, stores = cache.open_entry(folder)
-        except CacheCorrupt as err:
-            if not build:
-                raise UserError(f"data cache entry {folder} is damaged ({err}); run on one process to rebuild it") from None
-            log(f"note: data cache entry {folder} is damaged ({err}); rebuilding it")
-            cache.discard(folder)
-            continue
+        meta, stores = found
         if fp is not None and meta["tokenizer"] != fp:
             continue
-        return Corpus(folder, meta, stores["train"], stores["val"], True)
+        return Corpus(root / key, meta, stores["train"], stores["val"], True)
     if not build:
         raise UserError(f"data cache entry {root / keys[-1]} is missing (the first process builds it)")
 
