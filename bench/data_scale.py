@@ -5,6 +5,8 @@
     .venv/bin/python bench/data_scale.py --mb 10,100 --no-cache   # data.cache: false (tokenized in memory)
     .venv/bin/python bench/data_scale.py --mb 20 --throughput     # MB/s: `data prepare` on 1 and 2 processes,
                                                                   # and raw `tokenizers` on 1 and 2 threads
+    .venv/bin/python bench/data_scale.py --task chat --mb 20      # chat rows (loss masks): in memory, cold, warm
+    .venv/bin/python bench/data_scale.py --task chat --mb 20 --throughput
 
 The corpus is made from the Tang poems in ../shared (one poem a line, lines shuffled and repeated
 until the size is reached) in --work (default /tmp/gpt2tune-bench; never in the repository). Each
@@ -43,15 +45,38 @@ output: {{dir: "{out}"}}
 """
 
 
-def make_corpus(path: Path, mb: float, seed: int = 0) -> Path:
-    if path.exists() and abs(path.stat().st_size - mb * 1e6) < 1e6:
-        return path
+CHAT_RECIPE = """task: chat
+model: {{init: scratch, size: nano, tokenizer: "{vocab}"}}
+data: {{source: "jsonl:{src}", val_fraction: 0.05, max_length: 128{cache}}}
+train: {{precision: fp32, batch_size: 8, max_steps: {steps}, log_every: 1, eval_batches: 2, seed: 1}}
+output: {{dir: "{out}"}}
+"""
+
+
+def _poems() -> list[str]:
     lines = []
     for f in sorted(POEMS.glob("poet.tang.*.json")):
         for p in json.loads(f.read_text(encoding="utf-8")):
             text = "".join(p.get("paragraphs") or [])
             if text:
                 lines.append(text)
+    return lines
+
+
+def _chat_line(poem: str) -> str:
+    """A poem as a one-turn chat: its first line asked, the rest answered."""
+    head, _, rest = poem.partition("。")
+    return json.dumps({"messages": [{"role": "user", "content": f"請續寫：{head}。"},
+                                    {"role": "assistant", "content": rest or head}]}, ensure_ascii=False)
+
+
+def make_corpus(path: Path, mb: float, seed: int = 0, task: str = "causal-lm") -> Path:
+    """One poem a line (task chat: one chat a JSON line), shuffled and repeated to `mb` MB."""
+    if path.exists() and abs(path.stat().st_size - mb * 1e6) < 1e6:
+        return path
+    lines = _poems()
+    if task == "chat":
+        lines = [_chat_line(p) for p in lines]
     rng, size = random.Random(seed), 0
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w", encoding="utf-8") as f:
@@ -81,12 +106,12 @@ def tree_pss(proc: psutil.Process) -> int:
     return total
 
 
-def run(work: Path, src: Path, steps: int, cache: bool, code: Path, label: str) -> dict:
+def run(work: Path, src: Path, steps: int, cache: bool, code: Path, label: str, task: str = "causal-lm") -> dict:
     out = work / f"run-{label}"
     recipe = work / f"{label}.yaml"
     # (another checkout's code may not know data.cache: it gets no such fields)
     fields = f', cache: {str(cache).lower()}, cache_dir: "{work / "cache"}"' if code == ROOT else ""
-    recipe.write_text(RECIPE.format(vocab=VOCAB, src=src, cache=fields, steps=steps, out=out), encoding="utf-8")
+    recipe.write_text((CHAT_RECIPE if task == "chat" else RECIPE).format(vocab=VOCAB, src=src, cache=fields, steps=steps, out=out), encoding="utf-8")
     shutil.rmtree(out, ignore_errors=True)  # (an old metrics.jsonl would look like a first step)
     env = dict(os.environ, PYTHONPATH=str(code), PYTHONUNBUFFERED="1")
     t0 = time.perf_counter()
@@ -117,23 +142,24 @@ PREPARE = """
 import sys, time
 from gpt2tune.recipe import load_recipe
 from gpt2tune.tasks.causal_lm import prepare_corpus
+from gpt2tune.tasks.chat import prepare as prepare_chat
 from gpt2tune.model.tokenizer import load_tokenizer
 r = load_recipe(sys.argv[1])
 r.data.num_proc = int(sys.argv[2])
 load_tokenizer(r.model.tokenizer)  # (transformers' lazy imports: the raw side loads its tokenizer untimed too)
 t0 = time.perf_counter()
-prepare_corpus(r, progress=False)
+(prepare_chat if r.task == "chat" else prepare_corpus)(r, progress=False)
 print(time.perf_counter() - t0)
 """
 
 
-def throughput(work: Path, src: Path, procs: int) -> dict:
+def throughput(work: Path, src: Path, procs: int, task: str = "causal-lm") -> dict:
     """What `gpt2tune data prepare` does (read, clean, tokenize, split, write, hash) into an empty cache
     with data.num_proc procs, in a fresh process, timed after the imports; the Rust tokenizer's own
     threads limited to as many (workers never use them)."""
     recipe = work / "prepare.yaml"
     fields = f', cache: true, cache_dir: "{work / "cache-prepare"}"'
-    recipe.write_text(RECIPE.format(vocab=VOCAB, src=src, cache=fields, steps=1, out=work / "unused"), encoding="utf-8")
+    recipe.write_text((CHAT_RECIPE if task == "chat" else RECIPE).format(vocab=VOCAB, src=src, cache=fields, steps=1, out=work / "unused"), encoding="utf-8")
     shutil.rmtree(work / "cache-prepare", ignore_errors=True)
     env = dict(os.environ, RAYON_NUM_THREADS=str(procs))  # one process: one core (no Rust threads either)
     out = subprocess.run([sys.executable, "-c", PREPARE, str(recipe), str(procs)], cwd=ROOT, check=True, env=env,
@@ -177,6 +203,9 @@ def main() -> None:
     ap.add_argument("--throughput", action="store_true",
                     help="only tokenization speed: `data prepare` on 1 and 2 processes, raw tokenizers on 1 and 2 threads")
     ap.add_argument("--repeat", type=int, default=3, help="--throughput: each side's best of this many runs")
+    ap.add_argument("--task", choices=["causal-lm", "chat"], default="causal-lm",
+                    help="chat: the poems as one-turn chats (JSONL), rows with loss masks; cold and warm cache "
+                         "against data.cache: false, or --throughput of `data prepare` on 1 and 2 processes")
     a = ap.parse_args()
     if not POEMS.is_dir() or not VOCAB.is_dir():
         raise SystemExit(f"needs {POEMS} and {VOCAB} (../shared)")
@@ -184,11 +213,22 @@ def main() -> None:
     kind = "AMX/AVX512-BF16" if ("amx_bf16" in cpu or "avx512_bf16" in cpu) else "AVX2-only (no AMX/AVX512-BF16)"
     print(f"CPU: {kind}, {os.cpu_count()} cores", flush=True)
     for mb in (float(x) for x in a.mb.split(",")):
-        src = make_corpus(a.work / f"corpus-{mb:g}mb.txt", mb)
+        chat = a.task == "chat"
+        src = make_corpus(a.work / f"{'chat' if chat else 'corpus'}-{mb:g}mb.{'jsonl' if chat else 'txt'}", mb,
+                          task=a.task)
         print(f"corpus {src}: {src.stat().st_size / 1e6:.1f} MB, "
               f"{sum(1 for _ in open(src, encoding='utf-8')):,} lines", flush=True)
         tag = a.label or ("code" if a.code != ROOT else "")
-        if a.throughput:
+        if a.throughput and chat:
+            best = lambda runs: min(runs, key=lambda r: r["seconds"])  # noqa: E731
+            rows = [best([throughput(a.work, src, p, "chat") for _ in range(a.repeat)]) for p in (1, 2)]
+            rows.append({"label": "ratios", "prepare_2proc_over_1proc": round(rows[1]["MB_per_s"] / rows[0]["MB_per_s"], 2)})
+        elif chat:
+            shutil.rmtree(a.work / "cache", ignore_errors=True)
+            rows = [run(a.work, src, a.steps, False, a.code, f"chat-nocache-{mb:g}mb", "chat"),
+                    run(a.work, src, a.steps, True, a.code, f"chat-cold-{mb:g}mb", "chat"),
+                    run(a.work, src, a.steps, True, a.code, f"chat-warm-{mb:g}mb", "chat")]
+        elif a.throughput:
             best = lambda runs: min(runs, key=lambda r: r["seconds"])  # noqa: E731  (best of --repeat: noise only slows)
             rows = [best([side(*args) for _ in range(a.repeat)])
                     for side, args in ((throughput, (a.work, src, 1)), (throughput, (a.work, src, 2)),

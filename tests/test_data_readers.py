@@ -214,19 +214,29 @@ output: {{dir: "{tmp_path / 'run'}"}}
         "non-empty validation and test; add data or change data.split"]
 
 
-@pytest.mark.parametrize("kind,mode", [("text", "lines"), ("text", "auto"), ("jsonl", None)])
+@pytest.mark.parametrize("kind,mode", [("text", "lines"), ("text", "auto"), ("jsonl", None), ("csv", None),
+                                       ("tsv", None)])
 def test_streamed_readers_hold_one_line_not_the_file(tmp_path, kind, mode):
-    """iter_records reads text: and jsonl: a line at a time: walking 4 MB of records allocates well
-    under a megabyte at any moment (a reader that splits the whole file would hold all of it), and
-    gives the records load_source gives."""
+    """iter_records reads text:, jsonl:, csv: and tsv: a line at a time: walking 4 MB of records
+    allocates well under a megabyte at any moment (a reader that splits the whole file would hold all
+    of it), and gives the records load_source gives."""
     import tracemalloc
 
     from gpt2tune.data.sources import Loaded, iter_records
 
     f = tmp_path / f"big.{kind}"
-    lines = [f"第{i}行 白日依山盡，黃河入海流。欲窮千里目，更上一層樓。" for i in range(60_000)]
+    texts = [f"第{i}行 白日依山盡，黃河入海流。欲窮千里目，更上一層樓。" for i in range(60_000)]
+    last = {"text": texts[-1]}
     if kind == "jsonl":
-        lines = [json.dumps({"text": t}, ensure_ascii=False) for t in lines]
+        lines = [json.dumps({"text": t}, ensure_ascii=False) for t in texts]
+    elif kind == "csv":  # quoted fields, one spanning two lines
+        lines = ["id,text"] + [f'{i},"{t}"' for i, t in enumerate(texts[:-1])] + [f'{len(texts) - 1},"{texts[-1]}\nend"']
+        last = {"id": str(len(texts) - 1), "text": texts[-1] + "\nend"}
+    elif kind == "tsv":
+        lines = ["label\ttext"] + [f"ham\t{t}" for t in texts]
+        last = {"label": "ham", "text": texts[-1]}
+    else:
+        lines = texts
     f.write_text("\n".join(lines) + "\n", encoding="utf-8")
     assert f.stat().st_size > 4e6
     opts = SourceOptions(text_mode=mode or "auto")
@@ -236,4 +246,4 @@ def test_streamed_readers_hold_one_line_not_the_file(tmp_path, kind, mode):
     peak = tracemalloc.get_traced_memory()[1]
     tracemalloc.stop()
     assert n == 60_000 and peak < 1e6, peak
-    assert load_source(f"{kind}:{f}", opts).records[-1] == ({"text": lines[-1]} if kind == "text" else json.loads(lines[-1]))
+    assert load_source(f"{kind}:{f}", opts).records[-1] == last

@@ -1,7 +1,8 @@
 """Data sources, named `KIND:PATH`.
 
 Every reader gives records (dicts) plus a count of skipped records and notes: `iter_records` as they
-are read (`text:` and `jsonl:` a line at a time), `load_source` as a list. Text-like readers put the
+are read (`text:`, `jsonl:`, `csv:` and `tsv:` a line at a time, `chinese-poetry:` a file at a time),
+`load_source` as a list. Text-like readers put the
 text under "text"; tabular readers keep every column.
 
   text:PATH            one sample per line, or blank-line separated documents (see _text)
@@ -20,10 +21,8 @@ else: U+2028, U+2029, U+0085 and the other separators `str.splitlines()` knows a
 from __future__ import annotations
 
 import csv
-import glob
-import io
+import itertools
 import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Iterator, Optional
@@ -193,61 +192,61 @@ def _jsonl(path: str, opts: SourceOptions, info: Loaded) -> Iterator[dict]:
         raise UserError(f"{path} holds no JSON records")
 
 
-def _table(path: str, opts: SourceOptions, delimiter: str) -> Loaded:
-    """Rows of a CSV/TSV file as dicts.
+def _table_rows(path: str, delimiter: str) -> Iterator[tuple[int, list[str]]]:
+    """(line where it starts, fields) of every non-blank row, read a line at a time (a quoted field
+    may span lines). Lines end at "\n", "\r\n" or a lone "\r"."""
+    lines = (line + "\n" for _, line in iter_lines(path))
+    if delimiter == "\t":
+        # TSV: fields never quoted; a stray quote is part of the text (the UCI SMS file needs this).
+        reader = csv.reader(lines, delimiter="\t", quoting=csv.QUOTE_NONE)
+    else:
+        reader = csv.reader(lines, delimiter=",")
+    end = 0
+    try:
+        for r in reader:
+            if r and any(c.strip() for c in r):
+                yield end + 1, r
+            end = reader.line_num
+    except csv.Error as err:
+        raise UserError(f"{path}:{reader.line_num}: malformed CSV ({err})") from None
+
+
+def _table(path: str, opts: SourceOptions, delimiter: str, info: Loaded) -> Iterator[dict]:
+    """Rows of a CSV/TSV file as dicts, read as they are iterated.
 
     A row with more fields than columns is an error naming file:line (an unquoted delimiter
     inside a field; merging the extras into the last column would corrupt it silently); a
     row with fewer fields is skipped and counted. With `columns` given and `header` unset, a
-    first row equal to the columns is the file's header, not a sample.
+    first row equal to the columns is the file's header, not a sample. Without a header or
+    columns, the columns are numbered up to the widest row (found in a first, counting pass).
     """
-    text = read_text_file(path).replace("\r\n", "\n").replace("\r", "\n")
-    if delimiter == "\t":
-        # TSV: fields never quoted; a stray quote is part of the text (the UCI SMS file needs this).
-        reader = csv.reader(io.StringIO(text), delimiter="\t", quoting=csv.QUOTE_NONE)
-    else:
-        reader = csv.reader(io.StringIO(text), delimiter=",")
-    rows, lines, end = [], [], 0  # lines: where each row starts (a quoted field may span lines)
-    try:
-        for r in reader:
-            if r and any(c.strip() for c in r):
-                rows.append(r)
-                lines.append(end + 1)
-            end = reader.line_num
-    except csv.Error as err:
-        raise UserError(f"{path}:{reader.line_num}: malformed CSV ({err})") from None
-    if not rows:
+    rows = _table_rows(path, delimiter)
+    first = next(rows, None)
+    if first is None:
         raise UserError(f"{path} has no rows")
     header = opts.header if opts.header is not None else opts.columns is None
-    notes = []
     if opts.columns is not None:
         names = list(opts.columns)
-        first = [c.strip().casefold() for c in rows[0]]
-        if opts.header is None and first == [n.casefold() for n in names]:
+        if opts.header is None and [c.strip().casefold() for c in first[1]] == [n.casefold() for n in names]:
             header = True
-            notes.append(f"{path}: the first row equals data.columns; read as the header")
-        if header:
-            rows, lines = rows[1:], lines[1:]
+            info.notes.append(f"{path}: the first row equals data.columns; read as the header")
     elif header:
-        names, rows, lines = [c.strip() for c in rows[0]], rows[1:], lines[1:]
+        names = [c.strip() for c in first[1]]
     else:
-        names = [str(i) for i in range(max(len(r) for r in rows))]
-    out, skipped = [], 0
-    for r, line in zip(rows, lines):
+        names = [str(i) for i in range(max(len(r) for _, r in _table_rows(path, delimiter)))]
+    for line, r in rows if header else itertools.chain([first], rows):
         if len(r) > len(names):
             hint = "a tab inside a field?" if delimiter == "\t" else 'quote a field that holds commas ("a, b")'
             raise UserError(f"{path}:{line}: {len(r)} fields but {len(names)} columns ({', '.join(names)}); {hint}")
         if len(r) < len(names):
-            skipped += 1
+            info.skipped += 1
             continue
-        out.append(dict(zip(names, r)))
-    return Loaded(out, skipped, notes)
+        yield dict(zip(names, r))
 
 
-def _poetry(path: str, opts: SourceOptions) -> Loaded:
-    files = poetry.find_files(path)
-    records, skipped = [], 0
-    for f in files:
+def _poetry(path: str, opts: SourceOptions, info: Loaded) -> Iterator[dict]:
+    """The poems of every file in turn (memory: one file)."""
+    for f in poetry.find_files(path):
         try:
             items = json.loads(read_text_file(f))
         except json.JSONDecodeError as err:
@@ -257,9 +256,8 @@ def _poetry(path: str, opts: SourceOptions) -> Loaded:
         if not isinstance(items, list):
             raise UserError(f"{f}: expected a JSON list of poems")
         recs, skip = poetry.records_from_items(items, opts.poetry_include_title, opts.poetry_form, opts.poetry_simplified)
-        records += recs
-        skipped += skip
-    return Loaded(records, skipped)
+        info.skipped += skip
+        yield from recs
 
 
 BUILTINS = {
@@ -313,8 +311,9 @@ def _hf(spec: str, opts: SourceOptions) -> Loaded:
 
 
 def iter_records(spec: str, opts: SourceOptions | None = None, info: Loaded | None = None) -> Iterator[dict]:
-    """The source's records, read as they are iterated: `text:` and `jsonl:` a line at a time (memory
-    does not grow with the file), the other kinds read whole first. `info` (a Loaded whose records stay
+    """The source's records, read as they are iterated: `text:`, `jsonl:`, `csv:` and `tsv:` a line at a
+    time (memory does not grow with the file), `chinese-poetry:` a file at a time, `builtin:` and `hf:`
+    read whole first. `info` (a Loaded whose records stay
     empty) gets the skipped count, notes and text mode."""
     opts = opts or SourceOptions()
     info = info if info is not None else Loaded([])
@@ -326,10 +325,12 @@ def iter_records(spec: str, opts: SourceOptions | None = None, info: Loaded | No
         yield from _jsonl(rest, opts, info)
         return
     if kind in ("csv", "tsv"):
-        whole = _table(rest, opts, "\t" if kind == "tsv" else ",")
-    elif kind == "chinese-poetry":
-        whole = _poetry(rest, opts)
-    elif kind == "builtin":
+        yield from _table(rest, opts, "\t" if kind == "tsv" else ",", info)
+        return
+    if kind == "chinese-poetry":
+        yield from _poetry(rest, opts, info)
+        return
+    if kind == "builtin":
         whole = _builtin(rest, opts)
     else:
         whole = _hf(rest, opts)
