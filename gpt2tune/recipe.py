@@ -216,6 +216,8 @@ class PreferenceSection(_Section):
     orpo_nll: Literal["response", "sequence"] = Field(
         "response", description="ORPO's NLL term on the chosen response only, or on the whole chosen sequence "
                                 "(prompt included, as TRL's ORPOTrainer)")
+    rpo_alpha: float = Field(0.0, ge=0, description="DPO: add rpo_alpha x the NLL of the chosen responses (RPO, "
+                                                   "TRL's rpo_alpha); 0: plain DPO")
     disable_dropout: bool = Field(True, description="train without dropout (as TRL): the policy's log-probs are "
                                                     "then comparable with the reference's")
 

@@ -124,16 +124,18 @@ def _accelerator():
 
 
 @needs_trl
-def test_dpo_equals_trl():
+@pytest.mark.parametrize("rpo_alpha", [0.0, 0.5])
+def test_dpo_equals_trl(rpo_alpha):
     """TRL's DPOTrainer loss (loss_type sigmoid, precomputed reference log-probs) on the same model and
-    batch: the same loss, rewards, reward accuracy and margin."""
+    batch: the same loss, rewards, reward accuracy and margin. With rpo_alpha: TRL's loss types
+    [sigmoid, sft] weighted [1, rpo_alpha] (the NLL of the chosen completions: RPO)."""
     from trl.trainer.dpo_trainer import DPOTrainer
     from trl.trainer.utils import add_fused_lm_head
 
     model = _tiny_gpt2()
     pairs = _random_pairs(PAIRS)
     batch = collate_pairs(pairs, pad_id=0)
-    ours = PreferenceLoss("dpo", 0.1)
+    ours = PreferenceLoss("dpo", 0.1, rpo_alpha=rpo_alpha)
     loss, n, correct = ours(model, batch)
     ev = ours.evaluate(model, [batch], lambda b: b, contextlib.nullcontext)
 
@@ -141,7 +143,8 @@ def test_dpo_equals_trl():
     add_fused_lm_head(theirs, outputs=("log_probs", "entropy", "mean_logits", "is_top1"))
     fake = types.SimpleNamespace(
         model=theirs, accelerator=_accelerator(), aux_loss_enabled=False, precompute_ref_logps=True, ld_alpha=None,
-        f_divergence_type="reverse_kl", loss_types=["sigmoid"], loss_weights=[1.0], beta=0.1, use_weighting=False,
+        f_divergence_type="reverse_kl", loss_types=["sigmoid", "sft"] if rpo_alpha else ["sigmoid"],
+        loss_weights=[1.0, rpo_alpha] if rpo_alpha else [1.0], beta=0.1, use_weighting=False,
         _metrics={"train": collections.defaultdict(list), "eval": collections.defaultdict(list)},
         _total_train_tokens=0, _tp_size=1)
     B = len(pairs)

@@ -37,6 +37,8 @@ def add_parser(sub):
     p.add_argument("--margin", type=float, default=1.0, help="least score difference of a scored pair (default 1)")
     p.add_argument("--loss", choices=["dpo", "orpo"], default="dpo", help="preference loss (default dpo)")
     p.add_argument("--beta", type=float, default=0.1, help="DPO's beta / ORPO's lambda (default 0.1)")
+    p.add_argument("--rpo-alpha", type=float, default=0.0, metavar="A",
+                   help="DPO plus A x the NLL of the chosen poems (RPO; default 0: plain DPO)")
     p.add_argument("--lr", type=float, default=3e-5, help="learning rate of each round (default 3e-5)")
     p.add_argument("--epochs", type=int, default=3, help="epochs over each round's pairs (default 3)")
     p.add_argument("--batch-size", type=int, default=16)
@@ -53,7 +55,7 @@ def run(a) -> int:
 
     cfg = PreferConfig(model=a.model, form=a.form, output=a.output, n=a.num_candidates, rounds=a.rounds,
                        prompts=tuple(a.prompts) or ("",), candidates=a.candidates, contrast=a.contrast,
-                       margin=a.margin, loss=a.loss, beta=a.beta, lr=a.lr, epochs=a.epochs, batch_size=a.batch_size,
+                       margin=a.margin, loss=a.loss, beta=a.beta, rpo_alpha=a.rpo_alpha, lr=a.lr, epochs=a.epochs, batch_size=a.batch_size,
                        method=a.method, eval_samples=a.eval_samples, seed=a.seed, overwrite=a.overwrite)
     res = prefer(cfg, progress=not a.no_progress, log=lambda m: print(m, file=sys.stderr))
     from gpt2tune.tasks.prefer import table

@@ -48,6 +48,7 @@ class PreferConfig:
     margin: float = 1.0  # minimum score difference between chosen and rejected
     loss: str = "dpo"
     beta: float = 0.1
+    rpo_alpha: float = 0.0  # DPO: plus this x the NLL of the chosen poems (RPO)
     lr: float = 3e-5
     epochs: int = 3
     batch_size: int = 16
@@ -164,7 +165,7 @@ def _train_recipe(cfg: PreferConfig, base: str, pairs_file: Path, run_dir: Path)
 
     raw = {
         "task": "preference",
-        "preference": {"loss": cfg.loss, "beta": cfg.beta},
+        "preference": {"loss": cfg.loss, "beta": cfg.beta, "rpo_alpha": cfg.rpo_alpha},
         "model": {"name": base},
         "data": {"source": f"jsonl:{pairs_file}", "val_fraction": 0.1, "max_length": 128},
         "method": {"name": cfg.method},

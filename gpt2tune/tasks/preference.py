@@ -100,6 +100,9 @@ def precompute_reference(model, rows: list, pad: int, recipe: Recipe, switch_off
 def run(recipe: Recipe, resume: bool = False, overwrite: bool = False, progress: bool = True) -> dict:
     check_batching(recipe)
     p, d, t = recipe.preference, recipe.data, recipe.train
+    if p.loss == "orpo" and p.rpo_alpha:
+        raise UserError("preference.rpo_alpha adds the chosen responses' NLL to dpo; orpo has that term already "
+                        "(preference.orpo_nll)")
     ref_mode = reference_mode(recipe)
     run_dir = prepare_run_dir(recipe.output.dir, resume, overwrite)
     items, skipped = read_items(recipe, d.source)
@@ -160,7 +163,7 @@ def run(recipe: Recipe, resume: bool = False, overwrite: bool = False, progress:
         log("note: train.fast applies to causal language modelling; preference pairs train through the "
             "Hugging Face forward")
 
-    loss = PreferenceLoss(p.loss, p.beta, adapters_off if ref_mode == "adapter" else None, p.orpo_nll)
+    loss = PreferenceLoss(p.loss, p.beta, adapters_off if ref_mode == "adapter" else None, p.orpo_nll, p.rpo_alpha)
     pad = base.framing.pad
     data = Data(train_rows, val_rows, pad, d.batching, d.max_length, collate=partial(collate_pairs, pad_id=pad),
                 rows_per_sample=2)  # a pair is two rows (chosen, rejected)

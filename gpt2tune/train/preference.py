@@ -15,6 +15,9 @@ log odds(y) = m - log(1 - exp(m)),
 NLL the token-mean cross-entropy of the chosen responses over the batch (`nll_on="sequence"`: of the
 whole chosen rows, prompt included, as TRL's ORPOTrainer and the paper's code do). ORPO needs no
 reference model.
+
+RPO (Pang et al. 2024, TRL's `rpo_alpha`): DPO plus α · NLL of the chosen responses (token mean over
+the batch), which keeps the chosen responses likely while the margin grows.
 """
 
 from __future__ import annotations
@@ -120,6 +123,7 @@ class PreferenceLoss:
     beta: float = 0.1  # DPO's β, ORPO's λ
     reference: Optional[Callable] = None
     nll_on: str = "response"  # ORPO: response | sequence
+    rpo_alpha: float = 0.0  # DPO: plus rpo_alpha x the token-mean NLL of the chosen responses (TRL's rpo_alpha)
 
     def stats(self, model, batch: dict) -> dict:
         if self.loss == "orpo":
@@ -140,7 +144,8 @@ class PreferenceLoss:
             return {"pair_losses": -self.beta * ratio, "nll_sum": nll_sum, "nll_count": nll_count,
                     "chosen_rewards": self.beta * mc.detach(), "rejected_rewards": self.beta * mr.detach(),
                     "logps": sums.detach(), "log_odds": log_odds.detach()}
-        sums, _ = sequence_logps(model, batch)
+        lp, mask = token_logps(model, batch, batch["response_labels"])
+        sums = lp.sum(-1)
         if "ref_logps" in batch:
             ref = batch["ref_logps"]
         elif self.reference is not None:
@@ -156,13 +161,21 @@ class PreferenceLoss:
         pc, pr = sums.chunk(2)
         rc, rr = ref.to(sums.device).chunk(2)
         losses, cr, rj = dpo_loss(pc, pr, rc, rr, self.beta)
-        return {"pair_losses": losses, "chosen_rewards": cr, "rejected_rewards": rj, "logps": sums.detach()}
+        out = {"pair_losses": losses, "chosen_rewards": cr, "rejected_rewards": rj, "logps": sums.detach()}
+        if self.rpo_alpha:
+            out["nll_sum"], out["nll_count"] = -lp[: len(pc)].sum(), mask[: len(pc)].sum()
+        return out
+
+    @property
+    def nll_weight(self) -> float:
+        """The weight of the chosen responses' NLL in the loss: 1 for ORPO, rpo_alpha for DPO."""
+        return 1.0 if self.loss == "orpo" else self.rpo_alpha
 
     def __call__(self, model, batch: dict):
         s = self.stats(model, batch)
         loss = s["pair_losses"].mean()
-        if self.loss == "orpo":
-            loss = s["nll_sum"] / s["nll_count"].clamp(min=1) + loss
+        if "nll_sum" in s:
+            loss = self.nll_weight * s["nll_sum"] / s["nll_count"].clamp(min=1) + loss
         correct = (s["chosen_rewards"] > s["rejected_rewards"]).sum()
         return loss, s["pair_losses"].numel(), correct
 
@@ -195,7 +208,7 @@ class PreferenceLoss:
         out = {"loss": pair_loss / n, "accuracy": right / n, "reward_accuracy": right / n, "reward_margin": margin / n,
                "chosen_reward": rc / n, "rejected_reward": rr / n, "chosen_logps": lc / n, "rejected_logps": lr_ / n,
                "pairs": n}
-        if self.loss == "orpo":
-            out["nll"] = nll / max(nll_n, 1)
-            out["loss"] += out["nll"]
+        if nll_n:
+            out["nll"] = nll / nll_n
+            out["loss"] += self.nll_weight * out["nll"]
         return out
