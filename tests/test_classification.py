@@ -146,7 +146,8 @@ def test_sms_tsv_with_stray_quotes_loads_every_row():
 
     path = need(SMS)
     cfg = SimpleNamespace(field="text", label_field="label", columns=["label", "text"], header=False, text_mode="auto",
-                          normalize="nfc", whitespace=True, min_chars=1, max_chars=None)
+                          normalize="nfc", whitespace=True, min_chars=1, max_chars=None,
+                          poetry=SimpleNamespace(include_title=False, form=None, simplified=False))
     data = read_labeled(cfg, f"tsv:{path}")
     assert len(data) == 5574
     assert data.counts() == {"ham": 4827, "spam": 747}

@@ -59,7 +59,8 @@ def test_header_row_equal_to_given_columns_is_a_header_not_a_sample(tmp_path):
     assert loaded.records == [{"text": "good film", "label": "pos"}, {"text": "bad film", "label": "neg"}]
     assert any("first row equals data.columns" in n for n in loaded.notes)
     cfg = SimpleNamespace(field="text", label_field="label", columns=["text", "label"], header=None,
-                          text_mode="auto", normalize="nfc", whitespace=True, min_chars=1, max_chars=None)
+                          text_mode="auto", normalize="nfc", whitespace=True, min_chars=1, max_chars=None,
+                          poetry=SimpleNamespace(include_title=False, form=None, simplified=False))
     data = read_labeled(cfg, f"csv:{p}")
     assert data.counts() == {"neg": 1, "pos": 1}  # no sample of class "label"
     # an explicit `header: false` is taken at its word; a header-less file keeps its first row

@@ -94,9 +94,7 @@ def labeled_from_records(records: list[dict], text_field: str, label_field: str,
 
 def read_labeled(data_cfg, spec: str) -> Labeled:
     """Read a source named by `spec` with the options of a recipe's `data` section."""
-    opts = sources.SourceOptions(field=data_cfg.field, columns=data_cfg.columns, header=data_cfg.header,
-                                 text_mode=data_cfg.text_mode)
-    loaded = sources.load_source(spec, opts)
+    loaded = sources.load_source(spec, sources.SourceOptions.of(data_cfg))
     out = labeled_from_records(loaded.records, data_cfg.field, data_cfg.label_field, spec, data_cfg.normalize,
                                data_cfg.whitespace, data_cfg.min_chars, data_cfg.max_chars)
     out.stats["skipped_records"] = loaded.skipped

@@ -51,6 +51,13 @@ class SourceOptions:
     poetry_form: Optional[str] = None
     poetry_simplified: bool = False
 
+    @classmethod
+    def of(cls, data_cfg) -> "SourceOptions":
+        """The reading options of a recipe's `data` section (the one place they are gathered)."""
+        return cls(field=data_cfg.field, columns=data_cfg.columns, header=data_cfg.header,
+                   text_mode=data_cfg.text_mode, poetry_include_title=data_cfg.poetry.include_title,
+                   poetry_form=data_cfg.poetry.form, poetry_simplified=data_cfg.poetry.simplified)
+
 
 def split_spec(spec: str) -> tuple[str, str]:
     if ":" not in spec:

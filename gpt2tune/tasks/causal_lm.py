@@ -24,7 +24,7 @@ from gpt2tune.method import apply_method
 from gpt2tune.recipe import Recipe, dump_recipe
 from gpt2tune.tasks import cached
 from gpt2tune.tasks.common import (check_disk, describe_params, fit_and_save, load_base, log, prepare_run_dir,
-                                   sample_settings, source_options, source_stats, train_val_texts, write_json)
+                                   sample_settings, source_stats, train_val_texts, write_json)
 from gpt2tune.train import distributed as dist
 from gpt2tune.train.device import pick_device
 from gpt2tune.train.loop import Data
@@ -127,7 +127,7 @@ def _tokenize_sources(tok, files: dict, tmp: Path, d, progress: bool) -> tuple[d
     from gpt2tune.data.dataset import split_indices
     from gpt2tune.model.tokenizer import framing_of
 
-    opts, infos = source_options(d), {}
+    opts, infos = sources.SourceOptions.of(d), {}
 
     def texts(spec):
         infos[spec] = info = sources.Loaded([])

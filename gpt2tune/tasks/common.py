@@ -72,12 +72,6 @@ def check_disk(run: Path, n_params: int, keep: int, save_every: int) -> None:
                         f"(model and checkpoints), {free / 1e9:.2f} GB free")
 
 
-def source_options(data_cfg) -> sources.SourceOptions:
-    return sources.SourceOptions(field=data_cfg.field, columns=data_cfg.columns, header=data_cfg.header,
-                                 text_mode=data_cfg.text_mode, poetry_include_title=data_cfg.poetry.include_title,
-                                 poetry_form=data_cfg.poetry.form, poetry_simplified=data_cfg.poetry.simplified)
-
-
 def source_stats(counts: dict, loaded: sources.Loaded) -> dict:
     """A source's data.json counts: cleaning (too_short, too_long, duplicates), skipped records, and
     the reader's text mode and notes."""
@@ -90,7 +84,7 @@ def source_stats(counts: dict, loaded: sources.Loaded) -> dict:
 
 
 def read_texts(data_cfg, spec: str) -> tuple[list[str], dict]:
-    loaded = sources.load_source(spec, source_options(data_cfg))
+    loaded = sources.load_source(spec, sources.SourceOptions.of(data_cfg))
     texts = sources.texts_of(loaded, data_cfg.field, spec)
     texts, stats = clean_all(texts, data_cfg.normalize, data_cfg.whitespace, data_cfg.min_chars,
                              data_cfg.max_chars, data_cfg.dedupe)

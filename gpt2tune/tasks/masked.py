@@ -93,13 +93,8 @@ def check_batching(recipe: Recipe) -> None:
                         f"task {recipe.task} uses group (default) or pad")
 
 
-def _options(data_cfg) -> sources.SourceOptions:
-    return sources.SourceOptions(field=data_cfg.field, columns=data_cfg.columns, header=data_cfg.header,
-                                 text_mode=data_cfg.text_mode)
-
-
 def load_records(data_cfg, spec: str) -> sources.Loaded:
-    loaded = sources.load_source(spec, _options(data_cfg))
+    loaded = sources.load_source(spec, sources.SourceOptions.of(data_cfg))
     for note in loaded.notes:  # decisions the reader took (e.g. a header row), as `read_texts` logs them
         log(f"note: {note}")
     return loaded
@@ -245,7 +240,7 @@ class Source:
         from gpt2tune.data import corpus
 
         d = self.recipe.data
-        opts, infos = _options(d), {}
+        opts, infos = sources.SourceOptions.of(d), {}
 
         def split(spec: str) -> tuple:
             infos[spec] = info = sources.Loaded([])
