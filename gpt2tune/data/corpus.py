@@ -28,6 +28,7 @@ import multiprocessing as mp
 import os
 import sys
 from collections import deque
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Iterable, Iterator, Optional
 
@@ -225,30 +226,26 @@ def tokenize_splits(tok, splits: dict[str, tuple[Iterable[str], int]], folder, b
     heads = {name: next(it, []) for name, it in first.items()}
     _TOK = encoder(tok, next((h for h in heads.values() if h), [])[:256])
     _FRAME, _CLEAN = (bos, eos, max_length, split_long, dtype), cleaning
-    pool = mp.get_context("fork").Pool(procs, initializer=_init_worker) if procs > 1 else None  # (after the globals)
     try:
-        for name, (_, size) in splits.items():
-            texts = itertools.chain([heads[name]], first[name]) if heads[name] else iter(())
-            w = SplitWriter(folder, name, dtype)
-            seen: set[int] = set()
-            pieces, truncated, counts, done = [], [], {"too_short": 0, "too_long": 0, "duplicates": 0}, 0
-            for c in _answers(pool, _encode, texts, IN_FLIGHT * procs):
-                counts["too_short"] += c.too_short
-                counts["too_long"] += c.too_long
-                if c.hashes is not None:
-                    c = _drop_repeats(c, seen, counts)
-                w.add(c.flat, c.lengths)
-                pieces.append(c.pieces)
-                truncated.append(c.truncated)
-                step = min(c.nbytes, max(size - done, 0))
-                bar.update(step)
-                done += step
-            bar.update(max(size - done, 0))  # (newlines and markup the texts do not count)
-            built[name] = Built(w.close(), _cat(pieces, np.int32), _cat(truncated, bool), counts)
+        with _workers(procs) as pool:  # (forked after the globals are set)
+            for name, (_, size) in splits.items():
+                texts = itertools.chain([heads[name]], first[name]) if heads[name] else iter(())
+                w = SplitWriter(folder, name, dtype)
+                seen: set[int] = set()
+                pieces, truncated, counts = [], [], {"too_short": 0, "too_long": 0, "duplicates": 0}
+                share = _Share(bar, size)
+                for c in _answers(pool, _encode, texts, IN_FLIGHT * procs):
+                    counts["too_short"] += c.too_short
+                    counts["too_long"] += c.too_long
+                    if c.hashes is not None:
+                        c = _drop_repeats(c, seen, counts)
+                    w.add(c.flat, c.lengths)
+                    pieces.append(c.pieces)
+                    truncated.append(c.truncated)
+                    share.add(c.nbytes)
+                share.finish()
+                built[name] = Built(w.close(), _cat(pieces, np.int32), _cat(truncated, bool), counts)
     finally:
-        if pool is not None:
-            pool.close()
-            pool.join()
         _TOK, _CLEAN = None, None
         bar.close()
     return built
@@ -265,6 +262,35 @@ def _bar(total: int, procs: int, progress: bool):
 
     return tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1000, desc=f"tokenizing ({procs} proc)",
                 disable=not progress, file=sys.stderr, dynamic_ncols=True, mininterval=0.5)
+
+
+@contextmanager
+def _workers(procs: int):
+    """A pool of `procs` forked workers (None: work in this process), closed on the way out."""
+    pool = mp.get_context("fork").Pool(procs, initializer=_init_worker) if procs > 1 else None
+    try:
+        yield pool
+    finally:
+        if pool is not None:
+            pool.close()
+            pool.join()
+
+
+class _Share:
+    """One split's share of the progress bar: its chunks' bytes, never more than the split's size; the
+    rest (newlines and markup the texts do not count) at the end."""
+
+    def __init__(self, bar, size: int):
+        self.bar, self.left = bar, size
+
+    def add(self, nbytes: int) -> None:
+        step = min(nbytes, max(self.left, 0))
+        self.bar.update(step)
+        self.left -= step
+
+    def finish(self) -> None:
+        self.bar.update(max(self.left, 0))
+        self.left = 0
 
 
 def _cat(parts: list[np.ndarray], dtype) -> np.ndarray:
@@ -392,28 +418,24 @@ def encode_records(splits: dict[str, tuple], folder, dtype, k: int, num_proc: Op
     bar = _bar(sum(size for _, size, _ in splits.values()), procs, progress)
     _ROWS.clear()
     _ROWS.update({name: rows_of for name, (_, _, rows_of) in splits.items()})
-    pool = mp.get_context("fork").Pool(procs, initializer=_init_worker) if procs > 1 else None  # (after _ROWS)
     built: dict[str, BuiltRows] = {}
     try:
-        for name, (records, size, _) in splits.items():
-            w, wm = SplitWriter(folder, name, dtype), SplitWriter(folder, f"{name}.mask", np.uint8)
-            pieces, stats, bad, done = [], [], 0, 0
-            for c in _answers(pool, _encode_rows, _record_chunks(name, records, dtype, k), IN_FLIGHT * procs):
-                w.add(c.ids, c.lengths)
-                wm.add(c.mask, c.lengths)
-                pieces.append(c.pieces)
-                stats.append(c.stats)
-                bad += c.bad
-                step = min(c.nbytes, max(size - done, 0))
-                bar.update(step)
-                done += step
-            bar.update(max(size - done, 0))
-            built[name] = BuiltRows({name: w.close(), f"{name}.mask": wm.close()}, _cat(pieces, np.int32),
-                                    np.concatenate(stats) if stats else np.zeros((0, k), dtype=np.int64), bad)
+        with _workers(procs) as pool:  # (forked after _ROWS is set)
+            for name, (records, size, _) in splits.items():
+                w, wm = SplitWriter(folder, name, dtype), SplitWriter(folder, f"{name}.mask", np.uint8)
+                pieces, stats, bad = [], [], 0
+                share = _Share(bar, size)
+                for c in _answers(pool, _encode_rows, _record_chunks(name, records, dtype, k), IN_FLIGHT * procs):
+                    w.add(c.ids, c.lengths)
+                    wm.add(c.mask, c.lengths)
+                    pieces.append(c.pieces)
+                    stats.append(c.stats)
+                    bad += c.bad
+                    share.add(c.nbytes)
+                share.finish()
+                built[name] = BuiltRows({name: w.close(), f"{name}.mask": wm.close()}, _cat(pieces, np.int32),
+                                        np.concatenate(stats) if stats else np.zeros((0, k), dtype=np.int64), bad)
     finally:
-        if pool is not None:
-            pool.close()
-            pool.join()
         _ROWS.clear()
         bar.close()
     return built

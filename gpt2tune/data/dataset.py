@@ -73,7 +73,7 @@ def split_indices(n: int, val_fraction: float, seed: int) -> tuple[list[int], li
 def lengths_of(seqs) -> np.ndarray:
     """The length of every row (int64): a store's (TokenStore, chat.masking.MaskedStore) from its
     offsets, or len() of each row of a list."""
-    if isinstance(seqs, TokenStore) or isinstance(getattr(seqs, "lengths", None), np.ndarray):
+    if isinstance(getattr(seqs, "lengths", None), np.ndarray):
         return seqs.lengths
     return np.fromiter(map(len, seqs), dtype=np.int64, count=len(seqs))
 

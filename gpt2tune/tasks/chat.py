@@ -27,7 +27,7 @@ def chat_task(recipe: Recipe) -> MaskedTask:
     return MaskedTask("chat", c.model_dump(mode="json"),
                       lambda records, spec, check: conversations_of(records, c.field, spec, d.normalize, d.whitespace,
                                                                     check),
-                      tokenizer_text, "conversations",
+                      tokenizer_text,
                       f"{{spec}}: no usable conversations (records need a {c.field!r} list of {{{{role, content}}}} "
                       f"messages)")
 

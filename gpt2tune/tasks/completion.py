@@ -23,7 +23,7 @@ from gpt2tune.train.device import pick_device
 def completion_task(recipe: Recipe, pt: PromptTemplate) -> MaskedTask:
     return MaskedTask("completion", recipe.completion.model_dump(mode="json"),
                       lambda records, spec, check: values_of(records, pt, spec, check),
-                      lambda v: pt.prompt(v) + pt.completion(v), "samples",
+                      lambda v: pt.prompt(v) + pt.completion(v),
                       f"{{spec}}: no record has all the fields of completion.template ({', '.join(pt.fields)}) filled")
 
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import shutil
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -41,14 +41,12 @@ ENCODING = ("chat/masking.py", "chat/prompt.py", "chat/template.py", "chat/messa
 class MaskedTask:
     """What a task gives the shared machinery: its name and settings (in the cache key), how records
     become items (`items_of(records, spec, check)` -> (items, malformed records), `check` on a source's
-    first records), the plain text of an item (what a from-data tokenizer learns from), the name of its
-    items in messages."""
+    first records), and the plain text of an item (what a from-data tokenizer learns from)."""
 
     name: str
     settings: dict
     items_of: Callable[[list, str, bool], tuple[list, int]]
     text_of: Callable[[Any], str]
-    what: str  # e.g. "conversations"
     empty: str  # the error for a source with no usable item, with {spec}
 
 
@@ -62,7 +60,6 @@ class Rows:
     train_fit: FitStats
     val_fit: FitStats
     skipped: int
-    notes: list = field(default_factory=list)
     cache: Optional[dict] = None
 
 
@@ -232,7 +229,7 @@ class Source:
             log(f"note: {note}")
         return Rows(MaskedStore(stores["train"], stores["train.mask"]), MaskedStore(stores["val"], stores["val.mask"]),
                     FitStats.of_vector(s["train_fit"]), FitStats.of_vector(s["validation_fit"]),
-                    s["skipped_records"], s["notes"], {"entry": str(folder), "hit": hit})
+                    s["skipped_records"], {"entry": str(folder), "hit": hit})
 
     def _build(self, tok, encode: Callable, files: dict, folder: Path, parts: dict, progress: bool) -> None:
         """Read the sources a chunk at a time, encode them on every core into a temporary split, divide it
