@@ -86,10 +86,11 @@ class Machine:
     times gpt2tune at that precision against HF at the same precision (and HF fp32, its default)."""
 
     def __init__(self):
-        from gpt2tune.train.device import auto_precision, cpu_flags, cpu_has_bf16
+        from gpt2tune.train.device import BF16_ENV, auto_precision, cpu_flags, cpu_has_bf16
 
         self.flags = cpu_flags()
-        self.native_bf16 = cpu_has_bf16(self.flags)
+        self.native_bf16 = cpu_has_bf16()   # the flags, or GPT2TUNE_CPU_BF16 where set
+        self.forced = os.environ.get(BF16_ENV, "").strip() in ("0", "1")
         self.dtype = auto_precision("cpu", cpu_bf16=self.native_bf16)
         self.prec = "bf16" if self.dtype == torch.bfloat16 else "fp32"
         try:
@@ -102,7 +103,7 @@ class Machine:
                 if f in self.flags]
         return (f"cpu: {self.model}; features: {' '.join(have) or 'none of avx2/avx512/amx'}; native bf16: "
                 f"{'yes' if self.native_bf16 else 'no (bf16 is emulated: training and the bf16 rows run in fp32)'}; "
-                f"precision auto = {self.prec}")
+                f"precision auto = {self.prec}" + (" (native bf16 set by GPT2TUNE_CPU_BF16)" if self.forced else ""))
 
 
 # --------------------------------------------------------------------------- memory sampler

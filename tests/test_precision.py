@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from gpt2tune.data.dataset import collate
-from gpt2tune.train.device import auto_precision, cpu_flags, cpu_has_bf16
+from gpt2tune.errors import UserError
+from gpt2tune.train.device import auto_precision, cpu_flags, cpu_has_bf16, pick_precision
 from gpt2tune.train.objective import lm_loss, make_fast_loss
 
 
@@ -20,12 +21,26 @@ def test_auto_precision(device, cpu_bf16, cuda_bf16, want):
     assert auto_precision(device, cpu_bf16=cpu_bf16, cuda_bf16=cuda_bf16) == want
 
 
-def test_cpu_bf16_from_flags():
+def test_cpu_bf16_from_flags(monkeypatch):
+    monkeypatch.delenv("GPT2TUNE_CPU_BF16", raising=False)
     assert cpu_has_bf16(frozenset({"avx2", "fma"})) is False
     assert cpu_has_bf16(frozenset({"avx512f", "avx512_bf16"})) is True
     assert cpu_has_bf16(frozenset({"amx_bf16", "amx_tile"})) is True
     flags = cpu_flags()
     assert cpu_has_bf16() == ("amx_bf16" in flags or "avx512_bf16" in flags)
+
+
+def test_cpu_bf16_override(monkeypatch):
+    monkeypatch.setenv("GPT2TUNE_CPU_BF16", "1")
+    assert cpu_has_bf16() is True
+    assert pick_precision("auto", torch.device("cpu")) == torch.bfloat16
+    monkeypatch.setenv("GPT2TUNE_CPU_BF16", "0")
+    assert cpu_has_bf16() is False
+    assert pick_precision("auto", torch.device("cpu")) == torch.float32
+    assert cpu_has_bf16(frozenset({"amx_bf16"})) is True   # explicit flags are not overridden
+    monkeypatch.setenv("GPT2TUNE_CPU_BF16", "yes")
+    with pytest.raises(UserError, match="GPT2TUNE_CPU_BF16"):
+        cpu_has_bf16()
 
 
 def _model(vocab):
