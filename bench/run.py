@@ -237,7 +237,7 @@ def bench_full(args, ceil) -> dict:
         ids = torch.randint(0, V, (4, 128), generator=g)
         batches.append({"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()})
     fast = make_fast_loss(m, tune_malloc=False)
-    def cached() -> int:  # what the fast path keeps between steps: bf16 weight copies, gradient and head buffers
+    def cached() -> int:  # what the fast path keeps between steps: bf16 weight copies (bf16 only), gradient and head buffers
         f = fast.fast
         kept = [t for _, t in f.cast.cache.values()] + list(f.grads.bufs.values()) + list(f.scratch.flat.values())
         return sum(t.numel() * t.element_size() for t in kept)
@@ -273,8 +273,8 @@ def bench_full(args, ceil) -> dict:
         f"{peaks['ours'] / 2**20:.0f}", ratio(peaks["ours"], peaks[ref]),
         f"peak RSS of each side alone in a fresh process, 3 steps; HF {' / '.join(hf)}; ratio HF {hf_name(ref)} / ours, "
         ">1 = ours smaller")
-    out(f"  kept between steps by the fast path: {cached() / 2**20:.0f} MiB (low-precision weight copies, gradient and "
-        f"head buffers); peak RSS growth within a step, shared process: "
+    kept = "bf16 weight copies, gradient and head buffers" if mc.prec == "bf16" else "gradient and head buffers"
+    out(f"  kept between steps by the fast path: {cached() / 2**20:.0f} MiB ({kept}); peak RSS growth within a step, shared process: "
         + ", ".join(f"{s.name} {s.mem / 2**20:.0f}" for s in sides) + " MiB")
     out("  MFU (of the matmul ceiling at each side's precision): "
         + ", ".join(f"HF {p} {100 * mfu(s, p):.1f}%" for p, s in hf.items())
