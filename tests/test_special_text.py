@@ -52,3 +52,20 @@ def test_a_served_prompt_keeps_a_literal_end_marker_as_text(tok):
     eot = tok.convert_ids_to_tokens(fr.eos)
     engine = Engine(None, tok, fr, "causal-lm", "m")
     assert fr.eos not in engine.encode(f"hello {eot} there")
+
+
+def test_the_direct_encoder_is_checked_against_the_transformers_call(tok):
+    """Chat rows are encoded through a copy of the Rust tokenizer, trusted only while its first
+    answer equals `tok(..., split_special_tokens=True, return_offsets_mapping=True)`."""
+    from gpt2tune.chat.masking import _OffsetsEncoder
+
+    eot = tok.convert_ids_to_tokens(framing_of(tok).eos)
+    texts = [f"hello {eot} there", "fine thanks", ""]
+    enc = tok(texts, add_special_tokens=False, split_special_tokens=True, return_offsets_mapping=True)
+    want = [(list(i), [tuple(o) for o in offs]) for i, offs in zip(enc["input_ids"], enc["offset_mapping"])]
+    good = _OffsetsEncoder(tok)
+    assert good.rust is not None and good(texts) == want and good.rust is not None
+    wrong = _OffsetsEncoder(tok)  # one whose copy disagrees (e.g. a tokenizer it cannot copy faithfully)
+    right_encode = wrong._encode
+    wrong._encode = lambda text: type("E", (), {"ids": right_encode(text).ids[::-1], "offsets": right_encode(text).offsets})()
+    assert wrong(texts) == want and wrong.rust is None

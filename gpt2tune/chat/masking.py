@@ -10,7 +10,9 @@ as trained.
 
 from __future__ import annotations
 
+import functools
 import re
+import weakref
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -81,11 +83,11 @@ def encode_segments(tok, segments: list[tuple[str, bool, bool]]) -> Masked:
     markers and each stretch between them tokenized as text, which is what the tokenizer itself does
     around special tokens: without special strings in the content, the ids are exactly the
     tokenizer's ids for the whole rendered string (what `apply_chat_template` gives)."""
-    specials = special_strings(tok)
+    splitter = _splitter(tuple(special_strings(tok)))
     runs: list[list] = [["", []]]  # text stretches between markers: [text, trained spans]; markers as ints
     trained_marker: dict[int, bool] = {}
     for text, trained, content in segments:
-        pieces = [text] if content or not specials else re.split("(" + "|".join(map(re.escape, specials)) + ")", text)
+        pieces = [text] if content or splitter is None else splitter.split(text)
         for j, piece in enumerate(pieces):
             if j % 2:  # a marker of the template
                 mid = tok.convert_tokens_to_ids(piece)
@@ -97,6 +99,8 @@ def encode_segments(tok, segments: list[tuple[str, bool, bool]]) -> Masked:
                 if trained:
                     run[1].append((len(run[0]), len(run[0]) + len(piece)))
                 run[0] += piece
+    texts = [run[0] for run in runs if not isinstance(run, int) and run[0]]
+    encoded = iter(_offsets_encoder(tok)(texts) if texts else [])
     ids, labels = [], []
     for k, run in enumerate(runs):
         if isinstance(run, int):
@@ -106,12 +110,76 @@ def encode_segments(tok, segments: list[tuple[str, bool, bool]]) -> Masked:
         text, spans = run
         if not text:
             continue
-        enc = tok(text, add_special_tokens=False, split_special_tokens=True, return_offsets_mapping=True)
-        for i, (a, b) in zip(enc["input_ids"], enc["offset_mapping"]):
-            hit = any(a < e and b > s for s, e in spans) if b > a else any(s <= a < e for s, e in spans)
+        run_ids, offsets = next(encoded)
+        mark = bytearray(len(text) + 1)  # 1 on the trained characters
+        for a, b in spans:
+            mark[a:b] = b"\x01" * (b - a)
+        for i, (a, b) in zip(run_ids, offsets):
+            # a token overlapping a trained span is trained (an empty one: where it starts)
             ids.append(i)
-            labels.append(i if hit else IGNORE)
+            labels.append(i if (mark.find(1, a, b) >= 0 if b > a else mark[a] == 1) else IGNORE)
     return Masked(ids, labels)
+
+
+@functools.lru_cache(maxsize=64)
+def _splitter(specials: tuple[str, ...]):
+    """A pattern that cuts text at special-token strings and keeps them (None: no specials)."""
+    return re.compile("(" + "|".join(map(re.escape, specials)) + ")") if specials else None
+
+
+class _OffsetsEncoder:
+    """texts -> [(ids, offsets)], as `tok(text, add_special_tokens=False, split_special_tokens=True,
+    return_offsets_mapping=True)` gives them for each text. A tokenizer backed by `tokenizers` is
+    called directly, through a copy of its Rust tokenizer that encodes special-token strings as text
+    one text at a time (two thirds of the transformers call's time on short chat stretches; its
+    `encode_batch` is slower for a few texts); used only when its first answer equals the
+    transformers call's, else (and for other tokenizers) that call is."""
+
+    def __init__(self, tok):
+        self.tok, self.size, self.rust, self.checked = tok, len(tok), None, False
+        backend = getattr(tok, "backend_tokenizer", None)
+        if backend is None:
+            return
+        try:
+            from tokenizers import Tokenizer
+
+            rust = Tokenizer.from_str(backend.to_str())
+            rust.encode_special_tokens = True
+            rust.no_truncation()
+            rust.no_padding()
+            self.rust = rust
+            self._encode = lambda text: rust.encode(text, add_special_tokens=False)
+        except Exception:  # (an old `tokenizers`, a tokenizer it cannot serialize: the transformers call)
+            self.rust = None
+
+    def __call__(self, texts: list[str]) -> list[tuple[list[int], list[tuple[int, int]]]]:
+        if self.rust is not None:
+            got = [(e.ids, e.offsets) for e in map(self._encode, texts)]
+            if self.checked:
+                return got
+            self.checked = True
+            if got == self._transformers(texts):
+                return got
+            self.rust = None
+        return self._transformers(texts)
+
+    def _transformers(self, texts: list[str]) -> list[tuple[list[int], list[tuple[int, int]]]]:
+        enc = self.tok(texts, add_special_tokens=False, split_special_tokens=True, return_offsets_mapping=True)
+        return [(list(i), [tuple(o) for o in offs]) for i, offs in zip(enc["input_ids"], enc["offset_mapping"])]
+
+
+_ENCODERS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def _offsets_encoder(tok) -> _OffsetsEncoder:
+    """The encoder of `tok`, made again when tokens were added to it (a chat template's markers)."""
+    try:
+        hit = _ENCODERS.get(tok)
+    except TypeError:  # not weakly referenceable: no cache
+        return _OffsetsEncoder(tok)
+    if hit is None or hit.size != len(tok):
+        hit = _ENCODERS[tok] = _OffsetsEncoder(tok)
+    return hit
 
 
 def special_strings(tok) -> list[str]:
