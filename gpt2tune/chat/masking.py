@@ -136,25 +136,13 @@ class _OffsetsEncoder:
     transformers call's, else (and for other tokenizers) that call is."""
 
     def __init__(self, tok):
-        self.tok, self.size, self.rust, self.checked = tok, len(tok), None, False
-        backend = getattr(tok, "backend_tokenizer", None)
-        if backend is None:
-            return
-        try:
-            from tokenizers import Tokenizer
+        from gpt2tune.data.corpus import text_copy
 
-            rust = Tokenizer.from_str(backend.to_str())
-            rust.encode_special_tokens = True
-            rust.no_truncation()
-            rust.no_padding()
-            self.rust = rust
-            self._encode = lambda text: rust.encode(text, add_special_tokens=False)
-        except Exception:  # (an old `tokenizers`, a tokenizer it cannot serialize: the transformers call)
-            self.rust = None
+        self.tok, self.size, self.rust, self.checked = tok, len(tok), text_copy(tok), False
 
     def __call__(self, texts: list[str]) -> list[tuple[list[int], list[tuple[int, int]]]]:
         if self.rust is not None:
-            got = [(e.ids, e.offsets) for e in map(self._encode, texts)]
+            got = [(e.ids, e.offsets) for e in (self.rust.encode(t, add_special_tokens=False) for t in texts)]
             if self.checked:
                 return got
             self.checked = True

@@ -147,6 +147,25 @@ def _through_transformers(tok):
     return lambda texts: tok(texts, add_special_tokens=False, split_special_tokens=True)["input_ids"]
 
 
+def text_copy(tok):
+    """A copy of `tok`'s Rust tokenizer (`tokenizers.Tokenizer`) that encodes special-token strings
+    as text, without truncation or padding; None for tokenizers without one, or that it cannot copy
+    (an old `tokenizers`, a tokenizer it cannot serialize)."""
+    backend = getattr(tok, "backend_tokenizer", None)
+    if backend is None:
+        return None
+    try:
+        from tokenizers import Tokenizer
+
+        rust = Tokenizer.from_str(backend.to_str())
+        rust.encode_special_tokens = True
+        rust.no_truncation()
+        rust.no_padding()
+        return rust
+    except Exception:
+        return None
+
+
 def encoder(tok, probe: list[str]):
     """texts -> token ids, as `tok(texts, add_special_tokens=False, split_special_tokens=True)` gives them.
 
@@ -155,16 +174,10 @@ def encoder(tok, probe: list[str]):
     transformers call. It is used only when it gives the same ids on `probe` (e.g. the first chunk);
     else (and for Python tokenizers) the transformers call is."""
     slow = _through_transformers(tok)
-    backend = getattr(tok, "backend_tokenizer", None)
-    if backend is None:
+    rust = text_copy(tok)
+    if rust is None:
         return slow
     try:
-        from tokenizers import Tokenizer
-
-        rust = Tokenizer.from_str(backend.to_str())
-        rust.encode_special_tokens = True
-        rust.no_truncation()
-        rust.no_padding()
         encode = getattr(rust, "encode_batch_fast", rust.encode_batch)
         fast = lambda texts: [e.ids for e in encode(texts, add_special_tokens=False)]  # noqa: E731
         if probe and fast(probe) != [list(x) for x in slow(probe)]:
