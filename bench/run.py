@@ -24,6 +24,7 @@ import gc
 import json
 import os
 import random
+import subprocess
 import sys
 import threading
 import time
@@ -425,11 +426,11 @@ def bench_tang(args, ceil) -> dict:
 class CT2:
     """CTranslate2, the established CPU inference engine, decoding the same GPT-2 weights (optional:
     `pip install ctranslate2`, the `bench` extra). The model is converted once per compute type
-    through CTranslate2's own Transformers converter; token strings come from a stand-in vocabulary
-    (ids are what is compared)."""
+    through CTranslate2's own Transformers converter and decoded in a worker process of this run
+    (`bench/ct2_worker.py`: one OpenMP runtime per process); token strings come from a stand-in
+    vocabulary (ids are what is compared)."""
 
     def __init__(self, model, compute_type: str, threads: int, workdir: Path):
-        import ctranslate2
         from ctranslate2.converters import TransformersConverter
 
         src, dst = workdir / "hf", workdir / f"ct2-{compute_type}"
@@ -443,18 +444,25 @@ class CT2:
                 {"tokenizer_class": "GPT2Tokenizer", "bos_token": eos, "eos_token": eos, "unk_token": eos}))
         if not dst.exists():
             TransformersConverter(str(src), low_cpu_mem_usage=True).convert(str(dst), quantization=compute_type)
-        self.gen = ctranslate2.Generator(str(dst), device="cpu", compute_type=compute_type, intra_threads=threads)
-        self.version = ctranslate2.__version__
+        self.proc = subprocess.Popen([sys.executable, str(ROOT / "bench" / "ct2_worker.py"), str(dst), compute_type,
+                                      str(threads)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        self.version = self._read()["version"]
+
+    def _read(self) -> dict:
+        line = self.proc.stdout.readline()
+        if not line:
+            raise RuntimeError(f"the CTranslate2 worker ended (exit code {self.proc.wait()})")
+        return json.loads(line)
 
     def generate(self, prompt: list, new: int, bs: int, sample: bool):
-        start = [[f"<{i}>" for i in prompt]] * bs
-        t, c = time.perf_counter(), time.process_time()
-        res = self.gen.generate_batch(start, max_length=new, min_length=new, include_prompt_in_result=False,
-                                      sampling_topk=50 if sample else 1)
-        dt, dc = time.perf_counter() - t, time.process_time() - c
-        ids = [r.sequences_ids[0] for r in res]
-        n = sum(map(len, ids))
-        return ids, (n / dt, n / dc)
+        self.proc.stdin.write(json.dumps({"prompt": prompt, "new": new, "bs": bs, "sample": sample}) + "\n")
+        self.proc.stdin.flush()
+        r = self._read()
+        return r["ids"], (r["tps"], r["cpu_tps"])
+
+    def close(self) -> None:
+        self.proc.stdin.close()
+        self.proc.wait(timeout=60)
 
 
 def ct2_sides(m, threads: int, workdir: Path) -> dict:
@@ -555,6 +563,8 @@ def bench_decode(args, ceil) -> dict:
     for w in ct2:
         row(f"sampling bs8{label[w] or ' fp32'} vs CTranslate2 {ct_name[w]} (tok/s)", f"{med(c8[w]):.1f}",
             f"{med(o8[w]):.1f}", ratio(med(c8[w]), med(o8[w])), "top-k 50", base="CT2")
+    for c in ct2.values():
+        c.close()
     tmp.cleanup()
     weights = sum(p.numel() for n, p in m.named_parameters() if "wpe" not in n) * 4
     out(f"  decode floor from bandwidth: fp32 weights {weights / 1e6:.0f} MB per token -> at most "

@@ -169,9 +169,10 @@ def test_bottleneck_adapters_decode_on_the_fast_runner():
 
 
 def test_one_row_kernels_follow_hf_logits_and_weight_edits(monkeypatch):
-    """One-row steps read the head and mlp.c_proj through transposed copies and several rows read
-    the head through oneDNN: every path stays within fp32 rounding of HF's logits, and the copies
-    are rebuilt when the weights change in place."""
+    """One-row steps split each product over blocks of its input rows (the head through a
+    [d, vocab] copy, Conv1D weights in place) and several rows read the head through oneDNN: every
+    path stays within fp32 rounding of HF's logits, and the copies are rebuilt when the weights
+    change in place."""
     import gpt2tune.generate.fast as fast
     from gpt2tune.generate.runner import HFRunner
 
@@ -191,8 +192,8 @@ def test_one_row_kernels_follow_hf_logits_and_weight_edits(monkeypatch):
 
     r = run(1)
     head, mproj = r.w.head, r.w.blocks[0][5]
-    assert head.wt is not None and head.wt.shape == (64, 300) and mproj.wt.shape == (64, 256)
-    assert r.w.blocks[0][1].wt is None  # c_attn ([64, 192]) is read in place
+    assert head.parts.shape == (2, 32, 300) and mproj.parts.shape == (2, 128, 64)
+    assert mproj.parts.data_ptr() == m.transformer.h[0].mlp.c_proj.weight.data_ptr()  # a view, no copy
     run(2)
     with torch.no_grad():  # an in-place edit: the cached copies must not go stale
         m.lm_head.weight.mul_(1.5)
@@ -202,6 +203,60 @@ def test_one_row_kernels_follow_hf_logits_and_weight_edits(monkeypatch):
     fast._CACHE.clear()
     run(2)
     fast._CACHE.clear()
+
+
+def test_one_row_products_get_the_threads_and_the_same_numbers_on_any_count(monkeypatch):
+    """One-row steps run on one thread but may lend every thread to their big products; the
+    products are split in fixed parts, so the logits are bitwise the same on one thread and on two,
+    lent or not."""
+    import gpt2tune.generate.fast as fast
+
+    monkeypatch.setattr(fast, "LEND_MIN", 0)  # the tiny model's products count as big
+    seen = []
+    bmm = torch.bmm
+    monkeypatch.setattr(torch, "bmm", lambda *a: (seen.append(torch.get_num_threads()), bmm(*a))[1])
+    m = tiny(3)
+    before = torch.get_num_threads()
+
+    def steps(n):
+        torch.set_num_threads(2)  # the prefill's GEMMs round by their thread count: the same one for both
+        r = FastRunner(m, max_len=20)
+        out = [r.prefill(torch.tensor([PROMPT]))]
+        torch.set_num_threads(n)
+        seen.clear()
+        for _ in range(5):
+            out.append(r.step(out[-1].argmax(-1)))
+        assert torch.get_num_threads() == n
+        return torch.cat(out)
+
+    try:
+        one = steps(1)
+        assert seen and set(seen) == {1}
+        two = steps(2)
+        assert set(seen) == {1, 2}  # lent threads (the first steps) and kept to one (a timed probe)
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(one, two)
+
+
+def test_lending_takes_the_faster_way_and_probes_the_other():
+    from gpt2tune.generate.fast import Lending
+
+    lending = Lending(probe=4, keep=0.5)
+
+    def run(cost, n):
+        picks = []
+        for _ in range(n):
+            lend = lending.choose()
+            picks.append(lend)
+            lending.record(lend, cost[lend])
+        return picks
+
+    picks = run({True: 1.0, False: 2.0}, 10)  # idle: lending is faster
+    assert picks[:2] == [True, False]  # each way once
+    assert picks[2:] == [(i + 1) % 4 != 0 for i in range(2, 10)]  # then lend, but every 4th step the other
+    picks = run({True: 5.0, False: 2.0}, 12)  # load arrives: lending turns slow
+    assert picks[-8:] == [(i + 1) % 4 == 0 for i in range(14, 22)]  # kept to one thread, probing lending
 
 
 def test_one_row_steps_run_on_one_thread_and_restore_the_count(monkeypatch):

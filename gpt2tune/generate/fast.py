@@ -9,11 +9,12 @@ Bottleneck adapters (`method.adapter`) run inside it too. Decoding one token rea
 bandwidth divided by the bytes of the weights. `weights` chooses them (`Sampling.weights`):
 
 - "model" (default): the model's own tensors. The blocks use HF's products (`addmm` in the Conv1D
-  layout). On the CPU in fp32, one-row steps read the head and mlp.c_proj through transposed
-  copies kept next to them (faster MKL kernels; +54% of the weights' bytes for GPT-2 124M) and
-  batches read the head through oneDNN. Other kernels round differently, and the tanh GELU is
-  torch's, not HF's Python formula: the logits are allclose to HF's (~1e-6), not bitwise equal;
-  greedy decoding gives HF's tokens in the tests and on the benchmark's 128 tokens;
+  layout). On the CPU in fp32, one-row steps split each product over two blocks of its input rows
+  (so that two threads can stream it; the head through a [d, vocab] copy, +31% of the weights'
+  bytes for GPT-2 124M) and batches read the head through oneDNN. Other kernels round
+  differently, and the tanh GELU is torch's, not HF's Python formula: the logits are allclose to
+  HF's (~1e-6), not bitwise equal; greedy decoding gives HF's tokens in the tests and on the
+  benchmark's 128 tokens;
 - "bf16": a bf16 copy in [out, in] layout (matrix-vector kernels at batch 1): half the bytes;
 - "int8": int8 weights with one scale per output channel (symmetric). On x86 CPUs with fbgemm
   the activations are quantized too, per token on the fly (W8A8 dynamic, VNNI kernels: the
@@ -24,12 +25,14 @@ bf16 and int8 change the numbers (greedy text may part from fp32's after some to
 option. Embedding rows are always read from the model's own tensors; layer norms and the
 residual stream stay in fp32. Converted copies (and the "model" ones) are cached per model and
 rebuilt when its parameters change (in-place edits or optimizer steps). One-row steps run on one
-intra-op thread (see `_one_thread`).
+intra-op thread (see `_one_thread`) and lend the others to their big products when that is
+measured to be faster (`Lending`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import time
 import warnings
 import weakref
 from typing import Optional
@@ -40,6 +43,8 @@ import torch.nn.functional as F
 from gpt2tune.model.fast_gpt2 import supported
 
 WEIGHTS = ("model", "bf16", "int8")
+ONE_ROW_PARTS = 2  # blocks of input rows a one-row fp32 product is split into (see `_Linear`)
+LEND_MIN = 1 << 18  # weights of at least this many elements get the caller's threads for one-row products
 
 
 def fast_supported(model) -> Optional[str]:
@@ -109,15 +114,17 @@ class _Linear:
             self.b = None if bias is None else bias.detach()
             self.act = weight.dtype
             cpu32 = weight.device.type == "cpu" and weight.dtype == torch.float32
-            # One row (one sequence decoding) makes a matrix-vector product bound by memory bandwidth.
-            # MKL streams a weight fastest in long contiguous rows: measured on one core of an AVX2
-            # EPYC, the head in HF's [vocab, d] layout ran at 12-13 GB/s in every form tried (x @ W.T,
-            # W @ x, mv, in chunks, oneDNN), its [d, vocab] copy as x @ W at 18 GB/s (8.3 vs 12.2 ms per
-            # token); mlp.c_proj ([3072, 768], rows of 768) at 12-13 GB/s, its [768, 3072] copy as W @ x
-            # at 16.7. So these two keep a transposed fp32 copy, made at their first one-row product
-            # (267 MB, +54% of the weights' bytes, for GPT-2 124M); other Conv1D weights are read in place.
-            self.one_row = cpu32 and (not conv1d or weight.size(0) > weight.size(1))
-            self.wt = None
+            # One row (one sequence decoding) makes a matrix-vector product bound by memory bandwidth,
+            # and MKL runs it on one thread whatever the thread count (16-25 GB/s on the 2-core AVX2
+            # EPYC, which streams 27-31 with two threads). So on the CPU in fp32 a one-row product is
+            # split over its input: the [in, out] weight as ONE_ROW_PARTS blocks of rows (views: no
+            # copy), one batched product (`bmm`, which gives each part a thread), and the parts summed:
+            # 27-32 GB/s with two threads. The parts are fixed, so the numbers do not depend on the
+            # thread count. The head is [vocab, d]: it keeps a [d, vocab] copy for this (154 MB for
+            # GPT-2 124M), made at its first one-row product.
+            self.one_row = cpu32 and self.w.size(0) % ONE_ROW_PARTS == 0
+            self.parts = None
+            self.lend = weight.numel() >= LEND_MIN  # small products are not worth waking a thread
             # several rows (sampling, beams) lean on compute: oneDNN's kernel on the head's own
             # [vocab, d] tensor is 1.15-1.25x faster than MKL's best form at 8 rows; no copy needed
             self.onednn = cpu32 and not conv1d and self.b is None and onednn_linear_ok(self.w_oi)
@@ -146,10 +153,11 @@ class _Linear:
             if not int8pack_ok(w_oi.device):
                 self.kind = "int8-dequant"  # no int8 kernel here: dequantise on the fly (same numbers, no speed-up)
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, threads: int = 1) -> torch.Tensor:
+        """`threads` > 1: the caller runs on one thread and lends a one-row product `threads`."""
         if self.kind == "model":
             if self.one_row and x.size(0) == 1:
-                return self._one_row(x)
+                return self._one_row(x, threads)
             if self.onednn:
                 return torch.ops.mkldnn._linear_pointwise(x, self.w_oi, None, "none", [], "")
             if self.w_oi is not None and self.b is None and x.size(0) > 1:
@@ -168,12 +176,22 @@ class _Linear:
             y = torch.ops.aten._weight_int8pack_mm(x, self.q, self.scale)
         return y if self.b is None else y.add_(self.b)
 
-    def _one_row(self, x: torch.Tensor) -> torch.Tensor:
-        if self.wt is None:  # the head: [d, vocab]; a Conv1D weight: [out, in]
-            self.wt = (self.w if self.w_oi is not None else self.w.t()).contiguous()
-        if self.w_oi is not None:
-            return torch.mm(x, self.wt)
-        return (torch.mv(self.wt, x[0]) if self.b is None else torch.addmv(self.b, self.wt, x[0]))[None]
+    def _one_row(self, x: torch.Tensor, threads: int) -> torch.Tensor:
+        if self.parts is None:  # [parts, in/parts, out]
+            w = self.w if self.w_oi is None else self.w.contiguous()
+            self.parts = w.view(ONE_ROW_PARTS, w.size(0) // ONE_ROW_PARTS, w.size(1))
+        lend = threads > 1 and self.lend
+        if lend:
+            torch.set_num_threads(threads)
+        try:
+            p = torch.bmm(x.view(ONE_ROW_PARTS, 1, -1), self.parts)
+        finally:
+            if lend:
+                torch.set_num_threads(1)
+        y = p[0]
+        for i in range(1, ONE_ROW_PARTS):
+            y = y.add_(p[i])
+        return y if self.b is None else y.add_(self.b)
 
 
 class _Adapted:
@@ -184,8 +202,8 @@ class _Adapted:
         self.lin, self.adapter = lin, adapter
         self.kind, self.act = lin.kind, lin.act
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.lin(x)
+    def __call__(self, x: torch.Tensor, threads: int = 1) -> torch.Tensor:
+        y = self.lin(x, threads)
         return self.adapter(y.to(self.adapter.up.weight.dtype)).to(y.dtype)
 
 
@@ -207,6 +225,33 @@ class _Weights:
                        for b in tr.h]
         self.head = _Linear(model.lm_head.weight, None, kind, conv1d=False)
         self.dtype = self.head.act  # activations and KV cache
+        self.lending = Lending()
+
+
+class Lending:
+    """Whether one-row steps lend their threads to the big products: timed, not guessed. On an idle
+    2-core EPYC lending makes greedy fp32 decoding of GPT-2 124M ~1.3x faster; with another busy
+    process on the machine it halves it (every product waits for a descheduled partner: 10.5 vs 20.5
+    tok/s). The numbers are the same either way (fixed parts), so each step may take either: the
+    faster by a running average of step times, and every `probe`-th step the other, to notice a
+    change of load."""
+
+    def __init__(self, probe: int = 32, keep: float = 0.7):
+        self.probe, self.keep = probe, keep
+        self.seconds: dict = {True: None, False: None}
+        self.steps = 0
+
+    def choose(self) -> bool:
+        self.steps += 1
+        lent, solo = self.seconds[True], self.seconds[False]
+        if lent is None or solo is None:
+            return lent is None  # try each once
+        best = lent <= solo
+        return (not best) if self.steps % self.probe == 0 else best
+
+    def record(self, lend: bool, seconds: float) -> None:
+        old = self.seconds[lend]
+        self.seconds[lend] = seconds if old is None else self.keep * old + (1 - self.keep) * seconds
 
 
 _CACHE: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
@@ -237,18 +282,18 @@ def weights_for(model, kind: str) -> _Weights:
 
 @contextlib.contextmanager
 def _one_thread():
-    """Run the block on one intra-op thread (one-row steps). Their fp32 matrix-vector products run
-    on one thread in MKL anyway, at ~18 GB/s, near this VM's whole memory bandwidth; what else goes
-    parallel (attention, the bf16 / int8 kernels) mostly waits at OpenMP barriers, and on a loaded
-    machine every barrier waits for a descheduled partner (SDPA: 30 us alone, 5.8 ms per call at
-    load 2 on 2 cores). One thread against two, paired runs on the 2-core EPYC: fp32 34.5 vs 30.4
-    tok/s and int8 65 vs 56 at load 1.3; 2.2x (fp32), 3.1x (bf16), 3.2x (int8) at load 3.3.
-    Batches keep every thread for their GEMMs."""
+    """Run the block on one intra-op thread (one-row steps); yield the thread count it had. The
+    small ops of a step (attention, norms, the bf16 / int8 kernels) gain little from a second
+    thread and wait at OpenMP barriers, and on a loaded machine every barrier waits for a
+    descheduled partner (SDPA: 30 us alone, 5.8 ms per call at load 2 on 2 cores). One thread
+    against two, paired runs on the 2-core EPYC: fp32 34.5 vs 30.4 tok/s and int8 65 vs 56 at load
+    1.3; 2.2x (fp32), 3.1x (bf16), 3.2x (int8) at load 3.3. Only the big fp32 products get the
+    threads back, when `Lending` finds it faster. Batches keep every thread for their GEMMs."""
     n = torch.get_num_threads()
     if n > 1:
         torch.set_num_threads(1)
     try:
-        yield
+        yield n
     finally:
         if n > 1:
             torch.set_num_threads(n)
@@ -278,6 +323,7 @@ class FastRunner:
         self.kmask = None  # [B, T] bool of real keys, None when no row is padded
         self.t = 0  # cache length
         self.pos = None  # [B] position of the next token of every row
+        self.warm = False  # a one-row step has run
 
     def _norm(self, x: torch.Tensor, ln) -> torch.Tensor:
         return F.layer_norm(x, (self.D,), ln.weight, ln.bias, self.eps).to(self.dtype)
@@ -303,8 +349,8 @@ class FastRunner:
             x = x + mproj(h).view(B, T, D).to(x.dtype)
         return x
 
-    def _logits(self, x_last: torch.Tensor) -> torch.Tensor:
-        return self.w.head(self._norm(x_last, self.tr.ln_f)).float()
+    def _logits(self, x_last: torch.Tensor, n: int = 1) -> torch.Tensor:
+        return self.w.head(self._norm(x_last, self.tr.ln_f), n).float()
 
     def _embed(self, ids: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
         return self.tr.wte.weight[ids] + self.tr.wpe.weight[pos]
@@ -344,13 +390,28 @@ class FastRunner:
         if self.kmask is not None:
             self.kmask[:, self.t] = True
             amask = self.kmask[:, None, None, : self.t + 1]
-        with _one_thread() if tokens.size(0) == 1 else contextlib.nullcontext():
-            x = self._step_forward(self._embed(tokens, self.pos), amask)
-            self.t += 1
-            self.pos = self.pos + 1
-            return self._logits(x)
+        if tokens.size(0) > 1:  # batches keep every thread for their GEMMs
+            return self._advance(self._step_forward(self._embed(tokens, self.pos), amask))
+        with _one_thread() as n:
+            if n == 1:
+                return self._advance(self._step_forward(self._embed(tokens, self.pos), amask))
+            lending = self.w.lending
+            lend = lending.choose()
+            lent = n if lend else 1
+            t0 = time.perf_counter()
+            x = self._step_forward(self._embed(tokens, self.pos), amask, lent)
+            logits = self._advance(x, lent)
+            if self.warm:  # the first step builds the head's copy
+                lending.record(lend, time.perf_counter() - t0)
+            self.warm = True
+            return logits
 
-    def _step_forward(self, x: torch.Tensor, amask: Optional[torch.Tensor]) -> torch.Tensor:
+    def _advance(self, x: torch.Tensor, n: int = 1) -> torch.Tensor:
+        self.t += 1
+        self.pos = self.pos + 1
+        return self._logits(x, n)
+
+    def _step_forward(self, x: torch.Tensor, amask: Optional[torch.Tensor], n: int = 1) -> torch.Tensor:
         """`_forward` for one new token per row, `x` [B, D]: per-layer cache views made once per
         batch, no [B, T, ...] reshapes, the key and value written straight from the qkv row. Half
         the tensor ops of `_forward`, the same numbers: 0.28 ms less CPU per token over 12 layers
@@ -358,12 +419,12 @@ class FastRunner:
         B, D, H, hd, t = x.size(0), self.D, self.H, self.hd, self.t
         t1 = t + 1
         for (ln1, attn, proj, ln2, fc, mproj), k, v in zip(self.w.blocks, self.kl, self.vl):
-            qkv = attn(self._norm(x, ln1)).view(B, 3, H, 1, hd)
+            qkv = attn(self._norm(x, ln1), n).view(B, 3, H, 1, hd)
             k.select(2, t).copy_(qkv[:, 1, :, 0])
             v.select(2, t).copy_(qkv[:, 2, :, 0])
             a = F.scaled_dot_product_attention(qkv[:, 0], k[:, :, :t1], v[:, :, :t1], attn_mask=amask)
-            x = x + proj(a.view(B, D)).to(x.dtype)  # a [B, H, 1, hd] is contiguous
-            x = x + mproj(F.gelu(fc(self._norm(x, ln2)), approximate=self.gelu)).to(x.dtype)
+            x = x + proj(a.view(B, D), n).to(x.dtype)  # a [B, H, 1, hd] is contiguous
+            x = x + mproj(F.gelu(fc(self._norm(x, ln2), n), approximate=self.gelu), n).to(x.dtype)
         return x
 
     def _cache_views(self) -> None:
