@@ -1,9 +1,9 @@
 """CTranslate2 in a process of its own, for `bench/run.py`'s decode rows.
 
-Both CTranslate2 and PyTorch bring their own OpenMP runtime; in one process, once CTranslate2 has
-generated, both ran slower on the 2-core EPYC (gpt2tune's greedy decode 37-39 -> 25-33 tok/s,
-CTranslate2's own 40 -> 24-31), which is not how either is used. So the benchmark converts the
-model in its own process and runs CTranslate2 here, one request per line on stdin:
+CTranslate2 and PyTorch each bring their own OpenMP runtime (two copies of libgomp); two
+runtimes in one process is not how either engine is used, and in some runs on the 2-core EPYC both
+decoded slower once CTranslate2 had run beside torch. So the model is converted in the benchmark's
+process and CTranslate2 decodes here, one request per line on stdin:
 
     {"prompt": [ids], "new": 128, "bs": 1, "sample": false}
 

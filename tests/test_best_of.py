@@ -1,12 +1,11 @@
 """generate --best-of N --rank-by METRIC: N samples per returned one, the best kept."""
 
 import json
-import math
 
 import pytest
 import torch
 
-from gpt2tune.generate.best_of import keep_best, mean_logprob, poem_score
+from gpt2tune.generate.best_of import keep_best, poem_score
 from gpt2tune.generate.text import Sample
 
 

@@ -3,7 +3,7 @@ import json
 import pytest
 
 from conftest import POEMS, SMS, need
-from gpt2tune.data import poetry, sources
+from gpt2tune.data import poetry
 from gpt2tune.data.clean import clean_all, clean_text
 from gpt2tune.data.dataset import collate, epoch_batches, frame, split_indices
 from gpt2tune.data.sources import SourceOptions, load_source, texts_of

@@ -2,7 +2,6 @@
 plain forward computes while keeping far fewer tensors for backward; the memory estimate stops a
 run that cannot fit, with advice."""
 
-import copy
 
 import pytest
 import torch

@@ -2,7 +2,6 @@ import logging
 import shutil
 
 import pytest
-import torch
 
 from conftest import BERT_ZH, GPT2_BPE, TANG_MINI, ZH_TEXT, need
 from gpt2tune.errors import UserError

@@ -3,8 +3,6 @@ import pytest
 from gpt2tune.errors import UserError
 from gpt2tune.method import apply_method
 from gpt2tune.method.config import PartialMethod
-from gpt2tune.model.build import build_scratch
-from gpt2tune.model.tokenizer import Framing
 
 
 def tiny(n_layer=4):
