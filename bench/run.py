@@ -567,9 +567,9 @@ def bench_decode(args, ceil) -> dict:
         c.close()
     tmp.cleanup()
     weights = sum(p.numel() for n, p in m.named_parameters() if "wpe" not in n) * 4
-    out(f"  decode floor from bandwidth: fp32 weights {weights / 1e6:.0f} MB per token -> at most "
+    out(f"  decode at the copy bandwidth: fp32 weights {weights / 1e6:.0f} MB per token -> "
         f"{ceil['bw'] * 1e9 / weights:.0f} tok/s at bs1 (bf16: {2 * ceil['bw'] * 1e9 / weights:.0f}, "
-        f"int8: {4 * ceil['bw'] * 1e9 / weights:.0f})")
+        f"int8: {4 * ceil['bw'] * 1e9 / weights:.0f}; streams that only read can beat the copy)")
     res.update({f"greedy_ct2_{w}": med(c1[w]) for w in ct2}, **{f"sample_ct2_{w}": med(c8[w]) for w in ct2})
     res.update(greedy_hf=med(hf1), greedy_same=same, sample_hf=med(hf8), greedy_agree=agree,
                **{f"greedy_ours_{w}": med(o1[w]) for w in kinds}, **{f"sample_ours_{w}": med(o8[w]) for w in kinds})
