@@ -88,17 +88,19 @@ def test_signals_at_random_moments_then_resume_is_bit_identical(tmp_path):
 
     ref = gpt2tune("train", recipe(tmp_path, "ref", steps=200, save=10), "--no-progress")
     r = recipe(tmp_path, "int", steps=200, save=10)
-    delays = [random.uniform(0.0, 1.0), random.uniform(0.0, 1.0)]
+    # a moment is a regular checkpoint 0-3 saves after the run's first (training is under way) plus
+    # 0-50 ms: drawn in steps, so a fast machine cannot finish the 200 steps before the signal
+    moments = [(10 * random.randrange(4), random.uniform(0.0, 0.05)) for _ in range(2)]
     ck = tmp_path / "int" / "checkpoints"
     stopped = []
-    for sig, delay, extra in [(first, delays[0], ()), (second, delays[1], ("--resume",))]:
+    for sig, (later, delay), extra in [(first, moments[0], ()), (second, moments[1], ("--resume",))]:
         p = gpt2tune("train", r, "--no-progress", *extra)
-        nxt = 10 * (max(stopped, default=0) // 10 + 1)  # the next regular checkpoint: training is under way
+        nxt = 10 * (max(stopped, default=0) // 10 + 1) + later
         wait_for(ck / f"step-{nxt}", p)
         time.sleep(delay)
         p.send_signal(sig)
         out, err = p.communicate(timeout=120)
-        assert p.returncode == 130, (sig, delays, err[-2000:])
+        assert p.returncode == 130, (sig, moments, err[-2000:])
         assert f"({sig.name})" in err and "--resume" in err and "Traceback" not in err, err[-2000:]
         at = int(err.split("interrupted at step ")[1].split()[0])
         assert (ck / f"step-{at}").is_dir(), (at, sorted(d.name for d in ck.iterdir()))  # saved the step it stopped at

@@ -178,7 +178,7 @@ class _Linear:
 
     def _one_row(self, x: torch.Tensor, threads: int) -> torch.Tensor:
         if self.parts is None:  # [parts, in/parts, out]
-            w = self.w if self.w_oi is None else self.w.contiguous()
+            w = self.w.contiguous()  # Conv1D: the weight itself; the head: its [d, vocab] copy
             self.parts = w.view(ONE_ROW_PARTS, w.size(0) // ONE_ROW_PARTS, w.size(1))
         lend = threads > 1 and self.lend
         if lend:
@@ -230,7 +230,7 @@ class _Weights:
 
 class Lending:
     """Whether one-row steps lend their threads to the big products: timed, not guessed. On an idle
-    2-core EPYC lending makes greedy fp32 decoding of GPT-2 124M ~1.3x faster; with another busy
+    2-core EPYC lending makes greedy fp32 decoding of GPT-2 124M 1.3-1.5x faster; with another busy
     process on the machine it halves it (every product waits for a descheduled partner: 10.5 vs 20.5
     tok/s). The numbers are the same either way (fixed parts), so each step may take either: the
     faster by a running average of step times, and every `probe`-th step the other, to notice a
