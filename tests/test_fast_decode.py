@@ -205,22 +205,24 @@ def test_one_row_kernels_follow_hf_logits_and_weight_edits(monkeypatch):
     fast._CACHE.clear()
 
 
-def test_one_row_products_get_the_threads_and_the_same_numbers_on_any_count(monkeypatch):
-    """One-row steps run on one thread but may lend every thread to their big products; the
-    products are split in fixed parts, so the logits are bitwise the same on one thread and on two,
-    lent or not."""
+@pytest.mark.parametrize("weights", ["model", "bf16", "int8"])
+def test_one_row_products_get_the_threads_and_the_same_numbers_on_any_count(monkeypatch, weights):
+    """One-row steps run on one thread but may lend every thread to their big products (fp32, bf16
+    and int8 alike); each kernel splits its work in a fixed way, so the logits are bitwise the same
+    on one thread and on two, lent or not."""
     import gpt2tune.generate.fast as fast
 
     monkeypatch.setattr(fast, "LEND_MIN", 0)  # the tiny model's products count as big
     seen = []
-    bmm = torch.bmm
-    monkeypatch.setattr(torch, "bmm", lambda *a: (seen.append(torch.get_num_threads()), bmm(*a))[1])
+    product = fast._Linear._product
+    monkeypatch.setattr(fast._Linear, "_product", lambda *a: (seen.append(torch.get_num_threads()), product(*a))[1])
     m = tiny(3)
     before = torch.get_num_threads()
+    fast._CACHE.clear()
 
     def steps(n):
         torch.set_num_threads(2)  # the prefill's GEMMs round by their thread count: the same one for both
-        r = FastRunner(m, max_len=20)
+        r = FastRunner(m, weights, max_len=20)
         out = [r.prefill(torch.tensor([PROMPT]))]
         torch.set_num_threads(n)
         seen.clear()

@@ -108,6 +108,7 @@ class _Linear:
     def __init__(self, weight: torch.Tensor, bias: Optional[torch.Tensor], kind: str, conv1d: bool = True):
         # weight: Conv1D [in, out] (conv1d=True) or nn.Linear [out, in]
         self.kind = kind
+        self.lend = weight.numel() >= LEND_MIN  # small products are not worth waking a thread
         if kind == "model":
             self.w = weight.detach() if conv1d else weight.detach().t()  # [in, out] for addmm / mm
             self.w_oi = None if conv1d else weight.detach()
@@ -124,7 +125,6 @@ class _Linear:
             # GPT-2 124M), made at its first one-row product.
             self.one_row = cpu32 and self.w.size(0) % ONE_ROW_PARTS == 0
             self.parts = None
-            self.lend = weight.numel() >= LEND_MIN  # small products are not worth waking a thread
             # several rows (sampling, beams) lean on compute: oneDNN's kernel on the head's own
             # [vocab, d] tensor is 1.15-1.25x faster than MKL's best form at 8 rows; no copy needed
             self.onednn = cpu32 and not conv1d and self.b is None and onednn_linear_ok(self.w_oi)
@@ -154,10 +154,21 @@ class _Linear:
                 self.kind = "int8-dequant"  # no int8 kernel here: dequantise on the fly (same numbers, no speed-up)
 
     def __call__(self, x: torch.Tensor, threads: int = 1) -> torch.Tensor:
-        """`threads` > 1: the caller runs on one thread and lends a one-row product `threads`."""
+        """`threads` > 1: the caller runs on one thread and lends a one-row product `threads`
+        (every kind's one-row kernel splits its work so that the numbers do not depend on it:
+        tested)."""
+        if threads > 1 and self.lend:
+            torch.set_num_threads(threads)
+            try:
+                return self._product(x)
+            finally:
+                torch.set_num_threads(1)
+        return self._product(x)
+
+    def _product(self, x: torch.Tensor) -> torch.Tensor:
         if self.kind == "model":
             if self.one_row and x.size(0) == 1:
-                return self._one_row(x, threads)
+                return self._one_row(x)
             if self.onednn:
                 return torch.ops.mkldnn._linear_pointwise(x, self.w_oi, None, "none", [], "")
             if self.w_oi is not None and self.b is None and x.size(0) > 1:
@@ -176,18 +187,11 @@ class _Linear:
             y = torch.ops.aten._weight_int8pack_mm(x, self.q, self.scale)
         return y if self.b is None else y.add_(self.b)
 
-    def _one_row(self, x: torch.Tensor, threads: int) -> torch.Tensor:
+    def _one_row(self, x: torch.Tensor) -> torch.Tensor:
         if self.parts is None:  # [parts, in/parts, out]
             w = self.w.contiguous()  # Conv1D: the weight itself; the head: its [d, vocab] copy
             self.parts = w.view(ONE_ROW_PARTS, w.size(0) // ONE_ROW_PARTS, w.size(1))
-        lend = threads > 1 and self.lend
-        if lend:
-            torch.set_num_threads(threads)
-        try:
-            p = torch.bmm(x.view(ONE_ROW_PARTS, 1, -1), self.parts)
-        finally:
-            if lend:
-                torch.set_num_threads(1)
+        p = torch.bmm(x.view(ONE_ROW_PARTS, 1, -1), self.parts)
         y = p[0]
         for i in range(1, ONE_ROW_PARTS):
             y = y.add_(p[i])
@@ -232,9 +236,11 @@ class Lending:
     """Whether one-row steps lend their threads to the big products: timed, not guessed. On an idle
     2-core EPYC lending makes greedy fp32 decoding of GPT-2 124M 1.3-1.5x faster; with another busy
     process on the machine it halves it (every product waits for a descheduled partner: 10.5 vs 20.5
-    tok/s). The numbers are the same either way (fixed parts), so each step may take either: the
-    faster by a running average of step times, and every `probe`-th step the other, to notice a
-    change of load."""
+    tok/s). On an idle 2-core Xeon (AMX) lending the threads to the bf16 and int8 kernels as well
+    makes greedy decoding with `weights` bf16 1.6x faster (40 -> 65 tok/s) and int8 1.7x (72 ->
+    122), with fp32 at 47-48 tok/s, near that machine's copy bandwidth (53). The numbers are the
+    same either way (fixed parts), so each step may take either: the faster by a running average of
+    step times, and every `probe`-th step the other, to notice a change of load."""
 
     def __init__(self, probe: int = 32, keep: float = 0.7):
         self.probe, self.keep = probe, keep
@@ -287,8 +293,9 @@ def _one_thread():
     thread and wait at OpenMP barriers, and on a loaded machine every barrier waits for a
     descheduled partner (SDPA: 30 us alone, 5.8 ms per call at load 2 on 2 cores). One thread
     against two, paired runs on the 2-core EPYC: fp32 34.5 vs 30.4 tok/s and int8 65 vs 56 at load
-    1.3; 2.2x (fp32), 3.1x (bf16), 3.2x (int8) at load 3.3. Only the big fp32 products get the
-    threads back, when `Lending` finds it faster. Batches keep every thread for their GEMMs."""
+    1.3; 2.2x (fp32), 3.1x (bf16), 3.2x (int8) at load 3.3. Only the big products (every weight
+    format) get the threads back, when `Lending` finds it faster. Batches keep every thread for
+    their GEMMs."""
     n = torch.get_num_threads()
     if n > 1:
         torch.set_num_threads(1)
