@@ -357,17 +357,25 @@ def bench_lora(args, ceil) -> dict:
     pm = peft.get_peft_model(gpt2(args.size), peft.LoraConfig(**cfg))
     pm.train()
     mc = args.machine
-    hf = Side("HF+peft fp32", pm, lm_loss, torch.float32, fused=False)
+    # as for full fine-tuning: HF+peft fp32 always, bf16 autocast only where bf16 is native
+    hf = {"fp32": Side("HF+peft fp32", pm, lm_loss, torch.float32, fused=False)}
+    if mc.native_bf16:
+        hf["bf16"] = Side("HF+peft bf16 autocast", pm, lm_loss, torch.bfloat16, fused=False)
     ours = Side(f"gpt2tune fast {mc.prec}", pm, make_fast_loss(pm, tune_malloc=False), mc.dtype, fused=True)
-    run_sides([hf, ours], lambda s: batches, args.steps, args.warmup)
+    run_sides([*hf.values(), ours], lambda s: batches, args.steps, args.warmup)
     fpt = flops_per_token(pm.get_base_model(), 128, trainable_all=False)
-    row("LoRA r=8 c_attn vs HF+peft fp32 (tok/s)", f"{hf.tps:.1f}", f"{ours.tps:.1f}", ratio(hf.tps, ours.tps),
-        f"ours: train.fast + precision {mc.prec}")
-    row("LoRA r=8 c_attn vs HF+peft fp32 (tok/CPU-s)", f"{hf.cpu_tps:.1f}", f"{ours.cpu_tps:.1f}",
-        ratio(hf.cpu_tps, ours.cpu_tps), "per CPU-second")
-    out(f"  MFU: HF+peft fp32 {100 * hf.tps * fpt / (ceil['fp32'] * 1e9):.1f}% of fp32 ceiling, "
-        f"gpt2tune {100 * ours.tps * fpt / (ceil[mc.prec] * 1e9):.1f}% of {mc.prec} ceiling")
-    res.update(hf=hf.tps, ours=ours.tps, hf_cpu=hf.cpu_tps, ours_cpu=ours.cpu_tps)
+    for prec, side in hf.items():
+        note = f"ours: train.fast + precision {mc.prec}" + (" (same precision)" if prec == mc.prec else "")
+        row(f"LoRA r=8 c_attn vs {side.name} (tok/s)", f"{side.tps:.1f}", f"{ours.tps:.1f}", ratio(side.tps, ours.tps), note)
+    for side in hf.values():
+        row(f"LoRA r=8 c_attn vs {side.name} (tok/CPU-s)", f"{side.cpu_tps:.1f}", f"{ours.cpu_tps:.1f}",
+            ratio(side.cpu_tps, ours.cpu_tps), "per CPU-second")
+    out("  MFU: " + ", ".join(f"{s.name} {100 * s.tps * fpt / (ceil[p] * 1e9):.1f}% of {p} ceiling" for p, s in hf.items())
+        + f", gpt2tune {100 * ours.tps * fpt / (ceil[mc.prec] * 1e9):.1f}% of {mc.prec} ceiling")
+    h = hf["fp32"]
+    res.update(hf=h.tps, ours=ours.tps, hf_cpu=h.cpu_tps, ours_cpu=ours.cpu_tps)
+    if "bf16" in hf:
+        res.update(hf_bf16=hf["bf16"].tps, hf_bf16_cpu=hf["bf16"].cpu_tps)
     return res
 
 
