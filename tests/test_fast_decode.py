@@ -85,6 +85,27 @@ def test_reduced_precision_weights_stay_close(weights, max_mean):
     assert len(out) == 30 and out[:5] == exact[:5]
 
 
+def test_bf16_weights_give_the_same_logits_read_either_way_for_several_rows(monkeypatch):
+    """Where bf16 is native, several-row bf16 products read the weight as the left operand
+    (W @ x.T, faster on AMX); elsewhere x @ W.T. Both give the same logits."""
+    import gpt2tune.generate.fast as fast
+    import gpt2tune.train.device as device
+
+    m = small_trained_like()
+    ids = torch.tensor([PROMPT + list(range(20, 30))] * 3)
+    out = {}
+    for native in (False, True):
+        monkeypatch.setattr(device, "cpu_has_bf16", lambda native=native: native)
+        fast._CACHE.clear()
+        r = FastRunner(m, "bf16")
+        first = r.prefill(ids)
+        out[native] = torch.stack([first, r.step(first.argmax(-1))])
+        assert r.w.head.w_left is native and r.w.blocks[0][4].w_left is native
+    fast._CACHE.clear()
+    assert out[True].shape == (2, 3, m.config.vocab_size)
+    torch.testing.assert_close(out[True], out[False], atol=2e-2, rtol=0)
+
+
 def test_int8_weights_are_per_channel_int8():
     from gpt2tune.generate.fast import quantize_rows, weights_for
 
