@@ -100,6 +100,32 @@ def test_one_top_k_top_p_filter_with_transformers_rules_and_per_row_settings():
     assert torch.isinf(filter_logits(half, 1.0, 0, 0.3)).tolist() == [[False, True, True, True]]
 
 
+def test_ties_across_the_top_k_cut_keep_the_rules_without_sorting_the_vocabulary(monkeypatch):
+    """bf16 logits tie often; a tie across the k-th logit takes the tied tokens by one more
+    `topk`, not by sorting the whole vocabulary, and keeps what the full sort kept (and, for top-k
+    alone, what transformers' warper keeps)."""
+    from transformers.generation.logits_process import TopKLogitsWarper
+
+    from gpt2tune.generate.sampling import filter_candidates, filter_logits
+
+    x = (torch.randn(6, 5000, generator=torch.Generator().manual_seed(1)) * 2).bfloat16().float()
+    big = x.clone()
+    big[2, :40] = 9.0  # one row ties far past every row's candidates
+    settings = [(x, k, p) for x in (x, big) for k in (1, 5, 50) for p in (1.0, 0.9)]
+    refs = []
+    for x, k, p in settings:  # the full-sort way: a seventh row without top-k makes the filter sort
+        ks = torch.tensor([k] * 6 + [0])
+        refs.append(filter_logits(torch.cat([x, x[:1]]), 1.0, ks, p)[:6] if p < 1 else TopKLogitsWarper(k)(None, x.clone()))
+    monkeypatch.setattr(torch, "sort", lambda *a, **kw: pytest.fail("sorted the whole vocabulary"))
+    ties = 0
+    for (x, k, p), ref in zip(settings, refs):
+        got = filter_logits(x, 1.0, k, p)
+        assert torch.equal(torch.isinf(got), torch.isinf(ref)), (k, p)
+        vals, idx = filter_candidates(x, 1.0, k, p)
+        ties += idx.size(1) > k + 1
+    assert ties  # the tied tokens did go past the first candidates
+
+
 # -- 12: request size limits, tokenizing off the event loop ------------------------------------
 
 @pytest.fixture

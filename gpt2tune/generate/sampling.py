@@ -109,7 +109,11 @@ def filter_candidates(logits: torch.Tensor, temperature=1.0, top_k=0, top_p=1.0
         C = min(V, int(k.max()) + 1)  # one more than needed: shows a tie across the cut
         srt, idx = torch.topk(x, C, dim=-1)
         if C < V and bool(((srt[:, -1] == srt[:, -2]) & (srt[:, -1] > NEG_INF)).any()):
-            srt, idx = torch.sort(x, descending=True, dim=-1)  # the tie may go on past the candidates
+            # a tie runs past the candidates (common with bf16 logits): take every token at least
+            # as large as each row's k-th, not a sort of the whole vocabulary (10 ms for 8 rows)
+            kth = srt.gather(1, (k.clamp(max=C) - 1)[:, None])
+            width = int((x >= kth).sum(-1).max())
+            srt, idx = torch.topk(x, width, dim=-1) if width < V else torch.sort(x, descending=True, dim=-1)
     elif bool(use_p.any()):
         srt, idx = torch.sort(x, descending=True, dim=-1)
     else:
