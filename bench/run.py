@@ -87,7 +87,8 @@ class Machine:
     times gpt2tune at that precision against HF at the same precision (and HF fp32, its default)."""
 
     def __init__(self):
-        from gpt2tune.train.device import BF16_ENV, auto_precision, cpu_flags, cpu_has_bf16
+        from gpt2tune.model.cpu import BF16_ENV, cpu_flags, cpu_has_bf16
+        from gpt2tune.train.device import auto_precision
 
         self.flags = cpu_flags()
         self.native_bf16 = cpu_has_bf16()   # the flags, or GPT2TUNE_CPU_BF16 where set

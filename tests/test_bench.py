@@ -9,7 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from gpt2tune.train.device import cpu_has_bf16
+from gpt2tune.model.cpu import cpu_has_bf16
 
 ROOT = Path(__file__).resolve().parents[1]
 

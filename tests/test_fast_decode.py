@@ -89,7 +89,7 @@ def test_bf16_weights_give_the_same_logits_read_either_way_for_several_rows(monk
     """Where bf16 is native, several-row bf16 products read the weight as the left operand
     (W @ x.T, faster on AMX); elsewhere x @ W.T. Both give the same logits."""
     import gpt2tune.generate.fast as fast
-    import gpt2tune.train.device as device
+    import gpt2tune.model.cpu as device
 
     m = small_trained_like()
     ids = torch.tensor([PROMPT + list(range(20, 30))] * 3)

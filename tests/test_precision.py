@@ -6,7 +6,8 @@ import torch
 
 from gpt2tune.data.dataset import collate
 from gpt2tune.errors import UserError
-from gpt2tune.train.device import auto_precision, cpu_flags, cpu_has_bf16, pick_precision
+from gpt2tune.model.cpu import cpu_flags, cpu_has_bf16
+from gpt2tune.train.device import auto_precision, pick_precision
 from gpt2tune.train.objective import lm_loss, make_fast_loss
 
 

@@ -131,7 +131,7 @@ class _Linear:
             return
         w_oi = weight.detach().t() if conv1d else weight.detach()
         if kind == "bf16":
-            from gpt2tune.train.device import cpu_has_bf16
+            from gpt2tune.model.cpu import cpu_has_bf16
 
             self.w = w_oi.to(torch.bfloat16).contiguous()
             self.b = None if bias is None else bias.detach().to(torch.bfloat16)
