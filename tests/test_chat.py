@@ -396,6 +396,11 @@ def test_stop_strings_and_repetition_penalty_in_replies(addition_run, run_cli):
     want = full.text[:full.text.find(stop)]
     assert "".join(pieces) == r.text == want and r.finish_reason == "stop"
     assert stop not in "".join(pieces)
+    # a long stop string holds text back; the short one that hits releases it, up to the cut
+    i = next(i for i, ch in enumerate(full.text) if i >= 1 and full.text.index(ch) == i)
+    r = Reply(chat, msgs, Sampling(max_new_tokens=12, min_new_tokens=12, greedy=True,
+                                   stop=[full.text[i], "never in this reply"]))
+    assert "".join(r) == r.text == full.text[:i].lstrip() and r.finish_reason == "stop"
     code, out, err = run_cli("chat", addition_run, "-m", "add 2 and 5", "--greedy", "--max-new-tokens", "12",
                              "--repetition-penalty", "1.5", "--stop", "zzz", "--json")
     assert code == 0, err

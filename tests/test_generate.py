@@ -142,16 +142,18 @@ def test_texts_have_no_spaces_or_specials_and_stop_strings_cut(tiny):
         generate_texts(model, tok, fr, ["白" * 200], Sampling())  # longer than the context (128)
 
 
-def test_stream_deltas_build_the_same_samples(tiny):
+@pytest.mark.parametrize("stops", [["山", "河"], ["山", "河", "a long stop string that holds text back"]])
+def test_stream_deltas_build_the_same_samples(tiny, stops):
     model, tok, fr = tiny
-    s = Sampling(max_new_tokens=30, seed=4, num_return_sequences=2, stop=["。"])
+    s = Sampling(max_new_tokens=30, seed=4, num_return_sequences=2, stop=stops)
     events = list(stream_texts(model, tok, fr, ["白日", "春"], s))
     assert events[0] == {"type": "start", "heads": ["白日", "春"]}
     done = events[-1]
     assert done["type"] == "done" and len(done["samples"]) == 4
     for i, smp in enumerate(done["samples"]):
         text = "".join(e["text"] for e in events if e["type"] == "delta" and e["sample"] == i)
-        assert text == smp.completion and "。" not in text
+        assert text == smp.completion and "山" not in text and "河" not in text
+    assert any(smp.finish == "stop" and smp.completion for smp in done["samples"])
     batch, _ = generate_texts(model, tok, fr, ["白日", "春"], s)
     assert [x.text for x in batch] == [x.text for x in done["samples"]]
 
@@ -277,3 +279,31 @@ def test_rows_with_their_own_sampling_settings_in_one_batch(tiny):
     assert len(res[3].ids) == 12
     with pytest.raises(ValueError, match="per_row"):
         Decoder(model, prompts, fr.eos, base, per_row=rows[:2])
+
+
+def test_stop_stream_holds_back_a_possible_stop_string_and_cuts_before_it():
+    """The one hold-back-then-cut used by generate, chat and serve: deltas never show text that may
+    start a stop string, end just before one, and concatenate to the final text."""
+    from gpt2tune.generate.detok import StopStream
+
+    class Pieces:  # a stream whose text grows by one piece per token
+        def __init__(self, pieces):
+            self.pieces, self.text = pieces, ""
+
+        def push(self, i):
+            self.text += self.pieces[i]
+            return self.text
+
+    pieces = [" Hello", " wor", "ld", " EN", "D and more", " after"]
+    out = StopStream(Pieces(pieces), ["END"], lstrip=True)
+    got = [out.push(i) for i in range(4)]
+    assert got == [("Hel", False), ("lo w", False), ("or", False), ("ld ", False)]  # the last 2 wait: "EN" may start "END"
+    assert out.push(4) == ("", True) and out.hit  # "END" arrived: nothing past it is shown
+    assert out.push(5) == ("", True)
+    assert out.flush() == "" and out.shown == "Hello world "
+    no_stop = StopStream(Pieces(pieces), ["ZZZ"])
+    full = "".join(pieces)
+    assert "".join(no_stop.push(i)[0] for i in range(6)) == full[:-2]  # the last two characters wait
+    assert no_stop.flush(full + "!") == "er!"  # the final text decides the rest
+    again = StopStream(Pieces(pieces), [])
+    assert "".join(again.push(i)[0] for i in range(6)) == full and again.flush() == ""  # no stop strings: nothing waits

@@ -111,7 +111,7 @@ def test_signals_at_random_moments_then_resume_is_bit_identical(tmp_path):
     assert p.wait(timeout=300) == 0, p.communicate()[1][-2000:]
     assert ref.wait(timeout=300) == 0, ref.communicate()[1][-2000:]
     a, b = weights(tmp_path / "ref"), weights(tmp_path / "int")
-    assert all(torch.equal(a[k], b[k]) for k in a), (stopped, delays)
+    assert all(torch.equal(a[k], b[k]) for k in a), (stopped, moments)
 
 
 def _trainer(tmp_path, on_nonfinite, bad_call=3):

@@ -130,6 +130,19 @@ def test_stop_string_cuts_the_text(client):
     streamed = "".join(c.choices[0].text for c in client.completions.create(
         model="tiny", prompt="白日", max_tokens=24, temperature=0, stop=stop, stream=True) if c.choices)
     assert streamed == r.text
+    # a long stop string holds text back; the short one that hits releases it, up to the cut
+    for seed in range(20):
+        text = client.completions.create(model="tiny", prompt="白日", max_tokens=24, temperature=1.0, seed=seed).choices[0].text
+        late = [i for i, ch in enumerate(text) if i >= 3 and text.index(ch) == i]
+        if late:
+            break
+    else:
+        pytest.skip("no sampled text with a character that first comes after the third")
+    stops = [text[late[0]], "never-in-the-text"]
+    kw = dict(model="tiny", prompt="白日", max_tokens=24, temperature=1.0, seed=seed, stop=stops)
+    r = client.completions.create(**kw).choices[0]
+    assert r.text == text[:late[0]] and r.finish_reason == "stop"
+    assert "".join(c.choices[0].text for c in client.completions.create(stream=True, **kw) if c.choices) == r.text
 
 
 def test_verse_form_with_acrostic(client):

@@ -24,8 +24,8 @@ from gpt2tune.chat.template import ChatTemplate, end_id, load_template
 from gpt2tune.errors import UserError
 from gpt2tune.generate.decode import Decoder
 from gpt2tune.generate.sampling import Sampling
-from gpt2tune.generate.detok import Detokenizer
-from gpt2tune.generate.text import cut_at_stop, suppressed_ids
+from gpt2tune.generate.detok import Detokenizer, StopStream, cut_at_stop
+from gpt2tune.generate.text import suppressed_ids
 from gpt2tune.model.quiet import quiet_transformers
 from gpt2tune.model.tokenizer import decode
 
@@ -108,49 +108,24 @@ class Reply:
             dec = Decoder(chat.model, [self.ids], chat.end_id, s, suppressed_ids(chat.tok, chat.model), pad_id=chat.framing.pad)
         except ValueError as err:
             raise UserError(str(err)) from None
-        detok = Detokenizer(chat.tok)
-        stops = list(s.stop)
-        hold = max((len(x) for x in stops), default=1) - 1  # text that could start a stop string waits
-        shown = 0
-        started = False
-        full = ""
-        stopped = False
-
-        def fresh(text: str) -> str:
-            nonlocal shown, started
-            piece = text[shown:]
-            shown = max(shown, len(text))
-            if not started:  # the template's leading space is not part of the answer
-                piece = piece.lstrip()
-                started = bool(piece)
-            return piece
-
+        out = StopStream(Detokenizer(chat.tok), s.stop, lstrip=True)  # the template's space before the answer is not shown
         with quiet_transformers():  # no padding-mask advice for an unpadded single prompt
             for event in dec:
                 for row, t in zip(event.rows, event.tokens):
-                    if row != 0 or row in event.finished or stopped:
+                    if row != 0 or row in event.finished or out.hit:
                         continue
-                    full = text = detok.push(t)
-                    if stops:
-                        cut, hit = cut_at_stop(text, stops)
-                        if hit:
-                            dec.finish(0, "stop")
-                            stopped = True
-                            full = text = cut
-                        else:
-                            text = text[:max(shown, len(text) - hold)]
-                    piece = fresh(text)
+                    piece, hit = out.push(t)
+                    if hit:
+                        dec.finish(0, "stop")
                     if piece:
                         yield piece
-        piece = fresh(full)  # what was held back for a stop string that never came
+        piece = out.flush()  # what was held back for a stop string that never came
         if piece:
             yield piece
         res = dec.results[0]
         self.completion_tokens = len(res.ids)
-        self.raw = decode(chat.tok, res.ids)
-        if stops:
-            self.raw, _ = cut_at_stop(self.raw, stops)
-        self.finish_reason = "stop" if res.finish in ("eos", "stop") or stopped else res.finish
+        self.raw, _ = cut_at_stop(decode(chat.tok, res.ids), out.stops)
+        self.finish_reason = "stop" if res.finish in ("eos", "stop") or out.hit else res.finish
 
 
 def reply(chat: ChatModel, messages: list[dict], s: Sampling) -> str:

@@ -1,4 +1,5 @@
-"""The text of a growing completion (generate, chat, serve): never a partial character.
+"""The text of a growing completion (generate, chat, serve): never a partial character, never a
+stop string.
 
 Byte-level BPE (GPT-2) writes a character of several UTF-8 bytes over several tokens, so a
 completion cut by `max_tokens` (or a stream delta sent between two tokens) can end inside a
@@ -15,7 +16,7 @@ import codecs
 import json
 import threading
 import weakref
-from typing import Optional
+from typing import Iterable, Optional
 
 from gpt2tune.data.poetry import is_cjk
 from gpt2tune.model.tokenizer import decode as detok
@@ -126,3 +127,55 @@ class Detokenizer:
         if last and (self.byte_level or last.isspace() or is_cjk(last) or last in _BOUNDARY):
             self.fixed, self.start = self.text, len(self.ids)
         return self.text
+
+
+def cut_at_stop(text: str, stops: list[str]) -> tuple[str, bool]:
+    """(`text` up to the first of `stops`, whether one occurred)."""
+    cut = min((i for i in (text.find(s) for s in stops) if i >= 0), default=-1)
+    return (text[:cut], True) if cut >= 0 else (text, False)
+
+
+class StopStream:
+    """What a streamed completion may show, with stop strings: the one place where text is held
+    back and cut (generate, chat and serve all stream through it).
+
+    `push(token) -> (delta, hit)`: the text that can go out now. Text that could still be the start
+    of a stop string waits; at a stop string the completion ends just before it (`hit` True, and
+    later pushes return nothing). `flush(final)`: the rest, from the completion's final text (cut at
+    its first stop string), once decoding has ended. The deltas concatenate to that final text.
+    `lstrip`: leading whitespace is not shown (a chat template's space before the answer)."""
+
+    def __init__(self, stream, stops: Iterable[str] = (), lstrip: bool = False):
+        self.stream = stream  # TextStream or Detokenizer: push(token) -> the text so far
+        self.stops = [x for x in stops if x]
+        self.hold = max((len(x) for x in self.stops), default=1) - 1
+        self.lstrip = lstrip
+        self.text = ""  # the completion so far (cut before the stop string once hit)
+        self.held = 0  # characters of `text` released so far
+        self.shown = ""  # all the text returned so far
+        self.hit = False
+
+    def _out(self, text: str) -> str:
+        shown = text.lstrip() if self.lstrip else text
+        delta = shown[len(self.shown):]
+        self.shown += delta
+        return delta
+
+    def push(self, token: int) -> tuple[str, bool]:
+        if self.hit:
+            return "", True
+        self.text = self.stream.push(token)
+        if self.stops:
+            self.text, self.hit = cut_at_stop(self.text, self.stops)
+            if not self.hit:
+                self.held = max(self.held, len(self.text) - self.hold)
+                return self._out(self.text[:self.held]), False
+        return self._out(self.text), self.hit
+
+    def flush(self, final: Optional[str] = None) -> str:
+        """The text not yet returned: of `final` (the completion's own final text) where given,
+        else of the text pushed so far."""
+        text = self.text if final is None else final
+        if self.stops:
+            text, _ = cut_at_stop(text, self.stops)
+        return self._out(text)

@@ -19,7 +19,7 @@ from typing import Iterator, Optional
 
 from gpt2tune.errors import UserError
 from gpt2tune.generate.decode import Decoder, decode
-from gpt2tune.generate.detok import TextStream
+from gpt2tune.generate.detok import StopStream, TextStream, cut_at_stop
 from gpt2tune.generate.rows import Result
 from gpt2tune.generate.loops import find_loop
 from gpt2tune.generate.sampling import Sampling
@@ -78,12 +78,6 @@ class Prepared:
                 raise UserError(f"empty prompt {p!r} and the tokenizer has no begin marker to start from")
 
 
-def cut_at_stop(text: str, stops: list[str]) -> tuple[str, bool]:
-    """(`text` up to the first of `stops`, whether one occurred)."""
-    cut = min((i for i in (text.find(s) for s in stops) if i >= 0), default=-1)
-    return (text[:cut], True) if cut >= 0 else (text, False)
-
-
 def _sample(tok, prep: Prepared, r: Result, stops: list[str]) -> Sample:
     completion = TextStream(tok).final(r.ids)  # a max-tokens cut inside a character drops it, no U+FFFD
     finish = r.finish
@@ -111,32 +105,24 @@ def stream_texts(model, tok, framing, prompts: list[str], s: Sampling, form=None
         dec = Decoder(model, prep.ids, framing.eos, s, suppressed_ids(tok, model), prep.constraint, framing.pad)
     except ValueError as err:
         raise UserError(str(err)) from None
-    n = len(dec.results)
-    detoks = [TextStream(tok) for _ in range(n)]
-    sent = [0] * n
-    hold = max((len(x) for x in s.stop), default=1) - 1
+    outs = [StopStream(TextStream(tok), s.stop) for _ in dec.results]
     yield {"type": "start", "heads": list(prep.heads)}
     t0 = time.perf_counter()
     for ev in dec:
         for r, t in zip(ev.rows, ev.tokens):
             if r in ev.finished:
                 continue
-            text = detoks[r].push(t)
-            if s.stop:
-                cut, hit = cut_at_stop(text, s.stop)
-                if hit:
-                    dec.finish(r, "stop")
-                    text = cut
-                else:
-                    text = text[:max(sent[r], len(text) - hold)]
-            if len(text) > sent[r]:
-                yield {"type": "delta", "sample": r, "prompt_index": dec.results[r].prompt_index, "text": text[sent[r]:]}
-                sent[r] = len(text)
+            delta, hit = outs[r].push(t)
+            if hit:
+                dec.finish(r, "stop")
+            if delta:
+                yield {"type": "delta", "sample": r, "prompt_index": dec.results[r].prompt_index, "text": delta}
     dt = time.perf_counter() - t0
     samples = [_sample(tok, prep, r, s.stop) for r in dec.results]
     for i, smp in enumerate(samples):
-        if len(smp.completion) > sent[i]:
-            yield {"type": "delta", "sample": i, "prompt_index": smp.prompt_index, "text": smp.completion[sent[i]:]}
+        rest = outs[i].flush(smp.completion)
+        if rest:
+            yield {"type": "delta", "sample": i, "prompt_index": smp.prompt_index, "text": rest}
     yield {"type": "done", "samples": samples, "stats": _stats(dec.tokens, dt)}
 
 

@@ -15,8 +15,8 @@ to `wait_ms` for more until `max_batch` rows are collected, then runs them:
 Events go back to each job's `Sink` (an asyncio queue of the HTTP handler, fed thread-safely):
 `("delta", choice_index, text)`, `("done", choices, usage)` or `("error", APIError)`.
 A cancelled job (timeout, client gone) is skipped, or its rows are ended at the next step;
-`stats` counts the tokens decoded and the jobs dropped so. Text goes out through `generate.detok.TextStream`
-(never a partial character).
+`stats` counts the tokens decoded and the jobs dropped so. Text goes out through `generate.detok.StopStream`
+over a `TextStream` (never a partial character, never a stop string).
 """
 
 from __future__ import annotations
@@ -32,7 +32,6 @@ from typing import Optional
 
 from gpt2tune.errors import UserError
 from gpt2tune.generate.sampling import Sampling
-from gpt2tune.generate.text import cut_at_stop
 from gpt2tune.serve.schemas import APIError
 
 log = logging.getLogger("gpt2tune.serve")
@@ -118,8 +117,7 @@ class _Row:
     job: GenJob
     choice: int
     prompt: int
-    detok: object
-    sent: int = 0
+    out: object  # generate.detok.StopStream over a TextStream
     done: bool = False
     finish: str = "length"
 
@@ -277,7 +275,7 @@ class Batcher:
     def _decode(self, jobs: list[GenJob]) -> None:
         from gpt2tune.generate.decode import Decoder
         from gpt2tune.generate.text import Prepared, suppressed_ids
-        from gpt2tune.generate.detok import TextStream
+        from gpt2tune.generate.detok import StopStream, TextStream
 
         eng = self.engine
         model, tok = eng.model, eng.tok
@@ -286,7 +284,7 @@ class Batcher:
         for j in jobs:
             for p, prompt_ids in enumerate(j.ids):
                 for k in range(j.n):
-                    rows.append(_Row(j, p * j.n + k, p, TextStream(tok)))
+                    rows.append(_Row(j, p * j.n + k, p, StopStream(TextStream(tok), j.sampling.stop, lstrip=j.lstrip)))
                     ids.append(prompt_ids)
         lead = jobs[0]
         s = dataclasses.replace(lead.sampling, max_new_tokens=max(j.max_tokens for j in jobs), num_return_sequences=1,
@@ -307,18 +305,13 @@ class Batcher:
         left = {j: j.rows for j in jobs}
         texts = [""] * len(rows)
 
-        def visible(r: _Row, text: str) -> str:
-            return text.lstrip() if r.job.lstrip else text
-
         def close(i: int, finish: str) -> None:
             r = rows[i]
             r.done, r.finish = True, finish
-            final, _ = cut_at_stop(r.detok.final(dec.results[i].ids), r.job.sampling.stop)
-            final = visible(r, final)
-            texts[i] = final
-            if len(final) > r.sent:
-                r.job.emit(("delta", r.choice, final[r.sent:]))
-                r.sent = len(final)
+            rest = r.out.flush(r.out.stream.final(dec.results[i].ids))
+            texts[i] = r.out.shown
+            if rest:
+                r.job.emit(("delta", r.choice, rest))
             left[r.job] -= 1
             if left[r.job] == 0:
                 self._answer(r.job, [(rows[x], texts[x], dec.results[x]) for x in range(len(rows))
@@ -341,24 +334,15 @@ class Batcher:
                 if i in ev.finished:
                     close(i, "stop")
                     continue
-                text = r.detok.push(t)
-                stops = r.job.sampling.stop
-                if stops:
-                    cut, hit = cut_at_stop(text, stops)
-                    if hit:
-                        dec.finish(i, "stop")
-                        close(i, "stop")
-                        continue
-                    hold = max(len(x) for x in stops) - 1
-                    text = text[:max(r.sent, len(text) - hold)] if hold else text
-                if len(dec.results[i].ids) >= r.job.max_tokens:
+                delta, hit = r.out.push(t)
+                if delta:
+                    r.job.emit(("delta", r.choice, delta))
+                if hit:
+                    dec.finish(i, "stop")
+                    close(i, "stop")
+                elif len(dec.results[i].ids) >= r.job.max_tokens:
                     dec.finish(i, "length")
                     close(i, "length")
-                    continue
-                text = visible(r, text)
-                if len(text) > r.sent:
-                    r.job.emit(("delta", r.choice, text[r.sent:]))
-                    r.sent = len(text)
         for i, r in enumerate(rows):
             if not r.done and not r.job.cancelled:
                 close(i, "stop" if dec.results[i].finish in ("eos", "stop") else "length")
