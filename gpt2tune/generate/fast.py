@@ -15,7 +15,8 @@ bandwidth divided by the bytes of the weights. `weights` chooses them (`Sampling
   differently, and the tanh GELU is torch's, not HF's Python formula: the logits are allclose to
   HF's (~1e-6), not bitwise equal; greedy decoding gives HF's tokens in the tests and on the
   benchmark's 128 tokens;
-- "bf16": a bf16 copy in [out, in] layout (matrix-vector kernels at batch 1): half the bytes;
+- "bf16": a bf16 copy in [out, in] layout (matrix-vector kernels at batch 1; several rows as
+  W @ x.T where bf16 is native): half the bytes;
 - "int8": int8 weights with one scale per output channel (symmetric). On x86 CPUs with fbgemm
   the activations are quantized too, per token on the fly (W8A8 dynamic, VNNI kernels: the
   fastest at every batch size measured); elsewhere weight-only int8 with bf16 activations
