@@ -147,7 +147,7 @@ class StopStream:
 
     def __init__(self, stream, stops: Iterable[str] = (), lstrip: bool = False):
         self.stream = stream  # TextStream or Detokenizer: push(token) -> the text so far
-        self.stops = [x for x in stops if x]
+        self.stops = list(stops)  # Sampling refuses empty ones
         self.hold = max((len(x) for x in self.stops), default=1) - 1
         self.lstrip = lstrip
         self.text = ""  # the completion so far (cut before the stop string once hit)

@@ -3,14 +3,17 @@
 
 from __future__ import annotations
 
+import functools
 import os
 from typing import Optional
 
 from gpt2tune.errors import UserError
 
 
+@functools.cache
 def cpu_flags() -> frozenset:
-    """The feature flags of this machine's CPU (`/proc/cpuinfo`; empty where it cannot be read)."""
+    """The feature flags of this machine's CPU (`/proc/cpuinfo`, read once; empty where it cannot
+    be read)."""
     try:
         text = open("/proc/cpuinfo").read()
     except OSError:
