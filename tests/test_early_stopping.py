@@ -41,7 +41,7 @@ def _data():
     return rows[:16], rows[16:]
 
 
-def _trainer(run_dir, on_record=None, **kw):
+def _trainer(run_dir, loggers=(), **kw):
     from gpt2tune.model.build import build_scratch
     from gpt2tune.model.tokenizer import Framing
     from gpt2tune.recipe import TrainSection
@@ -53,7 +53,7 @@ def _trainer(run_dir, on_record=None, **kw):
     cfg = TrainSection(**{**dict(precision="fp32", max_steps=300, batch_size=8, lr=3e-3, schedule="constant",
                                  num_threads=1, log_every=5, eval_every=5, seed=0,
                                  early_stopping={"patience": 3}, keep_best=True), **kw})
-    return Trainer(model, Data(train, val, 0), cfg, run_dir, progress=False, log=lambda m: None, on_record=on_record)
+    return Trainer(model, Data(train, val, 0), cfg, run_dir, progress=False, log=lambda m: None, loggers=loggers)
 
 
 def _trainable(model):
@@ -86,14 +86,16 @@ def test_resume_continues_the_patience_count(tmp_path):
     first_bad = next(s for i, (s, v) in enumerate(val) if i and v >= min(x for _, x in val[:i]))
     assert first_bad < ref.steps
     holder = {}
+    from gpt2tune.train.loggers import Logger
 
-    def interrupt(rec):
-        if rec["split"] == "validation" and rec["step"] == first_bad:
-            holder["t"]._stop_signal = "SIGINT"
+    class Interrupt(Logger):  # Ctrl-C right after that evaluation
+        def log(self, step, split, metrics):
+            if split == "validation" and step == first_bad:
+                holder["t"]._stop_signal = "SIGINT"
 
     from gpt2tune.train.loop import TrainingInterrupted
 
-    t = holder["t"] = _trainer(tmp_path / "run", interrupt, save_every=1000)
+    t = holder["t"] = _trainer(tmp_path / "run", [Interrupt()], save_every=1000)
     with pytest.raises(TrainingInterrupted):
         t.fit()
     again = _trainer(tmp_path / "run")

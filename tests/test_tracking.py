@@ -269,11 +269,10 @@ def test_report_to_names_are_validated(tmp_path, run_cli):
 
 
 def test_scalar_names_and_flat_params():
-    from gpt2tune.train.tracking import flat_params, scalars
+    from gpt2tune.train.loggers import flat_params, scalar_names
 
-    step, values = scalars({"step": 6, "split": "validation", "loss": 2.0, "perplexity": 7.39, "tokens": 200},
-                           prefix="pretrain/")
-    assert step == 6 and values == {"pretrain/validation/loss": 2.0, "pretrain/validation/perplexity": 7.39,
+    values = scalar_names("pretrain/validation", {"loss": 2.0, "perplexity": 7.39, "tokens": 200, "best": True})
+    assert values == {"pretrain/validation/loss": 2.0, "pretrain/validation/perplexity": 7.39,
                                     "pretrain/validation/tokens": 200.0}
     assert flat_params({"train": {"lr": 1e-3, "betas": [0.9, 0.99], "max_steps": None}, "task": "chat"}) == {
         "train.lr": 1e-3, "train.betas": "[0.9, 0.99]", "train.max_steps": "null", "task": "chat"}

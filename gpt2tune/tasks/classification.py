@@ -111,7 +111,7 @@ def pretrain_lm(base, splits: Splits, recipe: Recipe, run_dir: Path, resume: boo
     cfg = t.model_copy(update={"max_steps": t.pretrain_steps, "lr": t.pretrain_lr or t.lr, "eval_every": 0})
     tracking = open_tracking(recipe, run_dir, log)  # the run's trackers: this stage logs under pretrain/
     trainer = Trainer(lm, Data(train_ids, val_ids, fr.pad, "group", d.max_length), cfg, out, progress=progress,
-                      log=log, on_record=tracking.recorder("pretrain/"))
+                      log=log, loggers=[tracking.stage("pretrain/")])
     log(f"pretraining (language model on the {len(train_ids):,} training texts): {trainer.total_steps} steps")
     again = resume and (out / "checkpoints").is_dir() and any((out / "checkpoints").iterdir())
     result = tracking.fit(trainer, resume=again, finish=False)
@@ -175,7 +175,7 @@ def run(recipe: Recipe, resume: bool = False, overwrite: bool = False, progress:
                 collate=partial(collate_examples, pad_id=base.framing.pad))
     tracking = open_tracking(recipe, run_dir, log)  # train.report_to; finished after the plots below
     trainer = Trainer(model, data, t, run_dir, loss_fn=classification_loss, progress=progress, log=log,
-                      on_record=tracking.record, eval_fn=evaluate_classifier)
+                      loggers=[tracking.stage()], eval_fn=evaluate_classifier)
     if not t.eval_every:  # a classifier is cheap to validate: once per epoch
         trainer.cfg = t.model_copy(update={"eval_every": trainer.steps_per_epoch})
     log(f"training {trainer.total_steps} steps ({trainer.total_steps / trainer.steps_per_epoch:.1f} epochs) on "

@@ -179,7 +179,7 @@ def fit_and_save(recipe, run_dir: Path, base: Base, model, data, params: dict, r
     from gpt2tune.train.tracking import open_tracking
 
     tracking = open_tracking(recipe, run_dir, log)  # train.report_to: TensorBoard, MLflow, W&B, Trackio
-    trainer = Trainer(model, data, recipe.train, run_dir, progress=progress, log=log, on_record=tracking.record)
+    trainer = Trainer(model, data, recipe.train, run_dir, progress=progress, log=log, loggers=[tracking.stage()])
     log(f"training {trainer.total_steps} steps on {trainer.device} ({str(trainer.dtype).replace('torch.', '')}){note}")
     result = tracking.fit(trainer, resume=resume)  # trackers closed at the end, or as failed on an error
     if not dist.is_main():

@@ -169,7 +169,7 @@ def run(recipe: Recipe, resume: bool = False, overwrite: bool = False, progress:
                 rows_per_sample=2)  # a pair is two rows (chosen, rejected)
     tracking = open_tracking(recipe, run_dir, log)
     trainer = Trainer(model, data, t, run_dir, loss_fn=loss, log=log, progress=progress,
-                      on_record=tracking.record, eval_fn=loss.evaluate)
+                      loggers=[tracking.stage()], eval_fn=loss.evaluate)
     log(f"training {trainer.total_steps} steps on {trainer.device} ({str(trainer.dtype).replace('torch.', '')}); "
         f"loss on responses only")
     result = tracking.fit(trainer, resume=resume)

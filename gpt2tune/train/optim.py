@@ -43,9 +43,9 @@ def _is_dtensor(p) -> bool:
 
 
 def optimizer_step(opt, params, max_norm: float, scaler=None) -> None:
-    """One update: with an fp16 `GradScaler`, unscale, clip, step unless a gradient overflowed and
-    adapt the scale; else `clip_and_step`."""
-    if scaler is None:
+    """One update: with an enabled (fp16) `GradScaler`, unscale, clip, step unless a gradient
+    overflowed and adapt the scale; else `clip_and_step`."""
+    if scaler is None or not scaler.is_enabled():
         clip_and_step(opt, params, max_norm)
         return
     scaler.unscale_(opt)

@@ -19,49 +19,24 @@ tool elsewhere:
 adds an event file to RUN/tensorboard. Experiment / project names: MLFLOW_EXPERIMENT_NAME, WANDB_PROJECT, else `gpt2tune`; the run is
 named after the run folder. Each tool is an optional extra; a missing one is a one-line UserError
 naming it. A tool failing while training runs is reported once and dropped: training goes on.
+The tools are `train.loggers` classes; `Tracking.stage(prefix)` is the logger a Trainer is given.
 """
 
 from __future__ import annotations
 
 import atexit
-import importlib
 import importlib.util
 import json
-import os
-import shutil
-import time
 from pathlib import Path
 from typing import Callable, Optional
 
 from gpt2tune.errors import UserError
+from gpt2tune.train.loggers import LOGGERS, Logger, numbers
 
-TRACKERS = ("tensorboard", "mlflow", "wandb", "trackio")
+TRACKERS = tuple(LOGGERS)
 # the module a tracker needs, and the pip package that brings it (the extra has the same name as the tracker)
 _NEEDS = {"tensorboard": ("tensorboard", "tensorboard"), "mlflow": ("mlflow", "mlflow-skinny"),
           "wandb": ("wandb", "wandb"), "trackio": ("trackio", "trackio")}
-PROJECT = "gpt2tune"
-
-
-def scalars(rec: dict, prefix: str = "") -> tuple[int, dict]:
-    """(step, {"<prefix><split>/<key>": value}) of one metrics.jsonl row: every number but the step."""
-    split = rec.get("split", "train")
-    out = {f"{prefix}{split}/{k}": float(v) for k, v in rec.items()
-           if k not in ("step", "split") and isinstance(v, (int, float)) and not isinstance(v, bool)}
-    return int(rec.get("step", 0)), out
-
-
-def flat_params(recipe: dict, prefix: str = "") -> dict:
-    """The recipe as {"train.lr": 0.001, ...}: numbers, booleans and strings as they are, the rest as JSON."""
-    out: dict = {}
-    for k, v in recipe.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, dict) and v:
-            out.update(flat_params(v, key + "."))
-        elif isinstance(v, (bool, int, float, str)):
-            out[key] = v
-        else:
-            out[key] = json.dumps(v, ensure_ascii=False)
-    return out
 
 
 def _require(name: str) -> None:
@@ -79,177 +54,27 @@ def _artifact_files(run_dir: Path) -> list[tuple[Path, str]]:
     return files
 
 
-# -- the tools ------------------------------------------------------------------------------
-
-
-class _TensorBoard:
-    name = "tensorboard"
-
-    def __init__(self, run_dir: Path, run_name: str, recipe: dict, before: Optional[dict] = None):
-        from torch.utils.tensorboard import SummaryWriter
-        from torch.utils.tensorboard.summary import hparams
-
-        self.where = str(run_dir / "tensorboard")
-        self.writer = SummaryWriter(log_dir=self.where)
-        params = flat_params(recipe)
-        # the HParams dashboard: the recipe's fields, and the validation metrics they are compared on
-        exp, ssi, sei = hparams(params, {"validation/loss": 0.0, "validation/perplexity": 0.0})
-        for summary in (exp, ssi, sei):
-            self.writer.file_writer.add_summary(summary)
-        text = "\n".join(f"    {k}: {v}" for k, v in params.items())  # an indented block: shown as code
-        self.writer.add_text("recipe", text)
-
-    def log(self, step: int, values: dict, prefix: str = "") -> None:
-        for k, v in values.items():
-            self.writer.add_scalar(k, v, step)
-
-    def artifacts(self, files: list[tuple[Path, str]]) -> None:
-        import numpy as np
-        from PIL import Image
-
-        for path, folder in files:
-            if path.suffix == ".png":
-                with Image.open(path) as im:
-                    self.writer.add_image(f"{folder}/{path.stem}", np.asarray(im.convert("RGB")), dataformats="HWC")
-
-    def close(self, ok: bool, interrupted: bool = False) -> None:
-        self.writer.close()
-
-
-class _MLflow:
-    name = "mlflow"
-
-    def __init__(self, run_dir: Path, run_name: str, recipe: dict, before: Optional[dict] = None):
-        uri = os.environ.get("MLFLOW_TRACKING_URI")
-        if not uri:  # a local file store in the run folder (MLflow 3 asks for this opt-in to use one)
-            os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
-            uri = (run_dir / "mlruns").resolve().as_uri()
-        from mlflow.entities import Param
-        from mlflow.tracking import MlflowClient
-
-        self.client = MlflowClient(tracking_uri=uri)
-        name = os.environ.get("MLFLOW_EXPERIMENT_NAME") or PROJECT
-        self.where = uri
-        if before and before.get("tracking_uri") == uri and self._reopen(before.get("run_id")):
-            return  # --resume: the same MLflow run goes on
-        exp = self.client.get_experiment_by_name(name)
-        exp_id = exp.experiment_id if exp else self.client.create_experiment(name)
-        self.run_id = self.client.create_run(exp_id, run_name=run_name, tags={"gpt2tune.run_dir": str(run_dir)}).info.run_id
-        params = [Param(k, str(v)) for k, v in flat_params(recipe).items()]
-        for i in range(0, len(params), 100):  # MLflow takes at most 100 parameters per batch
-            self.client.log_batch(self.run_id, params=params[i:i + 100])
-
-    def _reopen(self, run_id: Optional[str]) -> bool:
-        from mlflow.exceptions import MlflowException
-
-        try:
-            self.client.get_run(run_id)
-        except MlflowException:
-            return False
-        self.run_id = run_id
-        self.client.update_run(run_id, status="RUNNING")
-        return True
-
-    def ids(self) -> dict:
-        return {"tracking_uri": self.where, "run_id": self.run_id}
-
-    def log(self, step: int, values: dict, prefix: str = "") -> None:
-        from mlflow.entities import Metric
-
-        now = int(time.time() * 1000)
-        self.client.log_batch(self.run_id, metrics=[Metric(k, v, now, step) for k, v in values.items()])
-
-    def artifacts(self, files: list[tuple[Path, str]]) -> None:
-        for path, folder in files:
-            self.client.log_artifact(self.run_id, str(path), folder or None)
-
-    def close(self, ok: bool, interrupted: bool = False) -> None:
-        self.client.set_terminated(self.run_id, "FINISHED" if ok else "KILLED" if interrupted else "FAILED")
-
-
-class _WandB:
-    name = "wandb"
-
-    def __init__(self, run_dir: Path, run_name: str, recipe: dict, before: Optional[dict] = None):
-        import wandb
-
-        configured = os.environ.get("WANDB_MODE") or os.environ.get("WANDB_API_KEY")
-        resume = {"id": before["id"], "resume": "allow"} if before and before.get("id") else {}  # --resume: same run
-        self.run = wandb.init(project=os.environ.get("WANDB_PROJECT") or PROJECT, name=run_name, dir=str(run_dir),
-                              config=recipe, mode=None if configured else "offline", reinit="create_new", **resume,
-                              settings=wandb.Settings(console="off", silent=True, x_disable_stats=True))
-        self.where = self.run.dir if configured else str(Path(self.run.dir).parent)
-        self.defined: set = set()
-        self.wandb = wandb
-
-    def log(self, step: int, values: dict, prefix: str = "") -> None:
-        # each stage (training, classification's pretraining) has its own step axis: its "<prefix>step"
-        axis = f"{prefix}step"
-        if axis not in self.defined:
-            self.run.define_metric(axis)
-            for split in ("train", "validation"):
-                self.run.define_metric(f"{prefix}{split}/*", step_metric=axis)
-            self.defined.add(axis)
-        self.run.log({axis: step, **values})
-
-    def ids(self) -> dict:
-        return {"id": self.run.id}
-
-    def artifacts(self, files: list[tuple[Path, str]]) -> None:
-        images = {f"{folder}/{p.stem}": self.wandb.Image(str(p)) for p, folder in files if p.suffix == ".png"}
-        if images:
-            self.run.log(images)
-        for path, _ in files:
-            if path.suffix != ".png":  # a copy in the run's files (synced with it)
-                shutil.copy2(path, Path(self.run.dir) / path.name)
-                self.run.save(str(Path(self.run.dir) / path.name), base_path=self.run.dir, policy="now")
-
-    def close(self, ok: bool, interrupted: bool = False) -> None:
-        self.run.finish(exit_code=0 if ok else 130 if interrupted else 1)
-
-
-class _Trackio:
-    name = "trackio"
-
-    def __init__(self, run_dir: Path, run_name: str, recipe: dict, before: Optional[dict] = None):
-        os.environ.setdefault("TRACKIO_DIR", str(run_dir / "trackio"))  # read when trackio is first imported
-        import trackio
-
-        self.trackio = trackio
-        self.where = os.environ["TRACKIO_DIR"]
-        self.run = trackio.init(project=os.environ.get("TRACKIO_PROJECT") or PROJECT, name=run_name, config=recipe)
-
-    def log(self, step: int, values: dict, prefix: str = "") -> None:
-        self.trackio.log(values, step=step)
-
-    def artifacts(self, files: list[tuple[Path, str]]) -> None:
-        pass  # trackio keeps scalars, tables and media logged with a step; the plots are in RUN/plots
-
-    def close(self, ok: bool, interrupted: bool = False) -> None:
-        self.trackio.finish()
-
-
-_TOOLS = {"tensorboard": _TensorBoard, "mlflow": _MLflow, "wandb": _WandB, "trackio": _Trackio}
-
-
 # -- one run's trackers ---------------------------------------------------------------------
 
 
 class Tracking:
-    """The trackers of one run folder. `record` (or `recorder(prefix)`) is the Trainer's `on_record`;
-    `fit(trainer, resume)` starts the trackers, trains, and closes them (status failed on an error,
-    Ctrl-C included); `finish()` logs the artifacts and closes them."""
+    """The trackers of one run folder, started when the first row comes (or by `fit`), shared by the
+    stages of a run (classification's pretraining and training). `stage(prefix)` is the logger a
+    Trainer is given; `fit(trainer, resume)` trains with the trackers open and closes them (status
+    failed on an error, Ctrl-C included); `finish()` logs the artifacts and closes them."""
 
     def __init__(self, names: list[str], run_dir: Path, recipe: dict, log: Callable[[str], None]):
-        self.names, self.run_dir, self.recipe, self.log = list(names), Path(run_dir), recipe, log
-        self.tools: list = []
+        self.names, self.run_dir, self.recipe = list(names), Path(run_dir), recipe
+        self.say = log  # messages to the user
+        self.tools: list[Logger] = []
         self.started = self.closed = False
 
     def __bool__(self) -> bool:
         return bool(self.names)
 
     def start(self, resume: bool = False) -> None:
-        """Start the tools; with `resume`, continue the MLflow and W&B runs of RUN/tracking.json."""
+        """Start the tools and give them the recipe; with `resume`, continue the MLflow and W&B runs of
+        RUN/tracking.json."""
         if self.started or self.closed:
             return
         self.started = True
@@ -258,7 +83,8 @@ class Tracking:
         before = json.loads(ids_file.read_text(encoding="utf-8")) if resume and ids_file.is_file() else {}
         try:
             for name in self.names:
-                self.tools.append(_TOOLS[name](self.run_dir, run_name, self.recipe, before.get(name)))
+                self.tools.append(LOGGERS[name](self.run_dir, run_name, before.get(name)))
+                self.tools[-1].log_config(self.recipe)
         except UserError:
             self._close(ok=False)
             raise
@@ -269,7 +95,7 @@ class Tracking:
         atexit.unregister(_close_left_open)
         atexit.register(_close_left_open)
         if self.tools:
-            self.log("tracking: " + ", ".join(f"{t.name} ({t.where})" for t in self.tools))
+            self.say("tracking: " + ", ".join(f"{t.name} ({t.where})" for t in self.tools))
             ids = {t.name: t.ids() for t in self.tools if hasattr(t, "ids")}
             if ids:  # what --resume continues
                 ids_file.write_text(json.dumps(ids, indent=2) + "\n", encoding="utf-8")
@@ -279,26 +105,24 @@ class Tracking:
             try:
                 getattr(tool, what)(*args)
             except Exception as err:  # noqa: BLE001 - tracking must not stop a training run
-                self.log(f"warning: {tool.name} failed ({type(err).__name__}: {err}); it receives nothing more")
+                self.say(f"warning: {tool.name} failed ({type(err).__name__}: {err}); it receives nothing more")
                 self.tools.remove(tool)
                 try:
                     tool.close(False)
                 except Exception:  # noqa: BLE001
                     pass
 
-    def recorder(self, prefix: str = "") -> Callable[[dict], None]:
-        def on_record(rec: dict) -> None:
-            if not self.names or self.closed:
-                return
-            self.start()
-            step, values = scalars(rec, prefix)
-            if values:
-                self._each("log", step, values, prefix)
+    def log(self, step: int, split: str, metrics: dict) -> None:
+        if not self.names or self.closed:
+            return
+        self.start()
+        values = numbers(metrics)
+        if values:
+            self._each("log", step, split, values)
 
-        return on_record
-
-    def record(self, rec: dict) -> None:
-        self.recorder("")(rec)
+    def stage(self, prefix: str = "") -> Logger:
+        """The logger of one training stage: its rows under `<prefix><split>/...` (`pretrain/train/loss`)."""
+        return _Stage(self, prefix)
 
     def fit(self, trainer, resume: bool = False, finish: bool = True):
         """`trainer.fit(resume=resume)` with the trackers open; closed on an error, and (`finish`) at the end."""
@@ -320,7 +144,8 @@ class Tracking:
         if not self.names or self.closed:
             return
         self.start()
-        self._each("artifacts", _artifact_files(self.run_dir))
+        for path, folder in _artifact_files(self.run_dir):
+            self._each("log_artifact", path, folder)
         self._close(ok=True)
 
     def _close(self, ok: bool, interrupted: bool = False) -> None:
@@ -332,8 +157,19 @@ class Tracking:
             try:
                 tool.close(ok, interrupted)
             except Exception as err:  # noqa: BLE001
-                self.log(f"warning: closing {tool.name} failed: {type(err).__name__}: {err}")
+                self.say(f"warning: closing {tool.name} failed: {type(err).__name__}: {err}")
         self.tools = []
+
+
+class _Stage(Logger):
+    """`Tracking.stage(prefix)`: a Trainer's logger; the run's trackers outlive it (closed by `Tracking`)."""
+
+    def __init__(self, tracking: Tracking, prefix: str):
+        self.tracking, self.prefix = tracking, prefix
+        self.name = f"report_to {prefix}" if prefix else "report_to"
+
+    def log(self, step: int, split: str, metrics: dict) -> None:
+        self.tracking.log(step, self.prefix + split, metrics)
 
 
 _OPEN: dict[str, Tracking] = {}  # run folder -> its trackers (classification's pretraining and training share them)
