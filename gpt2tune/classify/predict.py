@@ -138,7 +138,7 @@ def _load_base(folder: Path):
 def load_classifier(path: str | Path):
     """(model, tokenizer) of a classification run (RUN/model, or RUN/adapter on its base) or of a
     classifier folder, in eval mode on the CPU."""
-    from gpt2tune.method.io import adapter_folder, base_folder, read_rebuild
+    from gpt2tune.method.io import adapter_folder, base_folder, load_method, read_rebuild
 
     p = Path(path)
     ad = None if (p / "model" / "config.json").is_file() else adapter_folder(p)
@@ -157,16 +157,6 @@ def load_classifier(path: str | Path):
         tok = load_tokenizer(tok_dir if tok_dir.is_dir() else base_dir)
         framing_of(tok)
         model = _load_base(base_dir)
-        fmt, method = info.get("format"), info.get("method", {}).get("name", "")
-        if fmt == "gpt2tune-adapter":
-            from gpt2tune.method.adapter import load_adapters
-
-            model = load_adapters(model, ad)
-        elif fmt == "peft":
-            from gpt2tune.method.via_peft import load_peft
-
-            model = load_peft(model, ad, method)
-        else:
-            raise UserError(f"{ad}: unknown adapter format {fmt!r}")
+        model = load_method(model, ad, info)
     model.eval()
     return model, tok

@@ -19,9 +19,10 @@ from pathlib import Path
 
 from gpt2tune.errors import UserError
 from gpt2tune.export.card import model_card
-from gpt2tune.method import REBUILD
+from gpt2tune.method import REBUILD, method_names
+from gpt2tune.method import method as method_named
 from gpt2tune.method.io import base_folder, load_trained
-from gpt2tune.method.via_peft import MERGEABLE, unwrap
+from gpt2tune.method.via_peft import unwrap
 from gpt2tune.model.build import load_pretrained
 from gpt2tune.model.quiet import quiet_transformers
 from gpt2tune.model.tokenizer import save_tokenizer
@@ -47,8 +48,9 @@ def export_run(run: str | Path, out: str | Path, merge: bool = False, overwrite:
     if out.resolve() == run.resolve() or run.resolve() in out.resolve().parents:
         raise UserError("--output must be outside the run folder")
     method = loaded.method
-    if loaded.adapter is not None and merge and method not in MERGEABLE:
-        raise UserError(f"method {method} cannot be merged into the base weights (only {', '.join(sorted(MERGEABLE))} "
+    if loaded.adapter is not None and merge and not method_named(method).mergeable:
+        mergeable = sorted(n for n in method_names() if method_named(n).mergeable)
+        raise UserError(f"method {method} cannot be merged into the base weights (only {', '.join(mergeable)} "
                         f"can); export without --merge to get the base model plus adapter/")
     _prepare(out, overwrite)
     with quiet_transformers():

@@ -1,11 +1,13 @@
 """Method: decide which parameters learn (`apply_method`) and how the result is saved
-(`save_trained`); `io` loads any run back.
+(`save_trained`); `io` loads any run back. Each method is registered once (`registry`) by the
+module that implements it:
 
-- full / partial: the whole model is saved in RUN/model/ (a plain Hugging Face folder).
-- lora, ia3, prompt-tuning, prefix-tuning (through peft) and adapter (ours, `adapter.py`):
-  the base stays frozen and only the method's own tensors are saved, in RUN/adapter/,
-  with rebuild.json saying how to rebuild the base (its folder or hub id; a scratch base
-  is saved in RUN/base/) and where the tokenizer is (RUN/tokenizer/).
+- full (`full`), partial (`partial`): the whole model is saved in RUN/model/ (a plain Hugging
+  Face folder).
+- lora, ia3, prompt-tuning, prefix-tuning (through peft: `via_peft`) and adapter (ours,
+  `adapter`): the base stays frozen and only the method's own tensors are saved, in RUN/adapter/,
+  with rebuild.json saying how to rebuild the base (its folder or hub id; a scratch base is saved
+  in RUN/base/) and where the tokenizer is (RUN/tokenizer/).
 """
 
 from __future__ import annotations
@@ -15,9 +17,22 @@ import os
 from pathlib import Path
 
 from gpt2tune.errors import UserError
-from gpt2tune.method.config import PEFT_METHODS
+from gpt2tune.method import adapter, full, partial, via_peft  # noqa: F401 - each registers its methods
+from gpt2tune.method.registry import Method, registered
 
 REBUILD = "rebuild.json"
+
+
+def method(name: str) -> Method:
+    """The registered method `name` (a UserError naming the known ones otherwise)."""
+    known = registered()
+    if name not in known:
+        raise UserError(f"unknown method {name!r}; known: {', '.join(sorted(known))}")
+    return known[name]
+
+
+def method_names() -> list[str]:
+    return list(registered())
 
 
 def apply_method(model, cfg, tokenizer=None, seed: int = 0):
@@ -26,27 +41,7 @@ def apply_method(model, cfg, tokenizer=None, seed: int = 0):
     Returns the model to train (for peft methods a wrapper around `model`). `tokenizer`
     is needed by prompt tuning's `init_text`; `seed` makes the new weights reproducible.
     """
-    if cfg.name == "full":
-        for p in model.parameters():
-            p.requires_grad_(True)
-        return model
-    if cfg.name == "partial":
-        from gpt2tune.method.partial import apply_partial
-
-        return apply_partial(model, cfg)
-    if cfg.name == "adapter":
-        import torch
-
-        from gpt2tune.method.adapter import add_adapters
-
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            return add_adapters(model, cfg)
-    if cfg.name in PEFT_METHODS:
-        from gpt2tune.method.via_peft import apply_peft
-
-        return apply_peft(model, cfg, tokenizer, seed)
-    raise UserError(f"unknown method {cfg.name!r}")
+    return method(cfg.name).apply(model, cfg, tokenizer, seed)
 
 
 def _base_name(model) -> str:
@@ -75,7 +70,8 @@ def save_trained(model, tokenizer, run_dir, cfg) -> str:
 
     run_dir = Path(run_dir)
     gen = _generates(model)
-    if cfg.name not in PEFT_METHODS:
+    m = method(cfg.name)
+    if m.format is None:  # the whole model
         out = run_dir / "model"
         with quiet_transformers():
             model.save_pretrained(str(out))
@@ -87,7 +83,7 @@ def save_trained(model, tokenizer, run_dir, cfg) -> str:
     base = {"name": name}
     with quiet_transformers():
         if not name:  # a scratch base exists nowhere else: keep it
-            plain = _plain_base(model, cfg)
+            plain = m.plain_base(model)
             plain.save_pretrained(str(run_dir / "base"))
             save_tokenizer(tokenizer, run_dir / "base", gen)
             base = {"name": None, "folder": "../base"}
@@ -95,38 +91,7 @@ def save_trained(model, tokenizer, run_dir, cfg) -> str:
             base["path"] = os.path.abspath(name)
         if not (run_dir / "tokenizer").is_dir():
             save_tokenizer(tokenizer, run_dir / "tokenizer", gen)
-    _save_method_tensors(model, cfg, out, base)
-    info = {"method": cfg.model_dump(mode="json"), "format": "gpt2tune-adapter" if cfg.name == "adapter" else "peft",
-            "base": base, "tokenizer": "../tokenizer"}
+    m.save(model, cfg, out, base)
+    info = {"method": cfg.model_dump(mode="json"), "format": m.format, "base": base, "tokenizer": "../tokenizer"}
     (out / REBUILD).write_text(json.dumps(info, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     return "adapter"
-
-
-def _plain_base(model, cfg):
-    if cfg.name == "adapter":
-        import copy
-
-        from gpt2tune.method.adapter import remove_adapters
-
-        return remove_adapters(copy.deepcopy(model))
-    from gpt2tune.method.via_peft import plain_base
-
-    return plain_base(model)
-
-
-def _save_method_tensors(model, cfg, out: Path, base: dict) -> None:
-    from gpt2tune.model.quiet import quiet_transformers
-
-    if cfg.name == "adapter":
-        from gpt2tune.method.adapter import save_adapters
-
-        save_adapters(model, cfg, out)
-        return
-    from gpt2tune.method.via_peft import unwrap
-
-    inner = unwrap(model)
-    # plain peft users can then rebuild with AutoPeftModelForCausalLM.from_pretrained(RUN/adapter)
-    where = base.get("path") or (os.path.abspath(out / base["folder"]) if base.get("folder") else base["name"])
-    inner.peft_config["default"].base_model_name_or_path = where
-    with quiet_transformers():
-        inner.save_pretrained(str(out))

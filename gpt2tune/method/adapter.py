@@ -14,6 +14,7 @@ base model's own parameter names do not change. Saved as RUN/adapter/adapter.saf
 
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 
@@ -21,6 +22,7 @@ import torch
 from torch import nn
 
 from gpt2tune.errors import UserError
+from gpt2tune.method.registry import Method, register
 
 WEIGHTS = "adapter.safetensors"
 CONFIG = "adapter.json"
@@ -131,3 +133,15 @@ def load_adapters(model, folder: Path):
     for p in model.parameters():
         p.requires_grad_(False)
     return model
+
+
+def _apply(model, cfg, tokenizer=None, seed: int = 0):
+    with torch.random.fork_rng(devices=[]):  # the same fresh adapters for the same seed
+        torch.manual_seed(seed)
+        return add_adapters(model, cfg)
+
+
+register(Method("adapter", _apply, format="gpt2tune-adapter",
+                save=lambda model, cfg, out, base: save_adapters(model, cfg, out),
+                plain_base=lambda model: remove_adapters(copy.deepcopy(model)),
+                load=lambda base, folder, name: load_adapters(base, folder)))

@@ -5,7 +5,7 @@
 
 from __future__ import annotations
 
-from typing import Literal, Optional, Union
+from typing import Literal, Optional, Union, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -135,10 +135,8 @@ class AdapterMethod(_Method):
     train_layernorm: bool = Field(False, description="also train the blocks' layer norms (as Houlsby et al.)")
 
 
-# The union grows as methods are added; `name` is the discriminator.
+# The recipe's `method` section: one of these, by `name` (the discriminator). A new method adds its
+# class here and registers its implementation (`method.registry`).
 MethodConfig = Union[FullMethod, PartialMethod, LoraMethod, PromptTuningMethod, PrefixTuningMethod, IA3Method,
                      AdapterMethod]
-METHODS = {"full": FullMethod, "partial": PartialMethod, "lora": LoraMethod, "prompt-tuning": PromptTuningMethod,
-           "prefix-tuning": PrefixTuningMethod, "ia3": IA3Method, "adapter": AdapterMethod}
-# methods that save only what they trained (RUN/adapter/) on top of a frozen base
-PEFT_METHODS = {"lora", "prompt-tuning", "prefix-tuning", "ia3", "adapter"}
+METHODS = {c.model_fields["name"].default: c for c in get_args(MethodConfig)}  # name -> config class

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Optional
 
 from gpt2tune.errors import UserError
-from gpt2tune.method import REBUILD
+from gpt2tune.method import REBUILD, method
 from gpt2tune.model.build import load_pretrained
 from gpt2tune.model.resolve import resolve_model_dir
 from gpt2tune.model.tokenizer import Framing, framing_of, load_tokenizer
@@ -75,6 +75,18 @@ class Loaded:
     info: Optional[dict] = None  # its rebuild.json
 
 
+def load_method(base, folder: Path, info: dict):
+    """`base` with the method's tensors saved in the adapter `folder` (whose rebuild.json is `info`)."""
+    name = info.get("method", {}).get("name", "")
+    try:
+        m = method(name)
+    except UserError as err:
+        raise UserError(f"{folder / REBUILD}: {err}") from None
+    if m.format is None or m.format != info.get("format"):
+        raise UserError(f"{folder / REBUILD}: unknown adapter format {info.get('format')!r} for method {name!r}")
+    return m.load(base, folder, name)
+
+
 def load_trained(path: str | Path) -> Loaded:
     """Load a run folder, exported folder, model folder or hub id (training mode untouched)."""
     ad = adapter_folder(path)
@@ -89,21 +101,8 @@ def load_trained(path: str | Path) -> Loaded:
     tok = load_tokenizer(tok_dir if tok_dir.is_dir() else base_dir)
     framing = framing_of(tok)
     base = load_pretrained(base_dir, framing, len(tok))
-    method = info.get("method", {}).get("name", "")
-    if info.get("format") == "gpt2tune-adapter":
-        from gpt2tune.method.adapter import load_adapters
-
-        model = load_adapters(base, ad)
-    elif info.get("format") == "peft":
-        from gpt2tune.method.via_peft import load_peft
-
-        model = load_peft(base, ad, method)
-    else:
-        raise UserError(f"{ad / REBUILD}: unknown adapter format {info.get('format')!r}")
-    return Loaded(model, tok, framing, method, ad, info)
-
-
-MERGEABLE = ("lora", "ia3")  # linear adapters that fold into the base weights
+    model = load_method(base, ad, info)
+    return Loaded(model, tok, framing, info.get("method", {}).get("name", ""), ad, info)
 
 
 def load_run(path: str | Path, merge: bool = True):
@@ -113,7 +112,7 @@ def load_run(path: str | Path, merge: bool = True):
     function (up to float rounding) as a plain GPT-2, which decodes through the fast runner."""
     loaded = load_trained(path)
     model = loaded.model
-    if merge and loaded.method in MERGEABLE and hasattr(model, "merge_and_unload"):
+    if merge and loaded.adapter is not None and method(loaded.method).mergeable and hasattr(model, "merge_and_unload"):
         model = model.merge_and_unload()
     model.eval()
     return model, loaded.tokenizer, loaded.framing

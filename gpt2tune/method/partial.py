@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 
 from gpt2tune.errors import UserError
+from gpt2tune.method.registry import Method, register
 
 _BLOCK = re.compile(r"(?:^|\.)h\.(\d+)\.(.+)$")
 
@@ -63,3 +64,6 @@ def apply_partial(model, cfg):
     if not any(p.requires_grad for p in model.parameters()):
         raise UserError("method partial: the rule leaves no trainable parameter")
     return model
+
+
+register(Method("partial", lambda model, cfg, tokenizer=None, seed=0: apply_partial(model, cfg)))

@@ -14,9 +14,9 @@ import torch
 from torch import nn
 
 from gpt2tune.errors import UserError
+from gpt2tune.method.registry import Method, register
 
 PROMPT_LEARNING = {"prompt-tuning", "prefix-tuning"}
-MERGEABLE = {"lora", "ia3"}
 
 
 def _task_type(model) -> str:
@@ -27,23 +27,32 @@ def _task_type(model) -> str:
     raise UserError(f"peft methods need a GPT-2 language model or sequence classifier, not {type(model).__name__}")
 
 
-def peft_config(cfg, model):
-    import peft
+# method name -> (cfg, task type) -> its peft config
+_CONFIGS = {
+    "lora": lambda cfg, task: _peft().LoraConfig(
+        task_type=task, r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout,
+        target_modules=list(cfg.target_modules), fan_in_fan_out=True, bias="none"),
+    "ia3": lambda cfg, task: _peft().IA3Config(
+        task_type=task, target_modules=list(cfg.target_modules), feedforward_modules=list(cfg.feedforward_modules),
+        fan_in_fan_out=True),
+    "prompt-tuning": lambda cfg, task: _peft().PromptTuningConfig(
+        task_type=task, num_virtual_tokens=cfg.num_virtual_tokens, prompt_tuning_init=_peft().PromptTuningInit.SAMPLE_VOCAB),
+    "prefix-tuning": lambda cfg, task: _peft().PrefixTuningConfig(
+        task_type=task, num_virtual_tokens=cfg.num_virtual_tokens, prefix_projection=cfg.projection,
+        encoder_hidden_size=cfg.projection_size),
+}
 
-    task = _task_type(model)
-    if cfg.name == "lora":
-        return peft.LoraConfig(task_type=task, r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout,
-                               target_modules=list(cfg.target_modules), fan_in_fan_out=True, bias="none")
-    if cfg.name == "ia3":
-        return peft.IA3Config(task_type=task, target_modules=list(cfg.target_modules),
-                              feedforward_modules=list(cfg.feedforward_modules), fan_in_fan_out=True)
-    if cfg.name == "prompt-tuning":
-        return peft.PromptTuningConfig(task_type=task, num_virtual_tokens=cfg.num_virtual_tokens,
-                                       prompt_tuning_init=peft.PromptTuningInit.SAMPLE_VOCAB)
-    if cfg.name == "prefix-tuning":
-        return peft.PrefixTuningConfig(task_type=task, num_virtual_tokens=cfg.num_virtual_tokens,
-                                       prefix_projection=cfg.projection, encoder_hidden_size=cfg.projection_size)
-    raise UserError(f"method {cfg.name!r} is not a peft method")
+
+def _peft():
+    import peft  # imported when a peft method is used
+
+    return peft
+
+
+def peft_config(cfg, model):
+    if cfg.name not in _CONFIGS:
+        raise UserError(f"method {cfg.name!r} is not a peft method")
+    return _CONFIGS[cfg.name](cfg, _task_type(model))
 
 
 def apply_peft(model, cfg, tokenizer=None, seed: int = 0):
@@ -156,3 +165,22 @@ def load_peft(base, folder, name: str):
         except (OSError, ValueError, RuntimeError) as err:
             raise UserError(f"could not load the adapter in {folder}: {str(err).splitlines()[0]}") from None
     return PromptLearningLM(model) if name in PROMPT_LEARNING else model
+
+
+def save_peft(model, cfg, out, base: dict) -> None:
+    """The peft adapter into `out`, naming its base so that plain peft users can rebuild it with
+    AutoPeftModelForCausalLM.from_pretrained(RUN/adapter)."""
+    import os
+
+    from gpt2tune.model.quiet import quiet_transformers
+
+    inner = unwrap(model)
+    where = base.get("path") or (os.path.abspath(out / base["folder"]) if base.get("folder") else base["name"])
+    inner.peft_config["default"].base_model_name_or_path = where
+    with quiet_transformers():
+        inner.save_pretrained(str(out))
+
+
+for _name in _CONFIGS:
+    register(Method(_name, apply_peft, format="peft", save=save_peft, plain_base=plain_base, load=load_peft,
+                    mergeable=_name in ("lora", "ia3")))  # linear: they fold into the base weights

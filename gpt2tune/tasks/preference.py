@@ -37,7 +37,13 @@ from gpt2tune.train.loop import Data, Trainer
 from gpt2tune.train.preference import PreferenceLoss, reference_logps
 from gpt2tune.train.tracking import open_tracking
 
-WEIGHT_METHODS = ("full", "partial")  # the others train added weights that can be switched off
+
+
+def _own_tensors(name: str) -> bool:
+    """Whether method `name` trains added tensors (which can be switched off), not the base's weights."""
+    from gpt2tune.method import method
+
+    return method(name).own_tensors
 
 
 def read_items(recipe: Recipe, spec: str):
@@ -71,11 +77,11 @@ def reference_mode(recipe: Recipe) -> str:
     p, name = recipe.preference, recipe.method.name
     if p.loss != "dpo":
         return "none"
-    if p.reference == "adapter" and name in WEIGHT_METHODS:
+    if p.reference == "adapter" and not _own_tensors(name):
         raise UserError(f"preference.reference: adapter needs a method that adds weights (lora, ia3, adapter, ...); "
                         f"method {name} changes the model's own weights: use precompute (or auto)")
     if p.reference == "auto":
-        return "precompute" if name in WEIGHT_METHODS else "adapter"
+        return "precompute" if not _own_tensors(name) else "adapter"
     return p.reference
 
 
@@ -123,7 +129,7 @@ def run(recipe: Recipe, resume: bool = False, overwrite: bool = False, progress:
     template = None
     if chat:
         template = make_template(recipe.chat.template, base.tokenizer, base.framing)
-        if install(template, base.tokenizer, base.model) and recipe.method.name not in WEIGHT_METHODS:
+        if install(template, base.tokenizer, base.model) and _own_tensors(recipe.method.name):
             raise UserError(f"chat.template: special adds tokens whose embeddings must train; method "
                             f"{recipe.method.name} freezes them: use chat.template: plain, or method full/partial")
     bos, eos = marker_text(base.tokenizer, base.framing.bos), marker_text(base.tokenizer, base.framing.eos)
@@ -150,7 +156,7 @@ def run(recipe: Recipe, resume: bool = False, overwrite: bool = False, progress:
     ref_seconds = 0.0
     if ref_mode == "precompute":  # before any step (on --resume too: the checkpoint loads in fit)
         ref_seconds = precompute_reference(model, train_rows + val_rows, base.framing.pad, recipe,
-                                           switch_off=recipe.method.name not in WEIGHT_METHODS)
+                                           switch_off=_own_tensors(recipe.method.name))
         log(f"reference log-probs of {len(train_rows) + len(val_rows):,} pairs computed in {ref_seconds:.1f}s")
     check_disk(run_dir, params["total"], t.keep_checkpoints, t.save_every)
     stats = {"skipped_records": skipped, "train_pairs": len(train_rows), "validation_pairs": len(val_rows),
