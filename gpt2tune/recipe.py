@@ -7,12 +7,13 @@ validates everything; errors name the field and list the valid ones.
 from __future__ import annotations
 
 import copy
+import sys
 import typing
 from pathlib import Path
 from typing import Any, Literal, Optional
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from gpt2tune.errors import UserError
 from gpt2tune.method.config import FullMethod, MethodConfig
@@ -77,11 +78,6 @@ class DataSection(_Section):
     val_documents: int = Field(1000, ge=0, description="data.streaming: validation documents, the first N of "
                                                        "data.validation, else the first N of the stream (held out: "
                                                        "never trained on); 0: no validation")
-    # classification
-    label_field: str = Field("label", description="classification: jsonl field / csv column holding the label")
-    balance: Literal["none", "undersample"] = Field("none", description="classification: undersample every class to the rarest (seeded by data.seed)")
-    split: Optional[list[float]] = Field(None, description="classification: train/validation/test fractions, stratified by label (default [0.7, 0.1, 0.2])")
-    test: Optional[str] = Field(None, description="classification: a separate test source (else a split)")
 
 
 class EarlyStoppingSection(_Section):
@@ -141,8 +137,6 @@ class TrainSection(_Section):
                                                  "advice when the device has less free")
     fast: bool = Field(False, description="GPT-2 fast path: lean forward (fused qkv, SDPA, chunked loss) and fused AdamW; "
                                           "same loss as the HF forward (1e-4 fp32), see BENCHMARKS.md")
-    pretrain_steps: int = Field(0, ge=0, description="classification: language-model steps on the training texts before fine-tuning")
-    pretrain_lr: Optional[float] = Field(None, gt=0, description="learning rate of the pretraining steps (default: lr)")
     report_to: list[Literal["tensorboard", "mlflow", "wandb", "trackio"]] = Field(
         default_factory=list, description="experiment trackers that receive the rows of metrics.jsonl, the resolved "
                                           "recipe and the plots (each an optional extra: pip install 'gpt2tune[NAME]')")
@@ -203,6 +197,18 @@ class CompletionSection(_Section):
     template: str = Field("{prompt}{completion}", description="e.g. \"{document}\\nTL;DR: {title}\"; placeholders name fields/columns")
 
 
+class ClassificationSection(_Section):
+    """task: classification. Where the label is, how the classes are balanced and split, and an optional
+    language-model pretraining on the training texts before the class head learns."""
+
+    label_field: str = Field("label", description="jsonl field / csv column holding the label")
+    balance: Literal["none", "undersample"] = Field("none", description="undersample every class to the rarest (seeded by data.seed)")
+    split: Optional[list[float]] = Field(None, description="train/validation/test fractions, stratified by label (default [0.7, 0.1, 0.2])")
+    test: Optional[str] = Field(None, description="a separate test source (else a split)")
+    pretrain_steps: int = Field(0, ge=0, description="language-model steps on the training texts before fine-tuning")
+    pretrain_lr: Optional[float] = Field(None, gt=0, description="learning rate of the pretraining steps (default: train.lr)")
+
+
 class PreferenceSection(_Section):
     """task: preference. Pairs {prompt, chosen, rejected} (text or chat messages); see gpt2tune/train/preference.py."""
 
@@ -222,8 +228,46 @@ class PreferenceSection(_Section):
                                                     "then comparable with the reference's")
 
 
+# every task: the recipe's `task` value -> the module of gpt2tune.tasks that runs it; a task's own
+# settings are the recipe section of the same name (chat, completion, classification, preference)
+TASKS = {"causal-lm": "causal_lm", "classification": "classification", "chat": "chat", "completion": "completion",
+         "preference": "preference"}
+# fields that moved to their task's section: recipes written before still load (with a note)
+MOVED = {"data.label_field": "classification.label_field", "data.balance": "classification.balance",
+         "data.split": "classification.split", "data.test": "classification.test",
+         "train.pretrain_steps": "classification.pretrain_steps", "train.pretrain_lr": "classification.pretrain_lr"}
+_NOTED: set = set()
+
+
+def _moved(old: str) -> str:
+    """The new place of a moved field (a note on stderr, once per process)."""
+    if old not in _NOTED:
+        _NOTED.add(old)
+        print(f"note: recipe field {old} is now {MOVED[old]} (read from the old place; move it there)", file=sys.stderr)
+    return MOVED[old]
+
+
+def migrate(raw: dict) -> dict:
+    """A recipe mapping with the fields of `MOVED` at their new places (a copy when any moved)."""
+    found = [old for old in MOVED if isinstance(raw.get(old.split(".")[0]), dict) and old.split(".")[1] in raw[old.split(".")[0]]]
+    if not found:
+        return raw
+    raw = copy.deepcopy(raw)
+    for old in found:
+        sec, key = old.split(".")
+        value = raw[sec].pop(key)
+        new_sec, new_key = _moved(old).split(".")
+        target = raw.setdefault(new_sec, {})
+        if not isinstance(target, dict):
+            break  # the section's own error is reported by validation
+        if new_key in target and target[new_key] != value:
+            raise ValueError(f"{old} and {MOVED[old]} are both set, to different values; keep {MOVED[old]}")
+        target[new_key] = value
+    return raw
+
+
 class Recipe(_Section):
-    task: Literal["causal-lm", "classification", "chat", "completion", "preference"] = "causal-lm"
+    task: Literal[tuple(TASKS)] = "causal-lm"  # type: ignore[valid-type]
     model: ModelSection = ModelSection()
     data: DataSection
     method: MethodConfig = Field(default_factory=FullMethod, discriminator="name")
@@ -232,8 +276,14 @@ class Recipe(_Section):
     output: OutputSection = OutputSection()
     chat: ChatSection = ChatSection()
     completion: CompletionSection = CompletionSection()
+    classification: ClassificationSection = ClassificationSection()
     preference: PreferenceSection = PreferenceSection()
     compare: CompareSection = CompareSection()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _moved_fields(cls, raw):
+        return migrate(raw) if isinstance(raw, dict) else raw
 
 
 # ---------------------------------------------------------------------------
@@ -310,6 +360,8 @@ def apply_overrides(raw: dict, overrides: list[str], root: type[BaseModel] = Rec
     data = copy.deepcopy(raw)
     for item in overrides:
         path, value = parse_override(item)
+        if root is Recipe and ".".join(path[:2]) in MOVED and len(path) == 2:
+            path = _moved(".".join(path)).split(".")
         cls: Optional[type[BaseModel]] = root
         node = data
         for i, key in enumerate(path):

@@ -32,11 +32,11 @@ def write_tsv(path, rows):
 RECIPE = """
 task: classification
 model: {{init: scratch, size: nano, tokenizer: from-data, vocab_size: 300, n_positions: 64, dropout: 0.0}}
-data: {{source: "tsv:{src}", columns: [label, text], balance: undersample, split: [0.6, 0.2, 0.2],
-        max_length: 32, seed: 3}}
+data: {{source: "tsv:{src}", columns: [label, text], max_length: 32, seed: 3}}
+classification: {{balance: undersample, split: [0.6, 0.2, 0.2], pretrain_steps: {pre}}}
 {method}
 train: {{precision: fp32, lr: 3.0e-3, batch_size: 8, epochs: {epochs}, log_every: 5, seed: 5, warmup_steps: 3,
-         pretrain_steps: {pre}, num_threads: 1}}
+         num_threads: 1}}
 output: {{dir: "{out}"}}
 """
 
@@ -145,7 +145,7 @@ def test_sms_tsv_with_stray_quotes_loads_every_row():
     from gpt2tune.data.labels import read_labeled
 
     path = need(SMS)
-    cfg = SimpleNamespace(field="text", label_field="label", columns=["label", "text"], header=False, text_mode="auto",
+    cfg = SimpleNamespace(field="text", columns=["label", "text"], header=False, text_mode="auto",
                           normalize="nfc", whitespace=True, min_chars=1, max_chars=None,
                           poetry=SimpleNamespace(include_title=False, form=None, simplified=False))
     data = read_labeled(cfg, f"tsv:{path}")
@@ -175,7 +175,7 @@ def test_unseen_label_and_single_class_are_clear_errors(tmp_path, run_cli):
     src = write_tsv(tmp_path / "train.tsv", synthetic(40))
     test = write_tsv(tmp_path / "test.tsv", [("neutral", "so so film"), ("pos", "good film")])
     recipe = make_recipe(tmp_path, "unseen", src)
-    code, _, err = run_cli("train", recipe, "--set", f"data.test=tsv:{test}")
+    code, _, err = run_cli("train", recipe, "--set", f"classification.test=tsv:{test}")
     assert code == 2 and "never seen in training: 'neutral'" in err and len(err.strip().splitlines()) == 1
 
     one = write_tsv(tmp_path / "one.tsv", [("pos", f"good film {i}") for i in range(20)])
@@ -335,7 +335,8 @@ def test_every_method_trains_a_classifier_that_classify_loads(tmp_path, run_cli,
     from gpt2tune.recipe import load_recipe
     from gpt2tune.tasks.classification import load_splits
 
-    test = load_splits(load_recipe(tmp_path / "m" / "recipe.yaml").data).test
+    saved = load_recipe(tmp_path / "m" / "recipe.yaml")
+    test = load_splits(saved.data, saved.classification).test
     assert len(test.texts) == ev["test"]["examples"]
     lines = tmp_path / "test.txt"
     lines.write_text("".join(t + "\n" for t in test.texts), encoding="utf-8")
@@ -365,7 +366,7 @@ def test_sms_spam_recipe_is_valid_and_its_source_replaceable():
 
     r = load_recipe(ROOT / "recipes" / "sms-spam.yaml")
     assert r.task == "classification" and r.data.source.startswith("tsv:") and r.data.columns == ["label", "text"]
-    assert r.data.balance == "undersample" and r.data.split == [0.7, 0.1, 0.2] and r.data.seed == 123
+    assert r.classification.balance == "undersample" and r.classification.split == [0.7, 0.1, 0.2] and r.data.seed == 123
     assert r.model.init == "scratch" and r.method.name == "full"
-    r = load_recipe(ROOT / "recipes" / "sms-spam.yaml", ["data.source=csv:other.csv", "data.balance=none"])
-    assert r.data.source == "csv:other.csv" and r.data.balance == "none"
+    r = load_recipe(ROOT / "recipes" / "sms-spam.yaml", ["data.source=csv:other.csv", "classification.balance=none"])
+    assert r.data.source == "csv:other.csv" and r.classification.balance == "none"

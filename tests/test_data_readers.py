@@ -58,7 +58,7 @@ def test_header_row_equal_to_given_columns_is_a_header_not_a_sample(tmp_path):
     loaded = load_source(f"csv:{p}", SourceOptions(columns=["text", "label"]))
     assert loaded.records == [{"text": "good film", "label": "pos"}, {"text": "bad film", "label": "neg"}]
     assert any("first row equals data.columns" in n for n in loaded.notes)
-    cfg = SimpleNamespace(field="text", label_field="label", columns=["text", "label"], header=None,
+    cfg = SimpleNamespace(field="text", columns=["text", "label"], header=None,
                           text_mode="auto", normalize="nfc", whitespace=True, min_chars=1, max_chars=None,
                           poetry=SimpleNamespace(include_title=False, form=None, simplified=False))
     data = read_labeled(cfg, f"csv:{p}")
@@ -154,11 +154,13 @@ def labelled_tsv(path, counts):
     return path
 
 
-def data_section(tmp_path, **data):
+def sections(tmp_path, split=(0.7, 0.1, 0.2), balance="none", test=None, **data):
+    """The data and classification sections of a classification recipe."""
     from gpt2tune.recipe import recipe_from_dict
 
-    base = {"columns": ["label", "text"], "split": [0.7, 0.1, 0.2], "seed": 3}
-    return recipe_from_dict({"task": "classification", "data": {**base, **data}}).data
+    r = recipe_from_dict({"task": "classification", "data": {"columns": ["label", "text"], "seed": 3, **data},
+                          "classification": {"split": list(split), "balance": balance, "test": test}})
+    return r.data, r.classification
 
 
 def test_split_leaving_a_class_without_validation_or_test_is_an_error(tmp_path):
@@ -166,17 +168,17 @@ def test_split_leaving_a_class_without_validation_or_test_is_an_error(tmp_path):
 
     src = labelled_tsv(tmp_path / "d.tsv", {"ham": 40, "spam": 2})
     with pytest.raises(UserError) as e:
-        load_splits(data_section(tmp_path, source=f"tsv:{src}"))
-    assert one_line_error(e) == ("class 'spam' has 2 samples; data.split [0.7, 0.1, 0.2] needs at least 6 per class "
-                                 "for non-empty validation and test; add data or change data.split")
+        load_splits(*sections(tmp_path, source=f"tsv:{src}"))
+    assert one_line_error(e) == ("class 'spam' has 2 samples; classification.split [0.7, 0.1, 0.2] needs at least 6 per "
+                                 "class for non-empty validation and test; add data or change classification.split")
     # tiny data balanced down: every part of the split would be empty for both classes
     src = labelled_tsv(tmp_path / "d.tsv", {"ham": 40, "spam": 4})
     with pytest.raises(UserError, match=r"^class 'ham' has 4 samples, class 'spam' has 4 samples "
-                                        r"\(after data.balance: undersample\); .* at least 6 per class"):
-        load_splits(data_section(tmp_path, source=f"tsv:{src}", balance="undersample"))
+                                        r"\(after classification.balance: undersample\); .* at least 6 per class"):
+        load_splits(*sections(tmp_path, source=f"tsv:{src}", balance="undersample"))
     # enough samples: every class in every part
     src = labelled_tsv(tmp_path / "d.tsv", {"ham": 40, "spam": 6})
-    splits = load_splits(data_section(tmp_path, source=f"tsv:{src}"))
+    splits = load_splits(*sections(tmp_path, source=f"tsv:{src}"))
     assert splits.stats["counts"]["validation"] == {"ham": 4, "spam": 1}
     assert splits.stats["counts"]["test"] == {"ham": 8, "spam": 1}
 
@@ -187,13 +189,13 @@ def test_split_check_spares_parts_given_as_files_or_set_to_zero(tmp_path):
     src = labelled_tsv(tmp_path / "d.tsv", {"ham": 40, "spam": 2})
     val = labelled_tsv(tmp_path / "v.tsv", {"ham": 2, "spam": 2})
     test = labelled_tsv(tmp_path / "t.tsv", {"ham": 3, "spam": 3})
-    splits = load_splits(data_section(tmp_path, source=f"tsv:{src}", validation=f"tsv:{val}", test=f"tsv:{test}"))
+    splits = load_splits(*sections(tmp_path, source=f"tsv:{src}", validation=f"tsv:{val}", test=f"tsv:{test}"))
     assert splits.stats["counts"]["train"] == {"ham": 40, "spam": 2}
     # only the part still cut from the source is checked, and named
-    with pytest.raises(UserError, match=r"class 'spam' has 2 samples; data.split \[0.7, 0.1, 0.2\] needs at least 3 "
+    with pytest.raises(UserError, match=r"class 'spam' has 2 samples; classification.split \[0.7, 0.1, 0.2\] needs at least 3 "
                                         r"per class for non-empty test;"):
-        load_splits(data_section(tmp_path, source=f"tsv:{src}", validation=f"tsv:{val}"))
-    splits = load_splits(data_section(tmp_path, source=f"tsv:{src}", split=[0.9, 0.1, 0.0], test=None,
+        load_splits(*sections(tmp_path, source=f"tsv:{src}", validation=f"tsv:{val}"))
+    splits = load_splits(*sections(tmp_path, source=f"tsv:{src}", split=[0.9, 0.1, 0.0], test=None,
                                       validation=f"tsv:{val}"))
     assert splits.stats["counts"]["test"] == {}
 
@@ -211,8 +213,8 @@ output: {{dir: "{tmp_path / 'run'}"}}
 """)
     code, _, err = run_cli("train", recipe, "--no-progress")
     assert code == 2 and err.strip().splitlines() == [
-        "gpt2tune: error: class 'spam' has 2 samples; data.split [0.7, 0.1, 0.2] needs at least 6 per class for "
-        "non-empty validation and test; add data or change data.split"]
+        "gpt2tune: error: class 'spam' has 2 samples; classification.split [0.7, 0.1, 0.2] needs at least 6 per "
+        "class for non-empty validation and test; add data or change classification.split"]
 
 
 @pytest.mark.parametrize("kind,mode", [("text", "lines"), ("text", "auto"), ("jsonl", None), ("csv", None),

@@ -57,3 +57,38 @@ def test_bad_yaml_and_missing_file(tmp_path):
     p.write_text("data: [unclosed\n")
     with pytest.raises(UserError, match="not valid YAML"):
         load_recipe(p)
+
+
+def test_classification_fields_live_in_their_section_and_old_places_still_load(capsys, monkeypatch):
+    from gpt2tune import recipe as rec
+
+    monkeypatch.setattr(rec, "_NOTED", set())
+    r = recipe_from_dict({"task": "classification", "data": {"source": "tsv:x", "balance": "undersample",
+                                                            "split": [0.6, 0.2, 0.2], "label_field": "y"},
+                          "train": {"pretrain_steps": 7, "pretrain_lr": 1e-3}}, ["data.test=tsv:t"])
+    c = r.classification
+    assert (c.balance, c.split, c.label_field, c.test, c.pretrain_steps, c.pretrain_lr) == \
+        ("undersample", [0.6, 0.2, 0.2], "y", "tsv:t", 7, 1e-3)
+    assert "balance" not in rec.DataSection.model_fields and "pretrain_steps" not in rec.TrainSection.model_fields
+    err = capsys.readouterr().err
+    assert "note: recipe field data.balance is now classification.balance" in err
+    assert err.count("data.test is now classification.test") == 1
+    again = recipe_from_dict({"data": {"source": "tsv:x", "balance": "undersample"}})
+    assert again.classification.balance == "undersample" and capsys.readouterr().err == ""  # noted once
+    with pytest.raises(UserError, match="data.split and classification.split are both set"):
+        recipe_from_dict({"data": {"source": "tsv:x", "split": [0.5, 0.25, 0.25]},
+                          "classification": {"split": [0.6, 0.2, 0.2]}})
+    new = recipe_from_dict({"data": {"source": "tsv:x"}, "classification": {"split": [0.6, 0.2, 0.2]}})
+    assert new.classification.split == [0.6, 0.2, 0.2] and capsys.readouterr().err == ""
+
+
+def test_every_task_has_a_module_that_runs_it():
+    import importlib
+
+    from gpt2tune.recipe import TASKS
+
+    for name, module in TASKS.items():
+        assert callable(importlib.import_module(f"gpt2tune.tasks.{module}").run), name
+        assert recipe_from_dict({**BASE, "task": name}).task == name
+    with pytest.raises(UserError, match="field 'task'"):
+        recipe_from_dict({**BASE, "task": "summarize"})

@@ -304,8 +304,9 @@ def test_classification_logs_pretraining_training_and_its_late_plots(tmp_path, m
     recipe = write_recipe(tmp_path / "c.yaml", f"""
 task: classification
 model: {{init: scratch, size: nano, tokenizer: from-data, vocab_size: 200, n_positions: 64}}
-data: {{source: "tsv:{tmp_path / 's.tsv'}", columns: [label, text], split: [0.6, 0.2, 0.2], max_length: 40}}
-train: {{precision: fp32, lr: 3.0e-3, batch_size: 8, max_steps: 6, log_every: 2, pretrain_steps: 4, num_threads: 1,
+data: {{source: "tsv:{tmp_path / 's.tsv'}", columns: [label, text], max_length: 40}}
+classification: {{split: [0.6, 0.2, 0.2], pretrain_steps: 4}}
+train: {{precision: fp32, lr: 3.0e-3, batch_size: 8, max_steps: 6, log_every: 2, num_threads: 1,
          report_to: [tensorboard]}}
 output: {{dir: "{tmp_path / 'clf'}"}}
 """)

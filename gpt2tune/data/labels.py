@@ -67,7 +67,7 @@ def labeled_from_records(records: list[dict], text_field: str, label_field: str,
     if not records:
         raise UserError(f"{spec}: no records")
     first = records[0]
-    for name, what in ((text_field, "data.field (the text)"), (label_field, "data.label_field (the label)")):
+    for name, what in ((text_field, "data.field (the text)"), (label_field, "classification.label_field (the label)")):
         if name not in first:
             have = ", ".join(map(str, first.keys()))
             raise UserError(f"{spec}: no field/column {name!r} for {what}; available: {have}")
@@ -92,10 +92,11 @@ def labeled_from_records(records: list[dict], text_field: str, label_field: str,
     return Labeled(texts, labels, stats)
 
 
-def read_labeled(data_cfg, spec: str) -> Labeled:
-    """Read a source named by `spec` with the options of a recipe's `data` section."""
+def read_labeled(data_cfg, spec: str, label_field: str = "label") -> Labeled:
+    """Read a source named by `spec` with the options of a recipe's `data` section, the label in
+    `label_field` (classification.label_field)."""
     loaded = sources.load_source(spec, sources.SourceOptions.of(data_cfg))
-    out = labeled_from_records(loaded.records, data_cfg.field, data_cfg.label_field, spec, data_cfg.normalize,
+    out = labeled_from_records(loaded.records, data_cfg.field, label_field, spec, data_cfg.normalize,
                                data_cfg.whitespace, data_cfg.min_chars, data_cfg.max_chars)
     out.stats["skipped_records"] = loaded.skipped
     if loaded.notes:
@@ -158,10 +159,10 @@ def undersample(data: Labeled, seed: int) -> Labeled:
 
 def check_fractions(fractions: Sequence[float]) -> tuple[float, float, float]:
     if len(fractions) != 3 or any(f < 0 for f in fractions) or fractions[0] <= 0:
-        raise UserError(f"data.split must be three fractions [train, validation, test] with train > 0, got {list(fractions)}")
+        raise UserError(f"classification.split must be three fractions [train, validation, test] with train > 0, got {list(fractions)}")
     total = sum(fractions)
     if abs(total - 1.0) > 1e-6:
-        raise UserError(f"data.split fractions must add up to 1, got {list(fractions)} (sum {total:g})")
+        raise UserError(f"classification.split fractions must add up to 1, got {list(fractions)} (sum {total:g})")
     return tuple(float(f) for f in fractions)
 
 
@@ -195,7 +196,7 @@ def stratified_split(labels: Sequence[str], fractions: Sequence[float], seed: in
     Per class, the validation and test counts are rounded from the fractions; train gets
     the rest. Each part is shuffled. A class too small to get a validation or test sample
     (where its fraction is > 0) is a UserError: the run would measure that class, or with
-    tiny data anything, on training data only. `shown` is the data.split the error names
+    tiny data anything, on training data only. `shown` is the classification.split the error names
     (default `fractions`), `after` says where the class counts come from.
     """
     f_train, f_val, f_test = check_fractions(fractions)
@@ -209,8 +210,8 @@ def stratified_split(labels: Sequence[str], fractions: Sequence[float], seed: in
         parts = " and ".join(p for p, f in (("validation", f_val), ("test", f_test)) if f > 0)
         have = ", ".join(f"class {name!r} has {n} sample{'s' if n != 1 else ''}" for name, n in small)
         split = [round(f, 4) for f in (shown if shown is not None else fractions)]
-        raise UserError(f"{have}{after}; data.split {split} needs at least {need} per class for non-empty {parts}; "
-                        f"add data or change data.split")
+        raise UserError(f"{have}{after}; classification.split {split} needs at least {need} per class for non-empty {parts}; "
+                        f"add data or change classification.split")
     train, val, test = [], [], []
     for name in sorted(by_class):
         idx = by_class[name]

@@ -1,16 +1,13 @@
 """Tasks: the recipes layer. Each task turns a validated recipe into a run by wiring
 data -> model -> method -> train -> evaluate, and writes the run folder.
 
-A task module has `run(recipe, resume, overwrite, progress) -> dict`; TASKS maps the
-recipe's `task` value to its module.
+A task module has `run(recipe, resume, overwrite, progress) -> dict`; `recipe.TASKS` maps the
+recipe's `task` value to its module (the one list of tasks).
 """
 
 from __future__ import annotations
 
 import importlib
-
-TASKS = {"causal-lm": "gpt2tune.tasks.causal_lm", "chat": "gpt2tune.tasks.chat", "completion": "gpt2tune.tasks.completion",
-         "classification": "gpt2tune.tasks.classification", "preference": "gpt2tune.tasks.preference"}
 
 
 def run_recipe(recipe, resume: bool = False, overwrite: bool = False, progress: bool = True) -> dict:
@@ -18,5 +15,7 @@ def run_recipe(recipe, resume: bool = False, overwrite: bool = False, progress: 
         from gpt2tune.errors import UserError
 
         raise UserError(f"data.streaming is for task causal-lm, not {recipe.task}")
-    module = importlib.import_module(TASKS[recipe.task])
+    from gpt2tune.recipe import TASKS
+
+    module = importlib.import_module(f"gpt2tune.tasks.{TASKS[recipe.task]}")
     return module.run(recipe, resume=resume, overwrite=overwrite, progress=progress)

@@ -13,9 +13,8 @@ from gpt2tune.errors import UserError
 from gpt2tune.tasks.common import log
 
 CACHED_KINDS = ("text", "jsonl", "csv", "tsv", "chinese-poetry")
-# data settings that do not change the tokens of a corpus (or belong to other tasks)
-NOT_IN_KEY = {"cache", "cache_dir", "num_proc", "batching", "label_field", "balance", "split", "test", "streaming",
-              "shuffle_buffer", "val_documents"}
+# data settings that do not change the tokens of a corpus
+NOT_IN_KEY = {"cache", "cache_dir", "num_proc", "batching", "streaming", "shuffle_buffer", "val_documents"}
 
 
 def source_files(spec: str) -> Optional[list[Path]]:

@@ -2,7 +2,7 @@
 
 data (text + label) -> balance -> stratified train/validation/test split -> tokenizer and
 base model -> optional language-model pretraining on the training texts
-(`train.pretrain_steps`) -> GPT-2 with a class head on the last real token -> method ->
+(`classification.pretrain_steps`) -> GPT-2 with a class head on the last real token -> method ->
 train -> metrics on every split (eval.json), plots, and the model in RUN/model.
 
 Without a `method` section the method is the classic one: last block + final layer norm
@@ -50,24 +50,25 @@ def effective_method(recipe: Recipe):
     return recipe.method if "method" in recipe.model_fields_set else PartialMethod()
 
 
-def load_splits(d) -> Splits:
-    """Read, balance and split the data as the recipe's `data` section says."""
-    data = read_labeled(d, d.source)
+def load_splits(d, c) -> Splits:
+    """Read, balance and split the data as the recipe's `data` (`d`: source and cleaning) and
+    `classification` (`c`: label, balance, split, test source) sections say."""
+    data = read_labeled(d, d.source, c.label_field)
     for note in data.stats.get("notes", []):
         log(f"note: {note}")
     stats = {"source": data.stats, "source_counts": data.counts()}
-    if d.balance == "undersample":
+    if c.balance == "undersample":
         data = undersample(data, d.seed)
         stats["balanced_counts"] = data.counts()
-    f_train, f_val, f_test = check_fractions(d.split or DEFAULT_SPLIT)
-    val_file = read_labeled(d, d.validation) if d.validation else None
-    test_file = read_labeled(d, d.test) if d.test else None
+    f_train, f_val, f_test = check_fractions(c.split or DEFAULT_SPLIT)
+    val_file = read_labeled(d, d.validation, c.label_field) if d.validation else None
+    test_file = read_labeled(d, c.test, c.label_field) if c.test else None
     # parts not given as files are cut from the source, in the configured proportions
     fr = [f_train, 0.0 if val_file else f_val, 0.0 if test_file else f_test]
     total = sum(fr)
-    after = " (after data.balance: undersample)" if d.balance == "undersample" else ""
+    after = " (after classification.balance: undersample)" if c.balance == "undersample" else ""
     tr, va, te = stratified_split(data.labels, [f / total for f in fr], d.seed,
-                                  shown=list(d.split or DEFAULT_SPLIT), after=after)
+                                  shown=list(c.split or DEFAULT_SPLIT), after=after)
     train = data.subset(tr)
     val = val_file if val_file is not None else data.subset(va)
     test = test_file if test_file is not None else data.subset(te)
@@ -94,7 +95,7 @@ def pretrain_lm(base, splits: Splits, recipe: Recipe, run_dir: Path, resume: boo
     """
     from safetensors.torch import load_file, save_file
 
-    t, d = recipe.train, recipe.data
+    t, d, c = recipe.train, recipe.data, recipe.classification
     out = run_dir / "pretrain"
     done = out / "transformer.safetensors"
     lm = base.model
@@ -108,7 +109,7 @@ def pretrain_lm(base, splits: Splits, recipe: Recipe, run_dir: Path, resume: boo
     val_ids, _ = tokenize_texts(base.tokenizer, splits.validation.texts, fr.bos, fr.eos, d.max_length, True)
     for p in lm.parameters():
         p.requires_grad_(True)
-    cfg = t.model_copy(update={"max_steps": t.pretrain_steps, "lr": t.pretrain_lr or t.lr, "eval_every": 0})
+    cfg = t.model_copy(update={"max_steps": c.pretrain_steps, "lr": c.pretrain_lr or t.lr, "eval_every": 0})
     tracking = open_tracking(recipe, run_dir, log)  # the run's trackers: this stage logs under pretrain/
     trainer = Trainer(lm, Data(train_ids, val_ids, fr.pad, "group", d.max_length), cfg, out, progress=progress,
                       log=log, loggers=[tracking.stage("pretrain/")])
@@ -144,7 +145,7 @@ def run(recipe: Recipe, resume: bool = False, overwrite: bool = False, progress:
     method = effective_method(recipe)
     recipe = recipe.model_copy(update={"method": method})
     run_dir = prepare_run_dir(recipe.output.dir, resume, overwrite)
-    splits = load_splits(d)
+    splits = load_splits(d, recipe.classification)
     names = splits.labels.names
     base = load_base(recipe.model, splits.train.texts, run_dir, resume, d.max_length, t.seed)
     tok = base.tokenizer
@@ -160,7 +161,7 @@ def run(recipe: Recipe, resume: bool = False, overwrite: bool = False, progress:
                                for n, c in stats["counts"].items()))
 
     pre = {}
-    if t.pretrain_steps:
+    if recipe.classification.pretrain_steps:
         pre = pretrain_lm(base, splits, recipe, run_dir, resume, progress)
     model = classifier_from_lm(base.model, splits.labels.id2label, base.framing.pad, seed=t.seed)
     model = apply_method(model, method, tokenizer=tok, seed=t.seed)

@@ -41,10 +41,11 @@ def _classification(recipe, folder: Path, log):
     d, t = recipe.data, recipe.train
     if d.batching == "pack":
         raise UserError("data.batching: pack joins samples together; a classifier needs one text per row")
-    if t.pretrain_steps:
-        log(f"note: lr-find ramps the classifier from the base model; train.pretrain_steps ({t.pretrain_steps}) "
+    c = recipe.classification
+    if c.pretrain_steps:
+        log(f"note: lr-find ramps the classifier from the base model; classification.pretrain_steps ({c.pretrain_steps}) "
             f"of language-model training are not run first")
-    splits = load_splits(d)
+    splits = load_splits(d, c)
     base = load_base(recipe.model, splits.train.texts, folder, False, d.max_length, t.seed)
     rows, _ = examples(base.tokenizer, splits.train, splits.labels, d.max_length, "the train data")
     model = classifier_from_lm(base.model, splits.labels.id2label, base.framing.pad, seed=t.seed)
