@@ -12,6 +12,7 @@ lives on the backend's device (`comm_device`). Logging, progress and saving happ
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import os
 
@@ -47,6 +48,15 @@ def init(device_type: str = "cpu") -> None:
         if device_type == "cuda":  # before any CUDA work: otherwise every rank lands on GPU 0
             torch.cuda.set_device(local_rank())
         dist.init_process_group("nccl" if device_type == "cuda" else "gloo")
+        atexit.register(shutdown)
+
+
+def shutdown() -> None:
+    """Leave the process group (at exit). A process that exits with the group still up can abort
+    in its communication threads' destructors ("terminate called without an active exception",
+    seen with gloo on a rank that finished first), which torchrun reports as a failed run."""
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def comm_device() -> torch.device:
