@@ -307,3 +307,49 @@ def test_stop_stream_holds_back_a_possible_stop_string_and_cuts_before_it():
     assert no_stop.flush(full + "!") == "er!"  # the final text decides the rest
     again = StopStream(Pieces(pieces), [])
     assert "".join(again.push(i)[0] for i in range(6)) == full and again.flush() == ""  # no stop strings: nothing waits
+
+
+@pytest.mark.parametrize("num_beams", [1, 2])
+def test_a_constraint_of_ones_own_steers_every_token(tiny, num_beams):
+    """Any object with the `generate.constraints.Constraint` members limits decoding (sampling and
+    beam search), rows leaving the batch included."""
+    from gpt2tune.generate.constraints import Constraint
+    from gpt2tune.generate.forms import FormConstraint
+
+    model, tok, fr = tiny
+    vocab = model.config.vocab_size
+
+    class Alternate:  # even ids at even steps, odd ids at odd steps; an early end allowed for row 0 only
+        def __init__(self, n):
+            self.max_new_tokens, self.log = n, []
+
+        def prompt_ids(self, p):
+            return []
+
+        def start(self, prompt_index):
+            self.step, self.rows = 0, list(prompt_index)
+
+        def allowed(self):
+            m = torch.zeros(len(self.rows), vocab, dtype=torch.bool)
+            m[:, self.step % 2::2] = True
+            m[:, fr.eos] = torch.tensor([p == 0 and self.step >= 3 for p in self.rows])
+            return m
+
+        def advance(self, tokens):
+            self.log.append(tokens.tolist())
+            self.step += 1
+
+        def reorder(self, index):
+            self.rows = [self.rows[i] for i in index]
+
+    assert isinstance(Alternate(1), Constraint)
+    assert all(callable(getattr(FormConstraint, m)) for m in ("prompt_ids", "start", "allowed", "advance", "reorder"))
+    c = Alternate(9)
+    s = Sampling(max_new_tokens=40, top_k=50, temperature=1.5, seed=3, num_return_sequences=2) if num_beams == 1 \
+        else Sampling(max_new_tokens=40, num_beams=num_beams, greedy=True)
+    res = decode(model, _prompts(tok, fr, ["白日", "春", "月"]), fr.eos, s, constraint=c)
+    assert c.log and all(len(r.ids) <= 9 for r in res)  # the constraint's budget, not Sampling's 40
+    for r in res:
+        assert all(t % 2 == i % 2 for i, t in enumerate(r.ids)), r.ids
+        if r.prompt_index:  # no end marker allowed: the whole budget
+            assert r.finish == "length" and len(r.ids) == 9

@@ -4,7 +4,7 @@ sum_logprob / (new tokens incl. the end marker) ** length_penalty. A prompt is d
 `num_beams` finished hypotheses and no running beam can still beat the worst of them (the
 `transformers` heuristic with early_stopping=False). Deterministic: no sampling.
 
-Processors (repetition penalty, no-repeat-n-gram, ...) and a verse-form constraint apply to each
+Processors (repetition penalty, no-repeat-n-gram, ...) and a constraint (`generate.constraints`) apply to each
 beam and follow it when beams are reordered.
 """
 
@@ -14,6 +14,7 @@ from typing import Iterable, Optional
 
 import torch
 
+from gpt2tune.generate.constraints import Constraint
 from gpt2tune.generate.processors import NEG_INF, Processors, constrain
 from gpt2tune.generate.rows import Result, context_size, left_pad
 from gpt2tune.generate.runner import make_runner
@@ -22,7 +23,7 @@ from gpt2tune.generate.sampling import Sampling
 
 @torch.inference_mode()
 def beam_search(model, prompts: list[list[int]], eos_id: Optional[int], s: Sampling, suppress_ids: Iterable[int] = (),
-                constraint=None, pad_id: Optional[int] = None, runner: str = "auto") -> list[Result]:
+                constraint: Optional[Constraint] = None, pad_id: Optional[int] = None, runner: str = "auto") -> list[Result]:
     msg = s.check()
     if msg:
         raise ValueError(msg)

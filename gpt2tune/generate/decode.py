@@ -3,9 +3,10 @@
 `Decoder` continues many prompts at once (left-padded, `num_return_sequences` copies of each,
 prompt-major like `transformers`). Iterating it yields one `Event` per step with the token of
 every unfinished row, which is what streaming needs; `decode` runs it to the end. Finished rows
-leave the batch, so a long tail costs only its own rows. A `constraint` (see `generate.forms`)
-may restrict which tokens each row can take next; `finish(row, reason)` ends a row from outside
-(stop strings are matched on text by the caller).
+leave the batch, so a long tail costs only its own rows. A `constraint`
+(`generate.constraints.Constraint`; verse forms: `generate.forms`) may restrict which tokens each
+row can take next; `finish(row, reason)` ends a row from outside (stop strings are matched on text
+by the caller).
 
 Beam search lives in `generate.beam` and shares the runner, processors and rows.
 """
@@ -18,6 +19,7 @@ from typing import Iterable, Iterator, Optional
 import torch
 
 from gpt2tune.generate.beam import beam_search
+from gpt2tune.generate.constraints import Constraint
 from gpt2tune.generate.processors import Processors, constrain
 from gpt2tune.generate.rows import Result, context_size, left_pad
 from gpt2tune.generate.runner import make_runner
@@ -75,7 +77,7 @@ def pick(logits: torch.Tensor, rs: RowSampling, gen: torch.Generator) -> torch.T
 
 class Decoder:
     def __init__(self, model, prompts: list[list[int]], eos_id: Optional[int], s: Sampling,
-                 suppress_ids: Iterable[int] = (), constraint=None, pad_id: Optional[int] = None, runner="auto",
+                 suppress_ids: Iterable[int] = (), constraint: Optional[Constraint] = None, pad_id: Optional[int] = None, runner="auto",
                  per_row: Optional[list[Sampling]] = None):
         """`per_row`: one `Sampling` per row (after `num_return_sequences` copies) whose greedy,
         temperature, top_k, top_p and repetition_penalty replace `s`'s for that row."""
@@ -199,7 +201,7 @@ class Decoder:
 
 
 def decode(model, prompts: list[list[int]], eos_id: Optional[int], s: Sampling, suppress_ids: Iterable[int] = (),
-           constraint=None, pad_id: Optional[int] = None, runner: str = "auto") -> list[Result]:
+           constraint: Optional[Constraint] = None, pad_id: Optional[int] = None, runner: str = "auto") -> list[Result]:
     """Continue every prompt `num_return_sequences` times (beam search when `s.num_beams` > 1).
 
     `runner`: "auto" (static-cache GPT-2 forward where supported, `generate.fast`) or "hf"

@@ -318,8 +318,9 @@ class ToneState:
 
 
 class FormConstraint:
-    """Per-row state of poems being written; see the module docstring. Rows are positional
-    (the decoder's active batch); `reorder` follows rows being dropped or beams being reordered."""
+    """Per-row state of poems being written (a `generate.constraints.Constraint`); see the module
+    docstring. Rows are positional (the decoder's active batch); `reorder` follows rows being dropped
+    or beams being reordered."""
 
     def __init__(self, tok, vocab_size: int, spec: FormSpec, prompts: list[str], eos_id: int):
         self.spec, self.eos = spec, eos_id
