@@ -5,6 +5,7 @@ tensors live on the backend's device (a GPU for NCCL)."""
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -64,9 +65,34 @@ def _run(tmp_path, name, world, bs, accum, steps, fast, dist="ddp", save=0, extr
     else:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(world),
                str(ROOT / "tests" / "dist_probe.py"), "train", str(r), "--no-progress", *extra]
-    p = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
-    assert p.returncode == 0, p.stderr[-3000:]
+    p = _launch(cmd, env, tmp_path / name, attempts=2 if world > 1 else 1)
     return load_file(str(tmp_path / name / "model" / "model.safetensors")), p.stderr
+
+
+def _launch(cmd, env, out, attempts):
+    """Run `cmd`; a multi-process run that crashes or hangs in the launcher (seen rarely with gloo on a
+    loaded 2-core machine: a rank aborting at exit, a barrier failing) runs once more from the same
+    run folder. What it computes is checked as strictly either way."""
+    import shutil
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as keep:
+        saved = Path(keep) / "run"
+        if out.exists():
+            shutil.copytree(out, saved)
+        for attempt in range(attempts):
+            try:
+                p = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+            except subprocess.TimeoutExpired as err:
+                failure = f"timed out after {err.timeout} s: {(err.stderr or b'')[-3000:]!r}"
+            else:
+                if p.returncode == 0:
+                    return p
+                failure = p.stderr[-3000:]
+            shutil.rmtree(out, ignore_errors=True)  # the next attempt starts where this one did
+            if saved.exists():
+                shutil.copytree(saved, out)
+        raise AssertionError(f"{attempts} attempt(s) failed; the last: {failure}")
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="gloo DDP test runs on Linux")
@@ -81,9 +107,6 @@ def test_ddp_fast_accumulation_and_an_empty_rank_equal_one_process(tmp_path):
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="gloo FSDP test runs on Linux")
-@pytest.mark.skipif(os.environ.get("GPT2TUNE_TEST_FSDP") != "1",
-                    reason="FSDP on gloo: intermittent hang or barrier failure of a 2-process run seen on a loaded "
-                           "2-core machine (under investigation); run with GPT2TUNE_TEST_FSDP=1")
 def test_fsdp_two_processes_equal_one_process_and_resume(tmp_path):
     """train.distributed fsdp (FSDP2: weights, gradients and AdamW state sharded over 2 processes) gives
     the update of one process with the whole batch; its checkpoints hold whole tensors under the usual
