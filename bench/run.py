@@ -483,6 +483,42 @@ def ct2_sides(m, threads: int, workdir: Path) -> dict:
     return {"model": CT2(m, "float32", threads, workdir), "int8": CT2(m, "int8", threads, workdir)}
 
 
+def step_breakdown(m, prompt: list[int], tokens: int) -> dict:
+    """Where a greedy fp32 one-row step of `FastRunner` spends its time: the whole step (argmax
+    included), and its projections alone, run as the step runs them (one thread, lent to the big
+    products when the step found that faster), each reading its weights once as in a real step."""
+    from gpt2tune.generate.fast import FastRunner
+    from gpt2tune.generate.threads import one_thread
+
+    r = FastRunner(m)
+    tok = r.prefill(torch.tensor([prompt])).argmax(-1)
+    for _ in range(8):  # warm: the head's one-row copy, the lending choice
+        tok = r.step(tok).argmax(-1)
+    t0 = time.perf_counter()
+    for _ in range(tokens):
+        tok = r.step(tok).argmax(-1)
+    step = (time.perf_counter() - t0) / tokens
+    lending, D = r.w.lending, m.config.n_embd
+    lent, solo = lending.seconds[True], lending.seconds[False]
+    x, h = torch.randn(1, D), torch.randn(1, m.config.n_inner or 4 * D)
+    with torch.inference_mode(), one_thread() as n:
+        k = n if lent is not None and (solo is None or lent <= solo) else 1
+
+        def products():
+            for _, attn, proj, _, fc, mproj in r.w.blocks:
+                attn(x, k), proj(x, k), fc(x, k), mproj(h, k)
+            r.w.head(x, k)
+
+        products()
+        t0 = time.perf_counter()
+        for _ in range(tokens):
+            products()
+        prod = (time.perf_counter() - t0) / tokens
+    nbytes = sum(p.numel() for n_, p in m.named_parameters() if n_.startswith("transformer.h.") and p.dim() == 2) * 4
+    nbytes += m.lm_head.weight.numel() * 4
+    return {"step_ms": step * 1e3, "products_ms": prod * 1e3, "products_gbs": nbytes / prod / 1e9, "lent": k > 1}
+
+
 def bench_decode(args, ceil) -> dict:
     from gpt2tune.generate.decode import generate_ids
     from gpt2tune.generate.sampling import Sampling
@@ -572,6 +608,11 @@ def bench_decode(args, ceil) -> dict:
     for w in ct2:
         row(f"sampling bs8{label[w] or ' fp32'} vs CTranslate2 {ct_name[w]} (tok/s)", f"{med(c8[w]):.1f}",
             f"{med(o8[w]):.1f}", ratio(med(c8[w]), med(o8[w])), "top-k 50", base="CT2")
+    split = step_breakdown(m, prompt, max(16, min(new, 64)))
+    ct_ms = f"; CTranslate2 float32 {1e3 / med(c1['model']):.1f} ms per token" if "model" in ct2 else ""
+    out(f"  greedy fp32 step: {split['step_ms']:.1f} ms per token = products {split['products_ms']:.1f} ms "
+        f"({split['products_gbs']:.0f} GB/s of weights, threads {'lent' if split['lent'] else 'not lent'}) + the rest "
+        f"{split['step_ms'] - split['products_ms']:.1f} ms (norms, attention, residuals, argmax){ct_ms}")
     for c in ct2.values():
         c.close()
     tmp.cleanup()
@@ -580,6 +621,7 @@ def bench_decode(args, ceil) -> dict:
         f"{ceil['bw'] * 1e9 / weights:.0f} tok/s at bs1 (bf16: {2 * ceil['bw'] * 1e9 / weights:.0f}, "
         f"int8: {4 * ceil['bw'] * 1e9 / weights:.0f}; streams that only read can beat the copy)")
     res.update({f"greedy_ct2_{w}": med(c1[w]) for w in ct2}, **{f"sample_ct2_{w}": med(c8[w]) for w in ct2})
+    res.update(step_breakdown=split)
     res.update(greedy_hf=med(hf1), greedy_same=same, sample_hf=med(hf8), greedy_agree=agree,
                **{f"greedy_ours_{w}": med(o1[w]) for w in kinds}, **{f"sample_ours_{w}": med(o8[w]) for w in kinds})
     return res

@@ -302,3 +302,28 @@ def test_one_row_steps_run_on_one_thread_and_restore_the_count(monkeypatch):
         assert seen[-1] == 2
     finally:
         torch.set_num_threads(before)
+
+
+def test_the_decoder_picks_a_few_rows_tokens_on_one_thread(monkeypatch):
+    """Processing logits and picking the next token of a few rows is small work: one thread (a second
+    one only waits at barriers, for a descheduled partner on a loaded machine); many rows keep every
+    thread. The count is restored either way."""
+    from gpt2tune.generate import decode as dec
+    from gpt2tune.generate import threads
+    from gpt2tune.generate.sampling import Sampling
+
+    m = tiny()
+    seen = []
+    inner = dec.pick
+    monkeypatch.setattr(dec, "pick", lambda *a: (seen.append(torch.get_num_threads()), inner(*a))[1])
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        s = Sampling(max_new_tokens=3, top_k=5, seed=1, num_return_sequences=2)
+        dec.decode(m, [PROMPT], None, s)
+        assert seen == [1, 1, 1] and torch.get_num_threads() == 2
+        monkeypatch.setattr(threads, "SMALL", 1)  # every batch counts as big
+        dec.decode(m, [PROMPT], None, s)
+        assert seen[3:] == [2, 2, 2] and torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)

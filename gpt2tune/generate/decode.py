@@ -24,6 +24,7 @@ from gpt2tune.generate.processors import Processors, constrain
 from gpt2tune.generate.rows import Result, context_size, left_pad
 from gpt2tune.generate.runner import make_runner
 from gpt2tune.generate.sampling import Sampling, filter_candidates
+from gpt2tune.generate.threads import small
 
 
 @dataclass
@@ -168,11 +169,14 @@ class Decoder:
                 self._drop(keep)
                 logits = logits[torch.tensor(keep, device=self.device)]
         raw = logits
-        logits = self.proc(logits.clone(), self.step_no)
-        allowed = self.constraint.allowed() if self.constraint is not None else None
-        logits = constrain(logits, raw, allowed)
-        nxt = pick(logits, self.row_sampling, self.gen)
-        toks = nxt.tolist()
+        with small(logits):  # a few rows' logits: one thread (see generate.threads)
+            if self.proc.active(self.step_no):
+                logits = self.proc(logits.clone(), self.step_no)
+            allowed = self.constraint.allowed() if self.constraint is not None else None
+            if allowed is not None or logits is not raw:
+                logits = constrain(logits, raw, allowed)
+            nxt = pick(logits, self.row_sampling, self.gen)
+            toks = nxt.tolist()
         self.step_no += 1
         self.tokens += len(toks)
         rows = list(self.active)

@@ -26,13 +26,12 @@ bf16 and int8 change the numbers (greedy text may part from fp32's after some to
 option. Embedding rows are always read from the model's own tensors; layer norms and the
 residual stream stay in fp32. Converted copies (and the "model" ones) are cached per model and
 rebuilt when its parameters change (in-place edits or optimizer steps). One-row steps run on one
-intra-op thread (see `_one_thread`) and lend the others to their big products when that is
-measured to be faster (`Lending`).
+intra-op thread (`generate.threads.one_thread`) and lend the others to their big products when
+that is measured to be faster (`Lending`).
 """
 
 from __future__ import annotations
 
-import contextlib
 import time
 import warnings
 import weakref
@@ -41,6 +40,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from gpt2tune.generate.threads import one_thread
 from gpt2tune.model.fast_gpt2 import supported
 
 WEIGHTS = ("model", "bf16", "int8")
@@ -294,26 +294,6 @@ def weights_for(model, kind: str) -> _Weights:
     return hit[1]
 
 
-@contextlib.contextmanager
-def _one_thread():
-    """Run the block on one intra-op thread (one-row steps); yield the thread count it had. The
-    small ops of a step (attention, norms, the bf16 / int8 kernels) gain little from a second
-    thread and wait at OpenMP barriers, and on a loaded machine every barrier waits for a
-    descheduled partner (SDPA: 30 us alone, 5.8 ms per call at load 2 on 2 cores). One thread
-    against two, paired runs on the 2-core EPYC: fp32 34.5 vs 30.4 tok/s and int8 65 vs 56 at load
-    1.3; 2.2x (fp32), 3.1x (bf16), 3.2x (int8) at load 3.3. Only the big products (every weight
-    format) get the threads back, when `Lending` finds it faster. Batches keep every thread for
-    their GEMMs."""
-    n = torch.get_num_threads()
-    if n > 1:
-        torch.set_num_threads(1)
-    try:
-        yield n
-    finally:
-        if n > 1:
-            torch.set_num_threads(n)
-
-
 class FastRunner:
     """Static-KV-cache runner for GPT-2 (the interface of `generate.runner.HFRunner`). Inference
     only: no dropout, whatever the model's mode."""
@@ -338,7 +318,6 @@ class FastRunner:
         self.kmask = None  # [B, T] bool of real keys, None when no row is padded
         self.t = 0  # cache length
         self.pos = None  # [B] position of the next token of every row
-        self.warm = False  # a one-row step has run
 
     def _norm(self, x: torch.Tensor, ln) -> torch.Tensor:
         return F.layer_norm(x, (self.D,), ln.weight, ln.bias, self.eps).to(self.dtype)
@@ -407,7 +386,7 @@ class FastRunner:
             amask = self.kmask[:, None, None, : self.t + 1]
         if tokens.size(0) > 1:  # batches keep every thread for their GEMMs
             return self._advance(self._step_forward(self._embed(tokens, self.pos), amask))
-        with _one_thread() as n:
+        with one_thread() as n:
             if n == 1:
                 return self._advance(self._step_forward(self._embed(tokens, self.pos), amask))
             lending = self.w.lending
@@ -416,9 +395,8 @@ class FastRunner:
             t0 = time.perf_counter()
             x = self._step_forward(self._embed(tokens, self.pos), amask, lent)
             logits = self._advance(x, lent)
-            if self.warm:  # the first step builds the head's copy
+            if lending.steps > 1:  # the first step builds the head's one-row copy
                 lending.record(lend, time.perf_counter() - t0)
-            self.warm = True
             return logits
 
     def _advance(self, x: torch.Tensor, n: int = 1) -> torch.Tensor:

@@ -48,6 +48,11 @@ class Processors:
                     d.setdefault(tuple(p[i:i + n - 1]), set()).add(p[i + n - 1])
                 self.ngrams.append(d)
 
+    def active(self, step: int) -> bool:
+        """Whether `__call__` changes anything before the token at `step`."""
+        return self.any_banned or (self.eos is not None and step < self.s.min_new_tokens) or self.seen is not None \
+            or self.hist is not None
+
     def __call__(self, logits: torch.Tensor, step: int) -> torch.Tensor:
         """Process logits [B, V] (in place where possible) before the new token at `step` (0-based)."""
         if self.any_banned:
