@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from gpt2tune.errors import UserError
 from gpt2tune.method.config import FullMethod, MethodConfig
+from gpt2tune.train.loggers import LOGGERS
 
 VERSE_FORMS = ["wuyan-jueju", "qiyan-jueju", "wuyan-lvshi", "qiyan-lvshi"]
 
@@ -137,7 +138,7 @@ class TrainSection(_Section):
                                                  "advice when the device has less free")
     fast: bool = Field(False, description="GPT-2 fast path: lean forward (fused qkv, SDPA, chunked loss) and fused AdamW; "
                                           "same loss as the HF forward (1e-4 fp32), see BENCHMARKS.md")
-    report_to: list[Literal["tensorboard", "mlflow", "wandb", "trackio"]] = Field(
+    report_to: list[Literal[tuple(LOGGERS)]] = Field(  # type: ignore[valid-type]
         default_factory=list, description="experiment trackers that receive the rows of metrics.jsonl, the resolved "
                                           "recipe and the plots (each an optional extra: pip install 'gpt2tune[NAME]')")
 

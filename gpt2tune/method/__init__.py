@@ -17,14 +17,20 @@ import os
 from pathlib import Path
 
 from gpt2tune.errors import UserError
-from gpt2tune.method import adapter, full, partial, via_peft  # noqa: F401 - each registers its methods
 from gpt2tune.method.registry import Method, registered
 
 REBUILD = "rebuild.json"
 
 
+def _register_all() -> None:
+    """Import the method modules (each registers its methods) when a method is first asked for:
+    importing the package (the recipe does) stays free of torch and peft."""
+    from gpt2tune.method import adapter, full, partial, via_peft  # noqa: F401
+
+
 def method(name: str) -> Method:
     """The registered method `name` (a UserError naming the known ones otherwise)."""
+    _register_all()
     known = registered()
     if name not in known:
         raise UserError(f"unknown method {name!r}; known: {', '.join(sorted(known))}")
@@ -32,6 +38,7 @@ def method(name: str) -> Method:
 
 
 def method_names() -> list[str]:
+    _register_all()
     return list(registered())
 
 

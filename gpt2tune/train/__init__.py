@@ -1,3 +1,3 @@
 """Train: device and precision (`device`), optimizer and schedule (`optim`), losses and
-validation (`objective`), checkpoints (`checkpoint`), metrics and plots (`logging`,
-`plots`), and the loop itself (`loop`)."""
+validation (`objective`), checkpoints (`checkpoint`), where the rows go (`loggers`, `tracking`),
+plots (`plots`), and the loop itself (`loop`)."""

@@ -92,6 +92,7 @@ class MetricsFile(Logger):
 
 class TensorBoard(Logger):
     name = "tensorboard"
+    needs = ("tensorboard", "tensorboard")  # (module it imports, pip package that brings it)
 
     def __init__(self, run_dir: Path, run_name: str, before: Optional[dict] = None):
         from torch.utils.tensorboard import SummaryWriter
@@ -126,6 +127,7 @@ class TensorBoard(Logger):
 
 class MLflow(Logger):
     name = "mlflow"
+    needs = ("mlflow", "mlflow-skinny")
 
     def __init__(self, run_dir: Path, run_name: str, before: Optional[dict] = None):
         uri = os.environ.get("MLFLOW_TRACKING_URI")
@@ -182,6 +184,7 @@ class MLflow(Logger):
 
 class WandB(Logger):
     name = "wandb"
+    needs = ("wandb", "wandb")
 
     def __init__(self, run_dir: Path, run_name: str, before: Optional[dict] = None):
         import wandb
@@ -224,6 +227,7 @@ class WandB(Logger):
 
 class Trackio(Logger):
     name = "trackio"
+    needs = ("trackio", "trackio")
 
     def __init__(self, run_dir: Path, run_name: str, before: Optional[dict] = None):
         os.environ.setdefault("TRACKIO_DIR", str(run_dir / "trackio"))  # read when trackio is first imported
@@ -249,4 +253,5 @@ class Trackio(Logger):
             self.trackio.finish()
 
 
+# the trackers of train.report_to (the recipe takes these names; each is an optional extra of the same name)
 LOGGERS = {"tensorboard": TensorBoard, "mlflow": MLflow, "wandb": WandB, "trackio": Trackio}

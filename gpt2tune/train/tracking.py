@@ -33,14 +33,9 @@ from typing import Callable, Optional
 from gpt2tune.errors import UserError
 from gpt2tune.train.loggers import LOGGERS, Logger, numbers
 
-TRACKERS = tuple(LOGGERS)
-# the module a tracker needs, and the pip package that brings it (the extra has the same name as the tracker)
-_NEEDS = {"tensorboard": ("tensorboard", "tensorboard"), "mlflow": ("mlflow", "mlflow-skinny"),
-          "wandb": ("wandb", "wandb"), "trackio": ("trackio", "trackio")}
-
 
 def _require(name: str) -> None:
-    module, package = _NEEDS[name]
+    module, package = LOGGERS[name].needs  # the extra has the same name as the tracker
     if importlib.util.find_spec(module) is None:
         raise UserError(f"train.report_to: {name} needs the package {package}: pip install 'gpt2tune[{name}]'")
 
