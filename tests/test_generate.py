@@ -353,3 +353,49 @@ def test_a_constraint_of_ones_own_steers_every_token(tiny, num_beams):
         assert all(t % 2 == i % 2 for i, t in enumerate(r.ids)), r.ids
         if r.prompt_index:  # no end marker allowed: the whole budget
             assert r.finish == "length" and len(r.ids) == 9
+
+
+def test_text_generation_takes_any_constraint_spec(tiny):
+    """`generate_texts` builds the constraint from a spec (verse forms' `FormSpec` is one): here only
+    the characters 山 and 水, six of them."""
+    from dataclasses import dataclass
+
+    from gpt2tune.generate.constraints import ConstraintSpec
+    from gpt2tune.generate.forms import FormSpec
+
+    model, tok, fr = tiny
+    keep = [tok.convert_tokens_to_ids(ch) for ch in "山水"]
+
+    @dataclass(frozen=True)
+    class Only:
+        n: int
+
+        def build(self, tok, vocab_size, prompts, eos_id):
+            return _Only(self.n, vocab_size, [tok(p, add_special_tokens=False)["input_ids"] for p in prompts])
+
+    class _Only:
+        def __init__(self, n, vocab, ids):
+            self.max_new_tokens, self.vocab, self.ids = n, vocab, ids
+
+        def prompt_ids(self, p):
+            return self.ids[p]
+
+        def start(self, prompt_index):
+            self.rows = len(prompt_index)
+
+        def allowed(self):
+            m = torch.zeros(self.rows, self.vocab, dtype=torch.bool)
+            m[:, keep] = True
+            return m
+
+        def advance(self, tokens):
+            pass
+
+        def reorder(self, index):
+            self.rows = len(index)
+
+    assert isinstance(Only(6), ConstraintSpec) and isinstance(FormSpec(4, 5), ConstraintSpec)
+    samples, _ = generate_texts(model, tok, fr, ["白日", "春"], Sampling(max_new_tokens=40, seed=2, top_k=5), form=Only(6))
+    for smp in samples:
+        assert len(smp.completion) == 6 and set(smp.completion) <= set("山水"), smp.completion
+        assert smp.text == smp.prompt + smp.completion

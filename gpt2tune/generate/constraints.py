@@ -10,12 +10,16 @@ and `advance(tokens)`; `reorder(index)` follows rows leaving the batch or beams 
 constraint may rewrite its prompts, as verse forms put punctuation back).
 
 `generate.forms.FormConstraint` (classical verse forms: lines, rhyme, tones, acrostic) is the
-built-in one; any object with these members works.
+built-in one; any object with these members works. Text generation (`generate.text`, the server)
+takes a `ConstraintSpec`: a hashable description (requests with equal specs share a batch) that
+builds the constraint for a batch of prompts; verse forms' is `generate.forms.FormSpec`. A built
+constraint may also give `prefixes`, the text each prompt's output starts with (verse forms put
+the prompt's punctuation back); else the prompts themselves.
 """
 
 from __future__ import annotations
 
-from typing import Protocol, Sequence, runtime_checkable
+from typing import Optional, Protocol, Sequence, runtime_checkable
 
 import torch
 
@@ -38,3 +42,9 @@ class Constraint(Protocol):
 
     def reorder(self, index: Sequence[int]) -> None:
         """Keep rows `index`, in that order (finished rows leave; beams are reordered)."""
+
+
+@runtime_checkable
+class ConstraintSpec(Protocol):
+    def build(self, tok, vocab_size: int, prompts: list[str], eos_id: Optional[int]) -> Constraint:
+        """The constraint for `prompts` (text), over a model vocabulary of `vocab_size` ids."""

@@ -63,6 +63,10 @@ class FormSpec:
     def slots(self) -> int:
         return self.rows * (self.cols + 1)
 
+    def build(self, tok, vocab_size: int, prompts: list[str], eos_id: Optional[int]) -> "FormConstraint":
+        """The constraint of this form for `prompts` (a `generate.constraints.ConstraintSpec`)."""
+        return FormConstraint(tok, vocab_size, self, prompts, eos_id)
+
 
 def form_spec(form: Optional[str] = None, rows: Optional[int] = None, cols: Optional[int] = None,
               acrostic: Optional[str] = None, rhyme: bool = False, no_repeat: bool = False,

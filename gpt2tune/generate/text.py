@@ -58,17 +58,16 @@ def suppressed_ids(tok, model) -> list[int]:
 
 
 class Prepared:
-    """Prompt ids (and the verse-form constraint) for a list of prompts."""
+    """Prompt ids (and the constraint) for a list of prompts. `form`: a
+    `generate.constraints.ConstraintSpec` (verse forms: `generate.forms.FormSpec`) or None."""
 
     def __init__(self, model, tok, framing, prompts: list[str], form=None):
         self.prompts = list(prompts)
         self.constraint = None
         bos = [framing.bos] if framing.bos is not None else []
         if form is not None:
-            from gpt2tune.generate.forms import FormConstraint
-
-            self.constraint = FormConstraint(tok, model_vocab(model, tok), form, self.prompts, framing.eos)
-            self.heads = list(self.constraint.prefixes)
+            self.constraint = form.build(tok, model_vocab(model, tok), self.prompts, framing.eos)
+            self.heads = list(getattr(self.constraint, "prefixes", self.prompts))
             self.ids = [bos + self.constraint.prompt_ids(i) for i in range(len(self.prompts))]
         else:
             self.heads = list(self.prompts)

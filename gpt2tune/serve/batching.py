@@ -81,7 +81,7 @@ class GenJob(Job):
     max_tokens: int = 16
     sampling: Sampling = field(default_factory=Sampling)
     eos: Optional[int] = None
-    form: object = None
+    form: object = None  # a generate.constraints.ConstraintSpec (verse forms: FormSpec), hashable
     echo: bool = False
     lstrip: bool = False  # chat: the template's leading space is not part of the answer
 
@@ -94,7 +94,7 @@ class GenJob(Job):
         return max(len(i) for i in self.ids)
 
     def key(self) -> tuple:
-        """Jobs with equal keys share a batch: same end marker and verse form (sampling settings
+        """Jobs with equal keys share a batch: same end marker and constraint spec (sampling settings
         may differ: each row keeps its own); a seeded job is alone."""
         return (self.eos, self.form) + ((id(self),) if self.sampling.seed is not None else ())
 
