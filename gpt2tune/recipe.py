@@ -250,7 +250,11 @@ def _moved(old: str) -> str:
 
 def migrate(raw: dict) -> dict:
     """A recipe mapping with the fields of `MOVED` at their new places (a copy when any moved)."""
-    found = [old for old in MOVED if isinstance(raw.get(old.split(".")[0]), dict) and old.split(".")[1] in raw[old.split(".")[0]]]
+    def present(dotted: str) -> bool:
+        sec, key = dotted.split(".")
+        return isinstance(raw.get(sec), dict) and key in raw[sec]
+
+    found = [old for old in MOVED if present(old)]
     if not found:
         return raw
     raw = copy.deepcopy(raw)

@@ -78,7 +78,7 @@ def save_trained(model, tokenizer, run_dir, cfg) -> str:
     run_dir = Path(run_dir)
     gen = _generates(model)
     m = method(cfg.name)
-    if m.format is None:  # the whole model
+    if not m.own_tensors:  # the whole model
         out = run_dir / "model"
         with quiet_transformers():
             model.save_pretrained(str(out))

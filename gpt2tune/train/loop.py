@@ -182,7 +182,6 @@ class Trainer:
         self.result: Optional[Result] = None  # of the last `fit`
         self.main = self.rank == 0
         self.ck_root = self.run_dir / "checkpoints"
-        self.skipped_steps = 0  # updates dropped for a non-finite loss (train.on_nonfinite: skip)
 
     # -- data -----------------------------------------------------------------
     def _epoch_rows(self) -> int:
@@ -300,7 +299,7 @@ class Trainer:
                               chunked_loss=getattr(self.loss_fn, "fast", None) is not None,
                               optimizer=getattr(cfg, "optimizer", "adamw"))
         free = memory.free_memory(self.device)
-        if self.rank == 0:
+        if self.main:
             self.log(f"memory: about {est.describe()} at the peak; {free / 2**30:.1f} GiB free on {self.device}")
         if getattr(cfg, "check_memory", True):
             memory.check_fits(est, free, self.device, ckpt_on)
@@ -466,7 +465,6 @@ class Trainer:
                 f"loss became {bad_loss if bad_loss is not None else 'non-finite'} at step {step + 1}; "
                 f"stopped. The last good checkpoint is kept in {self.ck_root} (lower train.lr, use precision "
                 f"fp32, or set train.on_nonfinite: skip)")
-        self.skipped_steps += 1
         self.log(f"warning: non-finite loss at step {step + 1}; update skipped")
 
     # -- between steps ----------------------------------------------------------
