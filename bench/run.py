@@ -516,7 +516,8 @@ def step_breakdown(m, prompt: list[int], tokens: int) -> dict:
         prod = (time.perf_counter() - t0) / tokens
     nbytes = sum(p.numel() for n_, p in m.named_parameters() if n_.startswith("transformer.h.") and p.dim() == 2) * 4
     nbytes += m.lm_head.weight.numel() * 4
-    return {"step_ms": step * 1e3, "products_ms": prod * 1e3, "products_gbs": nbytes / prod / 1e9, "lent": k > 1}
+    return {"step_ms": step * 1e3, "products_ms": prod * 1e3, "products_gbs": nbytes / prod / 1e9, "lent": k > 1,
+            "kernel": "compiled" if r.w.native_blocks is not None else "torch"}
 
 
 def bench_decode(args, ceil) -> dict:
@@ -610,7 +611,8 @@ def bench_decode(args, ceil) -> dict:
             f"{med(o8[w]):.1f}", ratio(med(c8[w]), med(o8[w])), "top-k 50", base="CT2")
     split = step_breakdown(m, prompt, max(16, min(new, 64)))
     ct_ms = f"; CTranslate2 float32 {1e3 / med(c1['model']):.1f} ms per token" if "model" in ct2 else ""
-    out(f"  greedy fp32 step: {split['step_ms']:.1f} ms per token = products {split['products_ms']:.1f} ms "
+    out(f"  greedy fp32 step ({split['kernel']} one-row kernel, generate.gemv): {split['step_ms']:.1f} ms per token = "
+        f"products {split['products_ms']:.1f} ms "
         f"({split['products_gbs']:.0f} GB/s of weights, threads {'lent' if split['lent'] else 'not lent'}) + the rest "
         f"{split['step_ms'] - split['products_ms']:.1f} ms (norms, attention, residuals, argmax){ct_ms}")
     for c in ct2.values():

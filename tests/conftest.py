@@ -7,6 +7,8 @@ os.environ.setdefault("MPLBACKEND", "Agg")
 import tempfile  # noqa: E402
 
 os.environ.setdefault("GPT2TUNE_CACHE_DIR", tempfile.mkdtemp(prefix="gpt2tune-test-cache-"))
+# the compiled decoding kernel (generate.gemv) is built once per test session, there too
+os.environ.setdefault("GPT2TUNE_NATIVE_DIR", os.path.join(os.environ["GPT2TUNE_CACHE_DIR"], "native"))
 
 from pathlib import Path
 
@@ -33,6 +35,22 @@ ZH_TEXT = ["白日依山盡，黃河入海流。欲窮千里目，更上一層�
            "床前明月光，疑是地上霜。舉頭望明月，低頭思故鄉。",
            "春眠不覺曉，處處聞啼鳥。夜來風雨聲，花落知多少。",
            "千山鳥飛絕，萬徑人蹤滅。孤舟蓑笠翁，獨釣寒江雪。"]
+
+
+@pytest.fixture(params=["native", "torch"])
+def one_row_path(request, monkeypatch):
+    """Run a test on both one-row fp32 decoding paths: the compiled kernel (`generate.gemv`;
+    skipped where it is not built) and PyTorch's kernels."""
+    import gpt2tune.generate.fast as fast
+    from gpt2tune.generate import gemv
+
+    fast._CACHE.clear()
+    if request.param == "torch":
+        monkeypatch.setitem(gemv._state, "lib", None)
+    elif gemv.kernel() is None:
+        pytest.skip("the compiled decoding kernel is not built here (no C compiler, or not x86 with AVX2 and FMA)")
+    yield request.param
+    fast._CACHE.clear()
 
 
 @pytest.fixture(scope="session")

@@ -189,11 +189,11 @@ def test_bottleneck_adapters_decode_on_the_fast_runner():
     assert "forward hooks on transformer.h.0.mlp.c_fc" in fast_supported(m)
 
 
-def test_one_row_kernels_follow_hf_logits_and_weight_edits(monkeypatch):
-    """One-row steps split each product over blocks of its input rows (the head through a
-    [d, vocab] copy, Conv1D weights in place) and several rows read the head through oneDNN: every
-    path stays within fp32 rounding of HF's logits, and the copies are rebuilt when the weights
-    change in place."""
+def test_one_row_kernels_follow_hf_logits_and_weight_edits(monkeypatch, one_row_path):
+    """One-row steps run every block in one call of the compiled kernel (weights read in place),
+    or else split each product over blocks of its input rows (the head through a [d, vocab] copy,
+    Conv1D weights in place); several rows read the head through oneDNN: every path stays within
+    fp32 rounding of HF's logits, and nothing goes stale when the weights change in place."""
     import gpt2tune.generate.fast as fast
     from gpt2tune.generate.runner import HFRunner
 
@@ -213,8 +213,13 @@ def test_one_row_kernels_follow_hf_logits_and_weight_edits(monkeypatch):
 
     r = run(1)
     head, mproj = r.w.head, r.w.blocks[0][5]
-    assert head.parts.shape == (2, 32, 300) and mproj.parts.shape == (2, 128, 64)
-    assert mproj.parts.data_ptr() == m.transformer.h[0].mlp.c_proj.weight.data_ptr()  # a view, no copy
+    if one_row_path == "native":
+        assert r.w.native_blocks is not None and head.parts is None  # the head read in place: no copy
+        assert head.native.w.data_ptr() == m.lm_head.weight.data_ptr()
+    else:
+        assert r.w.native_blocks is None
+        assert head.parts.shape == (2, 32, 300) and mproj.parts.shape == (2, 128, 64)
+        assert mproj.parts.data_ptr() == m.transformer.h[0].mlp.c_proj.weight.data_ptr()  # a view, no copy
     run(2)
     with torch.no_grad():  # an in-place edit: the cached copies must not go stale
         m.lm_head.weight.mul_(1.5)
@@ -226,17 +231,28 @@ def test_one_row_kernels_follow_hf_logits_and_weight_edits(monkeypatch):
     fast._CACHE.clear()
 
 
-@pytest.mark.parametrize("weights", ["model", "bf16", "int8"])
+@pytest.mark.parametrize("weights", ["model", "model-native", "bf16", "int8"])
 def test_one_row_products_get_the_threads_and_the_same_numbers_on_any_count(monkeypatch, weights):
     """One-row steps run on one thread but may lend every thread to their big products (fp32, bf16
-    and int8 alike); each kernel splits its work in a fixed way, so the logits are bitwise the same
-    on one thread and on two, lent or not."""
+    and int8 alike; the compiled kernel takes the thread count instead); each kernel splits its
+    work in a fixed way, so the logits are bitwise the same on one thread and on two, lent or not."""
     import gpt2tune.generate.fast as fast
+    from gpt2tune.generate import gemv
 
     monkeypatch.setattr(fast, "LEND_MIN", 0)  # the tiny model's products count as big
     seen = []
-    product = fast._Linear._product
-    monkeypatch.setattr(fast._Linear, "_product", lambda *a: (seen.append(torch.get_num_threads()), product(*a))[1])
+    if weights == "model-native":
+        if gemv.kernel() is None:
+            pytest.skip("the compiled decoding kernel is not built here")
+        for cls in (gemv.Blocks, gemv.Gemv):
+            call = cls.__call__
+            monkeypatch.setattr(cls, "__call__", lambda self, *a, c=call: (seen.append(a[-1]), c(self, *a))[1])
+        weights = "model"
+    else:
+        monkeypatch.setitem(gemv._state, "lib", None)
+        product = fast._Linear._product
+        monkeypatch.setattr(fast._Linear, "_product",
+                            lambda *a: (seen.append(torch.get_num_threads()), product(*a))[1])
     m = tiny(3)
     before = torch.get_num_threads()
     fast._CACHE.clear()
@@ -286,8 +302,8 @@ def test_one_row_steps_run_on_one_thread_and_restore_the_count(monkeypatch):
     m = tiny()
     r = FastRunner(m, max_len=20)
     seen = []
-    inner = r._step_forward
-    monkeypatch.setattr(r, "_step_forward", lambda *a: (seen.append(torch.get_num_threads()), inner(*a))[1])
+    inner = r._hidden
+    monkeypatch.setattr(r, "_hidden", lambda *a: (seen.append(torch.get_num_threads()), inner(*a))[1])
     before = torch.get_num_threads()
     torch.set_num_threads(2)
     try:

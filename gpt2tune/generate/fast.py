@@ -9,12 +9,13 @@ Bottleneck adapters (`method.adapter`) run inside it too. Decoding one token rea
 bandwidth divided by the bytes of the weights. `weights` chooses them (`Sampling.weights`):
 
 - "model" (default): the model's own tensors. The blocks use HF's products (`addmm` in the Conv1D
-  layout). On the CPU in fp32, one-row steps split each product over two blocks of its input rows
-  (so that two threads can stream it; the head through a [d, vocab] copy, +31% of the weights'
-  bytes for GPT-2 124M) and batches read the head through oneDNN. Other kernels round
-  differently, and the tanh GELU is torch's, not HF's Python formula: the logits are allclose to
-  HF's (~1e-6), not bitwise equal; greedy decoding gives HF's tokens in the tests and on the
-  benchmark's 128 tokens;
+  layout). On the CPU in fp32, one-row steps use `generate.gemv` (a compiled kernel that reads
+  every weight in place, on x86 CPUs with AVX2 and FMA) or else split each product over two blocks
+  of its input rows (so that two threads can stream it; the head through a [d, vocab] copy, +31%
+  of the weights' bytes for GPT-2 124M); batches read the head through oneDNN. Other kernels
+  round differently, and the tanh GELU is torch's, not HF's Python formula: the logits are
+  allclose to HF's (~1e-6), not bitwise equal; greedy decoding gives HF's tokens in the tests and
+  on the benchmark's 128 tokens;
 - "bf16": a bf16 copy in [out, in] layout (matrix-vector kernels at batch 1; several rows as
   W @ x.T where bf16 is native): half the bytes;
 - "int8": int8 weights with one scale per output channel (symmetric). On x86 CPUs with fbgemm
@@ -40,6 +41,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from gpt2tune.generate import gemv
 from gpt2tune.generate.threads import one_thread
 from gpt2tune.model.fast_gpt2 import supported
 
@@ -109,6 +111,7 @@ class _Linear:
     def __init__(self, weight: torch.Tensor, bias: Optional[torch.Tensor], kind: str, conv1d: bool = True):
         # weight: Conv1D [in, out] (conv1d=True) or nn.Linear [out, in]
         self.kind = kind
+        self.native = None  # a `generate.gemv.Gemv` for one-row fp32 products where it is built
         self.lend = weight.numel() >= LEND_MIN  # small products are not worth waking a thread
         if kind == "model":
             self.w = weight.detach() if conv1d else weight.detach().t()  # [in, out] for addmm / mm
@@ -126,6 +129,12 @@ class _Linear:
             # GPT-2 124M), made at its first one-row product.
             self.one_row = cpu32 and self.w.size(0) % ONE_ROW_PARTS == 0
             self.parts = None
+            # where it is built (x86 with AVX2 and FMA, a C compiler): one row through `generate.gemv`,
+            # every weight read in place (the head too: no copy) by its own threads
+            lib = gemv.kernel() if cpu32 else None
+            own = self.w if conv1d else self.w_oi
+            self.native = gemv.Gemv(lib, own, self.b, "in_out" if conv1d else "out_in") \
+                if lib is not None and own.is_contiguous() else None
             # several rows (sampling, beams) lean on compute: oneDNN's kernel on the head's own
             # [vocab, d] tensor is 1.15-1.25x faster than MKL's best form at 8 rows; no copy needed
             self.onednn = cpu32 and not conv1d and self.b is None and onednn_linear_ok(self.w_oi)
@@ -164,6 +173,8 @@ class _Linear:
         (every kind's one-row kernel splits its work so that the numbers do not depend on it:
         tested)."""
         if threads > 1 and self.lend:
+            if self.kind == "model" and self.native is not None and x.size(0) == 1:
+                return self.native(x, threads)  # its own threads: torch's stay as they are
             torch.set_num_threads(threads)
             try:
                 return self._product(x)
@@ -173,6 +184,8 @@ class _Linear:
 
     def _product(self, x: torch.Tensor) -> torch.Tensor:
         if self.kind == "model":
+            if self.native is not None and x.size(0) == 1:
+                return self.native(x, 1)
             if self.one_row and x.size(0) == 1:
                 return self._one_row(x)
             if self.onednn:
@@ -238,6 +251,10 @@ class _Weights:
         self.head = _Linear(model.lm_head.weight, None, kind, conv1d=False)
         self.dtype = self.head.act  # activations and KV cache
         self.lending = Lending()
+        # one-row fp32 steps: every block in one call of the compiled kernel, where it is built
+        plain = all(isinstance(blk[i], _Linear) for blk in self.blocks for i in (1, 2, 4, 5))  # no adapters
+        lib = gemv.kernel() if kind == "model" and plain and self.head.native is not None else None
+        self.native_blocks = gemv.Blocks(lib, model) if lib is not None and gemv.blocks_supported(model) else None
 
 
 class Lending:
@@ -385,24 +402,33 @@ class FastRunner:
             self.kmask[:, self.t] = True
             amask = self.kmask[:, None, None, : self.t + 1]
         if tokens.size(0) > 1:  # batches keep every thread for their GEMMs
-            return self._advance(self._step_forward(self._embed(tokens, self.pos), amask))
+            return self._advance(self._hidden(self._embed(tokens, self.pos), amask))
         with one_thread() as n:
             if n == 1:
-                return self._advance(self._step_forward(self._embed(tokens, self.pos), amask))
+                return self._advance(self._hidden(self._embed(tokens, self.pos), amask))
             lending = self.w.lending
             lend = lending.choose()
             lent = n if lend else 1
             t0 = time.perf_counter()
-            x = self._step_forward(self._embed(tokens, self.pos), amask, lent)
-            logits = self._advance(x, lent)
+            h = self._hidden(self._embed(tokens, self.pos), amask, lent)
+            logits = self._advance(h, lent)
             if lending.steps > 1:  # the first step builds the head's one-row copy
                 lending.record(lend, time.perf_counter() - t0)
             return logits
 
-    def _advance(self, x: torch.Tensor, n: int = 1) -> torch.Tensor:
+    def _advance(self, h: torch.Tensor, n: int = 1) -> torch.Tensor:
         self.t += 1
         self.pos = self.pos + 1
-        return self._logits(x, n)
+        return self.w.head(h, n).float()
+
+    def _hidden(self, x: torch.Tensor, amask: Optional[torch.Tensor], n: int = 1) -> torch.Tensor:
+        """The final norm of the blocks' output for one new token per row: one call of the
+        compiled kernel (`generate.gemv.Blocks`) for one unmasked fp32 row where it is built,
+        else `_step_forward`."""
+        native = self.w.native_blocks
+        if native is not None and x.size(0) == 1 and amask is None and self.k.is_contiguous():
+            return native(x, self.k, self.v, self.t, n)
+        return self._norm(self._step_forward(x, amask, n), self.tr.ln_f)
 
     def _step_forward(self, x: torch.Tensor, amask: Optional[torch.Tensor], n: int = 1) -> torch.Tensor:
         """`_forward` for one new token per row, `x` [B, D]: per-layer cache views made once per

@@ -1,0 +1,371 @@
+/* One-row fp32 products for decoding on x86 CPUs with AVX2 and FMA (see gemv.py).
+
+   g2t_blocks(...): every block of a GPT-2 for one token (norms, products, attention over the KV
+     cache, GELU, residuals) in one call, and the final norm.
+   g2t_gemv(kind, w, x, y, scratch, K, N, b, threads):
+     kind 0: y[N] = x[K] @ W[K, N] + b   (GPT-2's Conv1D layout: each thread streams a contiguous
+             block of rows; the two halves of K are summed at the end, so the numbers are the same
+             for every thread count)
+     kind 1: y[N] = W[N, K] . x[K] + b   (nn.Linear layout, the LM head: rows split among threads)
+   scratch: N floats (kind 0). b may be NULL. Returns the thread count used.
+
+   The calling thread does the first task; `threads - 1` worker threads (started on first use,
+   again in a forked child) do the others. Workers spin for a short while after a task, since the
+   next product comes within microseconds while decoding, then sleep on a condition variable. */
+
+#include <immintrin.h>
+#include <math.h>
+#include <pthread.h>
+#include <stdatomic.h>
+#include <string.h>
+#include <time.h>
+
+#define MAXT 64
+
+enum { AXPY = 0, DOT = 1, ATTN = 2 };
+
+typedef struct {
+    int kind;
+    const float *w, *x; /* ATTN: x is qkv [3D] */
+    float *y, *scratch; /* ATTN: y is the output [D] */
+    long K, N;          /* ATTN: K = head size, N = heads */
+    int threads;
+    const float *kc, *vc; /* ATTN: one layer's key and value cache [heads, max_len, head size] */
+    long t1, max_len;     /* ATTN: keys to attend (the new one included) */
+} job_t;
+
+static job_t job;
+static atomic_long posted, done;
+static atomic_int sleeping;
+static pthread_mutex_t mu = PTHREAD_MUTEX_INITIALIZER, call_mu = PTHREAD_MUTEX_INITIALIZER;
+static pthread_cond_t cv = PTHREAD_COND_INITIALIZER;
+static int workers;
+static long spin_ns = 1000000;
+static long start_seen[MAXT];
+
+static inline float hsum(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+
+/* e^x for 8 floats (Cephes' expf: range reduction by ln 2, degree-5 polynomial; ~1 ulp) */
+static inline __m256 exp8(__m256 x) {
+    x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.0f)), _mm256_set1_ps(88.0f));
+    __m256 n = _mm256_floor_ps(_mm256_fmadd_ps(x, _mm256_set1_ps(1.44269504088896341f), _mm256_set1_ps(0.5f)));
+    x = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+    x = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), x);
+    __m256 y = _mm256_set1_ps(1.9875691500e-4f);
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.3981999507e-3f));
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(8.3334519073e-3f));
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(4.1665795894e-2f));
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.6666665459e-1f));
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(5.0000001201e-1f));
+    y = _mm256_add_ps(_mm256_fmadd_ps(y, _mm256_mul_ps(x, x), x), _mm256_set1_ps(1.0f));
+    __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    return _mm256_mul_ps(y, _mm256_castsi256_ps(e));
+}
+
+/* out[n0:n1] = x[k0:k1] @ W[k0:k1, n0:n1]; W has N columns */
+static void axpy_rows(const float *w, const float *x, float *out, long k0, long k1, long n0, long n1, long N) {
+    if (k0 >= k1) {
+        memset(out + n0, 0, (size_t)(n1 - n0) * sizeof(float));
+        return;
+    }
+    int first = 1;
+    long k = k0;
+    for (; k + 4 <= k1; k += 4, first = 0) {
+        const float *w0 = w + k * N, *w1 = w0 + N, *w2 = w1 + N, *w3 = w2 + N;
+        __m256 x0 = _mm256_set1_ps(x[k]), x1 = _mm256_set1_ps(x[k + 1]), x2 = _mm256_set1_ps(x[k + 2]),
+               x3 = _mm256_set1_ps(x[k + 3]);
+        long n = n0;
+        for (; n + 8 <= n1; n += 8) {
+            __m256 o = first ? _mm256_setzero_ps() : _mm256_loadu_ps(out + n);
+            o = _mm256_fmadd_ps(_mm256_loadu_ps(w0 + n), x0, o);
+            o = _mm256_fmadd_ps(_mm256_loadu_ps(w1 + n), x1, o);
+            o = _mm256_fmadd_ps(_mm256_loadu_ps(w2 + n), x2, o);
+            o = _mm256_fmadd_ps(_mm256_loadu_ps(w3 + n), x3, o);
+            _mm256_storeu_ps(out + n, o);
+        }
+        for (; n < n1; n++) {
+            float o = first ? 0.f : out[n];
+            o = fmaf(w0[n], x[k], o);
+            o = fmaf(w1[n], x[k + 1], o);
+            o = fmaf(w2[n], x[k + 2], o);
+            o = fmaf(w3[n], x[k + 3], o);
+            out[n] = o;
+        }
+    }
+    for (; k < k1; k++, first = 0) {
+        const float *w0 = w + k * N;
+        for (long n = n0; n < n1; n++) out[n] = fmaf(w0[n], x[k], first ? 0.f : out[n]);
+    }
+}
+
+/* y[n0:n1] = W[n0:n1, :K] . x */
+static void dot_rows(const float *w, const float *x, float *y, long n0, long n1, long K) {
+    long n = n0;
+    for (; n + 4 <= n1; n += 4) {
+        const float *w0 = w + n * K, *w1 = w0 + K, *w2 = w1 + K, *w3 = w2 + K;
+        __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+        long k = 0;
+        for (; k + 8 <= K; k += 8) {
+            __m256 xv = _mm256_loadu_ps(x + k);
+            a0 = _mm256_fmadd_ps(_mm256_loadu_ps(w0 + k), xv, a0);
+            a1 = _mm256_fmadd_ps(_mm256_loadu_ps(w1 + k), xv, a1);
+            a2 = _mm256_fmadd_ps(_mm256_loadu_ps(w2 + k), xv, a2);
+            a3 = _mm256_fmadd_ps(_mm256_loadu_ps(w3 + k), xv, a3);
+        }
+        float s0 = hsum(a0), s1 = hsum(a1), s2 = hsum(a2), s3 = hsum(a3);
+        for (; k < K; k++) {
+            s0 = fmaf(w0[k], x[k], s0);
+            s1 = fmaf(w1[k], x[k], s1);
+            s2 = fmaf(w2[k], x[k], s2);
+            s3 = fmaf(w3[k], x[k], s3);
+        }
+        y[n] = s0, y[n + 1] = s1, y[n + 2] = s2, y[n + 3] = s3;
+    }
+    for (; n < n1; n++) {
+        const float *w0 = w + n * K;
+        __m256 a = _mm256_setzero_ps();
+        long k = 0;
+        for (; k + 8 <= K; k += 8) a = _mm256_fmadd_ps(_mm256_loadu_ps(w0 + k), _mm256_loadu_ps(x + k), a);
+        float s = hsum(a);
+        for (; k < K; k++) s = fmaf(w0[k], x[k], s);
+        y[n] = s;
+    }
+}
+
+/* heads [h0, h1) of one query over t1 cached keys and values (GPT-2: scaled by 1/sqrt(head size)) */
+static void attn_heads(const job_t *j, long h0, long h1) {
+    long hd = j->K, t1 = j->t1, D = j->N * hd;
+    float scale = 1.0f / sqrtf((float)hd), s[t1];
+    for (long h = h0; h < h1; h++) {
+        const float *q = j->x + h * hd, *kh = j->kc + h * j->max_len * hd, *vh = j->vc + h * j->max_len * hd;
+        float m = -INFINITY;
+        for (long t = 0; t < t1; t++) {
+            const float *k = kh + t * hd;
+            __m256 a = _mm256_setzero_ps();
+            long d = 0;
+            for (; d + 8 <= hd; d += 8) a = _mm256_fmadd_ps(_mm256_loadu_ps(q + d), _mm256_loadu_ps(k + d), a);
+            float v = hsum(a);
+            for (; d < hd; d++) v = fmaf(q[d], k[d], v);
+            s[t] = v * scale;
+            m = s[t] > m ? s[t] : m;
+        }
+        float sum = 0.f;
+        long t = 0;
+        for (; t + 8 <= t1; t += 8) {
+            __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(s + t), _mm256_set1_ps(m)));
+            _mm256_storeu_ps(s + t, e);
+            sum += hsum(e);
+        }
+        for (; t < t1; t++) sum += (s[t] = expf(s[t] - m));
+        float inv = 1.0f / sum, *o = j->y + h * hd;
+        long d = 0;
+        for (; d + 8 <= hd; d += 8) {
+            __m256 a = _mm256_setzero_ps();
+            for (long t = 0; t < t1; t++) a = _mm256_fmadd_ps(_mm256_set1_ps(s[t]), _mm256_loadu_ps(vh + t * hd + d), a);
+            _mm256_storeu_ps(o + d, _mm256_mul_ps(a, _mm256_set1_ps(inv)));
+        }
+        for (; d < hd; d++) {
+            float a = 0.f;
+            for (long t = 0; t < t1; t++) a = fmaf(s[t], vh[t * hd + d], a);
+            o[d] = a * inv;
+        }
+    }
+    (void)D;
+}
+
+static void run_task(const job_t *j, int t) {
+    int T = j->threads;
+    if (j->kind == 0) {
+        long kh = j->K / 2;
+        if (T == 1) {
+            axpy_rows(j->w, j->x, j->y, 0, kh, 0, j->N, j->N);
+            axpy_rows(j->w, j->x, j->scratch, kh, j->K, 0, j->N, j->N);
+            return;
+        }
+        int per = T / 2, half = t / per, c = t % per; /* threads per half; the columns split among them */
+        if (half > 1) return;
+        long n0 = c ? (j->N * c / per) & ~7L : 0, n1 = c == per - 1 ? j->N : (j->N * (c + 1) / per) & ~7L;
+        axpy_rows(j->w, j->x, half ? j->scratch : j->y, half ? kh : 0, half ? j->K : kh, n0, n1, j->N);
+    } else if (j->kind == DOT) {
+        long n0 = t ? (j->N * t / T) & ~3L : 0, n1 = t == T - 1 ? j->N : (j->N * (t + 1) / T) & ~3L;
+        dot_rows(j->w, j->x, j->y, n0, n1, j->K);
+    } else {
+        attn_heads(j, j->N * t / T, j->N * (t + 1) / T);
+    }
+}
+
+static long now_ns(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return ts.tv_sec * 1000000000L + ts.tv_nsec;
+}
+
+static void *worker(void *arg) {
+    int t = (int)(long)arg;
+    long seen = start_seen[t];
+    for (;;) {
+        long start = now_ns();
+        for (int i = 1; atomic_load_explicit(&posted, memory_order_acquire) == seen; i++) {
+            _mm_pause();
+            if (i % 256 == 0 && now_ns() - start > spin_ns) {
+                pthread_mutex_lock(&mu);
+                atomic_fetch_add(&sleeping, 1);
+                while (atomic_load(&posted) == seen) pthread_cond_wait(&cv, &mu);
+                atomic_fetch_sub(&sleeping, 1);
+                pthread_mutex_unlock(&mu);
+                break;
+            }
+        }
+        seen = atomic_load_explicit(&posted, memory_order_acquire);
+        if (t < job.threads) run_task(&job, t);
+        atomic_fetch_add_explicit(&done, 1, memory_order_release);
+    }
+    return NULL;
+}
+
+static void forked_child(void) { /* the parent's workers are not in the child: start afresh */
+    workers = 0;
+    atomic_store(&sleeping, 0);
+    pthread_mutex_init(&mu, NULL);
+    pthread_mutex_init(&call_mu, NULL);
+    pthread_cond_init(&cv, NULL);
+}
+
+__attribute__((constructor)) static void on_load(void) { pthread_atfork(NULL, NULL, forked_child); }
+
+static int start_workers(int n) {
+    while (workers < n) {
+        pthread_t th;
+        pthread_attr_t at;
+        pthread_attr_init(&at);
+        pthread_attr_setdetachstate(&at, PTHREAD_CREATE_DETACHED);
+        start_seen[workers + 1] = atomic_load(&posted);
+        int err = pthread_create(&th, &at, worker, (void *)(long)(workers + 1));
+        pthread_attr_destroy(&at);
+        if (err) break;
+        workers++;
+    }
+    return workers;
+}
+
+/* run `job` on `threads` threads (the caller's and workers'); call_mu held */
+static int run_job(job_t j, int threads) {
+    if (threads > MAXT) threads = MAXT;
+    if (threads > 1 && start_workers(threads - 1) + 1 < threads) threads = workers + 1;
+    if (threads < 1) threads = 1;
+    j.threads = threads;
+    job = j;
+    if (threads > 1) {
+        long target = atomic_load(&done) + workers;
+        atomic_fetch_add(&posted, 1);
+        if (atomic_load(&sleeping)) {
+            pthread_mutex_lock(&mu);
+            pthread_cond_broadcast(&cv);
+            pthread_mutex_unlock(&mu);
+        }
+        run_task(&job, 0);
+        while (atomic_load_explicit(&done, memory_order_acquire) < target) _mm_pause();
+    } else {
+        run_task(&job, 0);
+    }
+    return threads;
+}
+
+/* y = x @ W or W . x, plus b; scratch: N floats (AXPY's second half) */
+static int gemv(int kind, const float *w, const float *x, float *y, float *scratch, long K, long N, const float *b,
+                int threads) {
+    threads = run_job((job_t){.kind = kind, .w = w, .x = x, .y = y, .scratch = scratch, .K = K, .N = N}, threads);
+    long n = 0;
+    if (kind == AXPY) {
+        for (; n + 8 <= N; n += 8) {
+            __m256 v = _mm256_add_ps(_mm256_loadu_ps(y + n), _mm256_loadu_ps(scratch + n));
+            _mm256_storeu_ps(y + n, b ? _mm256_add_ps(v, _mm256_loadu_ps(b + n)) : v);
+        }
+        for (; n < N; n++) y[n] = b ? (y[n] + scratch[n]) + b[n] : y[n] + scratch[n];
+    } else if (b) {
+        for (; n < N; n++) y[n] += b[n];
+    }
+    return threads;
+}
+
+int g2t_gemv(int kind, const float *w, const float *x, float *y, float *scratch, long K, long N, const float *b,
+             int threads) {
+    pthread_mutex_lock(&call_mu); /* one product at a time: the workers and `job` are shared */
+    threads = gemv(kind, w, x, y, scratch, K, N, b, threads);
+    pthread_mutex_unlock(&call_mu);
+    return threads;
+}
+
+/* One GPT-2 block (pre-norm) for one token; fields as the model's tensors (Conv1D weights [in, out]). */
+typedef struct {
+    const float *ln1_w, *ln1_b, *attn_w, *attn_b, *proj_w, *proj_b;
+    const float *ln2_w, *ln2_b, *fc_w, *fc_b, *mproj_w, *mproj_b;
+    float *k_cache, *v_cache; /* [heads, max_len, head size] of this layer (row 0) */
+} block_t;
+
+static void layer_norm(const float *x, const float *w, const float *b, float *y, long D, float eps) {
+    double sum = 0, sq = 0;
+    for (long i = 0; i < D; i++) sum += x[i];
+    double mean = sum / D;
+    for (long i = 0; i < D; i++) sq += (x[i] - mean) * (x[i] - mean);
+    float rstd = (float)(1.0 / sqrt(sq / D + eps)), mu = (float)mean;
+    for (long i = 0; i < D; i++) y[i] = (x[i] - mu) * rstd * w[i] + b[i];
+}
+
+/* GELU in place: exact (erf) or the tanh form, written as v * sigmoid(2u) = v / (1 + e^(-2u)),
+   u = sqrt(2/pi) (v + 0.044715 v^3), since 1 + tanh(u) = 2 sigmoid(2u) */
+static void gelu(float *x, long n, int exact) {
+    long i = 0;
+    if (exact) {
+        for (; i < n; i++) x[i] = 0.5f * x[i] * (1.0f + erff(x[i] * 0.70710678118654752f));
+        return;
+    }
+    const __m256 c = _mm256_set1_ps(-2.0f * 0.79788456080286536f), k = _mm256_set1_ps(0.044715f),
+                 one = _mm256_set1_ps(1.0f);
+    for (; i + 8 <= n; i += 8) {
+        __m256 v = _mm256_loadu_ps(x + i);
+        __m256 u = _mm256_mul_ps(c, _mm256_fmadd_ps(_mm256_mul_ps(k, v), _mm256_mul_ps(v, v), v));
+        _mm256_storeu_ps(x + i, _mm256_div_ps(v, _mm256_add_ps(one, exp8(u))));
+    }
+    for (; i < n; i++) {
+        float v = x[i];
+        x[i] = v / (1.0f + expf(-2.0f * 0.79788456080286536f * (v + 0.044715f * v * v * v)));
+    }
+}
+
+/* The blocks of a GPT-2 for one token at cache position t: the residual stream x [D] in place.
+   work: 2 * 4 * D + 2 * F floats (F: the MLP's inner size). Then the final norm of x into h [D]. */
+int g2t_blocks(const block_t *blocks, long L, float *x, float *h, const float *lnf_w, const float *lnf_b, long t,
+               long max_len, long heads, long D, long F, float eps, int exact_gelu, float *work, int threads) {
+    long hd = D / heads, Q = 3 * D > F ? 3 * D : F;
+    float *a = work, *qkv = a + D, *y = qkv + Q, *scratch = y + Q;
+    pthread_mutex_lock(&call_mu);
+    for (long l = 0; l < L; l++) {
+        const block_t *B = blocks + l;
+        layer_norm(x, B->ln1_w, B->ln1_b, h, D, eps);
+        threads = gemv(AXPY, B->attn_w, h, qkv, scratch, D, 3 * D, B->attn_b, threads);
+        for (long i = 0; i < heads; i++) {
+            memcpy(B->k_cache + (i * max_len + t) * hd, qkv + D + i * hd, hd * sizeof(float));
+            memcpy(B->v_cache + (i * max_len + t) * hd, qkv + 2 * D + i * hd, hd * sizeof(float));
+        }
+        run_job((job_t){.kind = ATTN, .x = qkv, .y = a, .K = hd, .N = heads, .kc = B->k_cache, .vc = B->v_cache,
+                        .t1 = t + 1, .max_len = max_len}, threads);
+        gemv(AXPY, B->proj_w, a, y, scratch, D, D, B->proj_b, threads);
+        for (long i = 0; i < D; i++) x[i] += y[i];
+        layer_norm(x, B->ln2_w, B->ln2_b, h, D, eps);
+        gemv(AXPY, B->fc_w, h, qkv, scratch, D, F, B->fc_b, threads);
+        gelu(qkv, F, exact_gelu);
+        gemv(AXPY, B->mproj_w, qkv, y, scratch, F, D, B->mproj_b, threads);
+        for (long i = 0; i < D; i++) x[i] += y[i];
+    }
+    layer_norm(x, lnf_w, lnf_b, h, D, eps);
+    pthread_mutex_unlock(&call_mu);
+    return threads;
+}
+
+void g2t_set_spin(long ns) { spin_ns = ns; }

@@ -1,0 +1,151 @@
+"""The compiled one-row decoding kernel (`generate.gemv`): its products and blocks against float64
+and PyTorch, the same numbers on any thread count, safe after fork and from several threads, and
+how it is built (or not)."""
+
+import multiprocessing as mp
+import threading
+
+import pytest
+import torch
+
+from gpt2tune.errors import UserError
+from gpt2tune.generate import gemv
+
+
+@pytest.fixture
+def lib():
+    k = gemv.kernel()
+    if k is None:
+        pytest.skip("the compiled decoding kernel is not built here (no C compiler, or not x86 with AVX2 and FMA)")
+    return k
+
+
+SHAPES = [(64, 300), (3072, 768), (7, 13), (1, 9), (33, 8)]  # odd sizes: every tail of the loops
+
+
+@pytest.mark.parametrize("K,N", SHAPES)
+def test_products_match_float64_on_every_thread_count(lib, K, N):
+    torch.manual_seed(K * N)
+    w, x, b = torch.randn(K, N), torch.randn(1, K), torch.randn(N)
+    want = (x.double() @ w.double() + b.double()).float()
+    for layout, weight in (("in_out", w), ("out_in", w.t().contiguous())):
+        g = gemv.Gemv(lib, weight, b, layout)
+        outs = [g(x, n) for n in (1, 2, 3, 4)]
+        torch.testing.assert_close(outs[0], want, rtol=1e-5, atol=1e-5 * K ** 0.5)
+        for o in outs[1:]:
+            assert torch.equal(o, outs[0]), layout  # fixed splits: bitwise the same
+
+
+def test_a_product_checks_its_input(lib):
+    g = gemv.Gemv(lib, torch.randn(8, 4), None, "in_out")
+    with pytest.raises(ValueError, match="one fp32 row of 8"):
+        g(torch.randn(2, 8))
+    with pytest.raises(ValueError, match="contiguous fp32 CPU"):
+        gemv.Gemv(lib, torch.randn(8, 4).t(), None, "in_out")
+
+
+def _gpt2(activation="gelu_new"):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    cfg = GPT2Config(n_layer=3, n_head=4, n_embd=64, vocab_size=300, n_positions=64, activation_function=activation,
+                     initializer_range=0.3)
+    return GPT2LMHeadModel._from_config(cfg, attn_implementation="sdpa").eval()
+
+
+@pytest.mark.parametrize("activation", ["gelu_new", "gelu"])
+def test_blocks_follow_the_torch_step_and_write_the_cache(lib, activation, monkeypatch):
+    """`Blocks` (every block in one call) against FastRunner's own torch step, over 12 tokens:
+    the same final hidden state within fp32 rounding, the same keys and values in the cache, and
+    bitwise the same on one thread and on two."""
+    import gpt2tune.generate.fast as fast
+
+    m = _gpt2(activation)
+    ids = torch.tensor([[5, 17, 42, 99, 7]])
+    runs = {}
+    for name in ("torch", "native1", "native2"):
+        fast._CACHE.clear()
+        r = fast.FastRunner(m, max_len=40)
+        if name == "torch":
+            monkeypatch.setattr(r.w, "native_blocks", None)
+        else:
+            assert r.w.native_blocks is not None
+        threads = 2 if name == "native2" else 1
+        with torch.inference_mode():
+            tok = r.prefill(ids).argmax(-1)
+            hs = []
+            for _ in range(12):
+                h = r._hidden(r._embed(tok, r.pos), None, threads)
+                hs.append(h)
+                tok = r._advance(h).argmax(-1)
+        runs[name] = (torch.cat(hs), r.k.clone(), r.v.clone())
+    fast._CACHE.clear()
+    for a, b in zip(runs["torch"], runs["native1"]):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
+    for a, b in zip(runs["native1"], runs["native2"]):
+        assert torch.equal(a, b)
+
+
+def _product_in_child(q):
+    g = gemv.Gemv(gemv.kernel(), torch.ones(64, 16), None, "in_out")
+    q.put(g(torch.ones(1, 64), 2).sum().item())
+
+
+def test_a_forked_child_gets_workers_of_its_own(lib):
+    """The parent's worker threads do not exist in a forked child: its first product must start its
+    own, not wait forever for the parent's."""
+    g = gemv.Gemv(lib, torch.ones(64, 16), None, "in_out")
+    assert g(torch.ones(1, 64), 2).sum().item() == 64 * 16  # the parent's workers are running
+    ctx = mp.get_context("fork")
+    q = ctx.Queue()
+    p = ctx.Process(target=_product_in_child, args=(q,))
+    p.start()
+    p.join(60)
+    alive = p.is_alive()
+    if alive:
+        p.kill()
+    assert not alive, "the child hung in its first product"
+    assert q.get(timeout=5) == 64 * 16
+
+
+def test_products_from_several_threads_at_once_stay_right(lib):
+    torch.manual_seed(0)
+    ws = [torch.randn(256, 512) for _ in range(4)]
+    xs = [torch.randn(1, 256) for _ in range(4)]
+    want = [x @ w for x, w in zip(xs, ws)]
+    bad = []
+
+    def work(i):
+        g = gemv.Gemv(lib, ws[i], None, "in_out")
+        for _ in range(200):
+            if not torch.allclose(g(xs[i], 2), want[i], atol=1e-4):
+                bad.append(i)
+                return
+
+    ts = [threading.Thread(target=work, args=(i,)) for i in range(4)]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join()
+    assert not bad
+
+
+def test_built_once_then_reused(tmp_path, lib):
+    cc = gemv.compiler()
+    first = gemv.build(cc, tmp_path)
+    stamp = first.stat().st_mtime_ns
+    assert gemv.build(cc, tmp_path) == first and first.stat().st_mtime_ns == stamp
+    assert [p.name for p in tmp_path.iterdir()] == [first.name]  # no temporary files left
+
+
+def test_off_switch_missing_compiler_and_other_cpus(monkeypatch):
+    monkeypatch.setenv(gemv.ENV, "0")
+    assert gemv._load() is None
+    monkeypatch.setenv(gemv.ENV, "yes")
+    with pytest.raises(UserError, match="GPT2TUNE_NATIVE must be 0 or 1"):
+        gemv._load()
+    monkeypatch.delenv(gemv.ENV)
+    assert not gemv.supported_cpu(frozenset({"sse4_2", "avx"}))
+    monkeypatch.setattr(gemv, "supported_cpu", lambda flags=None: True)
+    monkeypatch.setattr(gemv, "compiler", lambda: None)
+    assert gemv._load() is None
