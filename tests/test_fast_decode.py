@@ -225,6 +225,10 @@ def test_one_row_kernels_follow_hf_logits_and_weight_edits(monkeypatch, one_row_
         m.lm_head.weight.mul_(1.5)
         m.transformer.h[1].mlp.c_proj.weight.mul_(-1)
     assert run(1).w.head is not head
+    for split in (True, False):  # several rows split like one (CPUs other than Intel's) or through addmm
+        monkeypatch.setattr(fast, "split_several_rows", lambda: split)
+        fast._CACHE.clear()
+        assert run(2).w.blocks[0][1].split_rows is split
     monkeypatch.setattr(fast, "onednn_linear_ok", lambda w: False)  # CPUs without oneDNN: MKL for every batch
     fast._CACHE.clear()
     run(2)

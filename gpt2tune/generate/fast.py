@@ -12,7 +12,8 @@ bandwidth divided by the bytes of the weights. `weights` chooses them (`Sampling
   layout). On the CPU in fp32, one-row steps use `generate.gemv` (a compiled kernel that reads
   every weight in place, on x86 CPUs with AVX2 and FMA) or else split each product over two blocks
   of its input rows (so that two threads can stream it; the head through a [d, vocab] copy, +31%
-  of the weights' bytes for GPT-2 124M); batches read the head through oneDNN. Other kernels
+  of the weights' bytes for GPT-2 124M); batches read the head through oneDNN, and on CPUs other
+  than Intel's split the blocks' products like one row (MKL's small GEMMs are slow there). Other kernels
   round differently, and the tanh GELU is torch's, not HF's Python formula: the logits are
   allclose to HF's (~1e-6), not bitwise equal; greedy decoding gives HF's tokens in the tests and
   on the benchmark's 128 tokens;
@@ -48,6 +49,13 @@ from gpt2tune.model.fast_gpt2 import supported
 WEIGHTS = ("model", "bf16", "int8")
 ONE_ROW_PARTS = 2  # blocks of input rows a one-row fp32 product is split into (see `_Linear`)
 LEND_MIN = 1 << 18  # weights of at least this many elements get the caller's threads for one-row products
+
+
+def split_several_rows() -> bool:
+    """Whether fp32 products of several rows take `_Linear._split` (CPUs other than Intel's)."""
+    from gpt2tune.model.cpu import cpu_vendor
+
+    return cpu_vendor() not in ("GenuineIntel", "")
 
 
 def fast_supported(model) -> Optional[str]:
@@ -129,6 +137,10 @@ class _Linear:
             # GPT-2 124M), made at its first one-row product.
             self.one_row = cpu32 and self.w.size(0) % ONE_ROW_PARTS == 0
             self.parts = None
+            # several rows (sampling, beams) through the same split on CPUs other than Intel's, where MKL's
+            # small-row GEMMs are slow: 1.2-1.9x faster for 2 to 64 rows of GPT-2 124M's blocks on the
+            # AVX2 EPYC (8 rows: 27.7 vs 46.6 ms per step). Intel CPUs keep `addmm`.
+            self.split_rows = self.one_row and conv1d and split_several_rows()
             # where it is built (x86 with AVX2 and FMA, a C compiler): one row through `generate.gemv`,
             # every weight read in place (the head too: no copy) by its own threads
             lib = gemv.kernel() if cpu32 else None
@@ -186,8 +198,8 @@ class _Linear:
         if self.kind == "model":
             if self.native is not None and x.size(0) == 1:
                 return self.native(x, 1)
-            if self.one_row and x.size(0) == 1:
-                return self._one_row(x)
+            if self.one_row and x.size(0) == 1 or self.split_rows:
+                return self._split(x)
             if self.onednn:
                 return torch.ops.mkldnn._linear_pointwise(x, self.w_oi, None, "none", [], "")
             if self.w_oi is not None and self.b is None and x.size(0) > 1:
@@ -208,11 +220,12 @@ class _Linear:
             y = torch.ops.aten._weight_int8pack_mm(x, self.q, self.scale)
         return y if self.b is None else y.add_(self.b)
 
-    def _one_row(self, x: torch.Tensor) -> torch.Tensor:
+    def _split(self, x: torch.Tensor) -> torch.Tensor:
+        """x [M, in] @ W as ONE_ROW_PARTS products over blocks of W's input rows, summed."""
         if self.parts is None:  # [parts, in/parts, out]
             w = self.w.contiguous()  # Conv1D: the weight itself; the head: its [d, vocab] copy
             self.parts = w.view(ONE_ROW_PARTS, w.size(0) // ONE_ROW_PARTS, w.size(1))
-        p = torch.bmm(x.view(ONE_ROW_PARTS, 1, -1), self.parts)
+        p = torch.bmm(x.view(x.size(0), ONE_ROW_PARTS, -1).transpose(0, 1), self.parts)
         y = p[0]
         for i in range(1, ONE_ROW_PARTS):
             y = y.add_(p[i])

@@ -22,6 +22,17 @@ def cpu_flags() -> frozenset:
     return frozenset(line.partition(":")[2].split())
 
 
+def cpu_vendor() -> str:
+    """The CPU's vendor id ("GenuineIntel", "AuthenticAMD", ...; "" where /proc/cpuinfo cannot be
+    read)."""
+    try:
+        text = open("/proc/cpuinfo").read()
+    except OSError:
+        return ""
+    line = next((ln for ln in text.splitlines() if ln.startswith("vendor_id")), "")
+    return line.partition(":")[2].strip()
+
+
 BF16_ENV = "GPT2TUNE_CPU_BF16"
 
 
