@@ -498,7 +498,7 @@ def step_breakdown(m, prompt: list[int], tokens: int) -> dict:
     for _ in range(tokens):
         tok = r.step(tok).argmax(-1)
     step = (time.perf_counter() - t0) / tokens
-    lending, D = r.w.lending, m.config.n_embd
+    lending, D = r.w.lending_for(1), m.config.n_embd
     lent, solo = lending.seconds[True], lending.seconds[False]
     x, h = torch.randn(1, D), torch.randn(1, m.config.n_inner or 4 * D)
     with torch.inference_mode(), one_thread() as n:

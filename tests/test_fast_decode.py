@@ -318,7 +318,10 @@ def test_one_row_steps_run_on_one_thread_and_restore_the_count(monkeypatch):
             r.step(torch.tensor([10_000]))  # an error inside the step still restores the count
         assert torch.get_num_threads() == 2
         r.prefill(torch.tensor([PROMPT, PROMPT]))
-        r.step(torch.tensor([3, 4]))  # batches keep every thread
+        r.step(torch.tensor([3, 4]))  # a few rows: one thread where the compiled kernel does their products
+        assert seen[-1] == (1 if r.w.native_rows else 2)
+        r.prefill(torch.tensor([PROMPT] * 9))
+        r.step(torch.tensor([3] * 9))  # batches beyond its rows keep every thread for their GEMMs
         assert seen[-1] == 2
     finally:
         torch.set_num_threads(before)

@@ -36,10 +36,22 @@ def test_products_match_float64_on_every_thread_count(lib, K, N):
             assert torch.equal(o, outs[0]), layout  # fixed splits: bitwise the same
 
 
+@pytest.mark.parametrize("layout", ["in_out", "out_in"])
+def test_several_rows_get_the_numbers_each_gets_alone(lib, layout):
+    torch.manual_seed(1)
+    w, b, x = torch.randn(96, 40), torch.randn(40), torch.randn(8, 96)
+    g = gemv.Gemv(lib, w if layout == "in_out" else w.t().contiguous(), b, layout)
+    alone = torch.cat([g(x[i:i + 1], 1) for i in range(8)])
+    for n in (1, 2, 3):
+        for rows in (2, 5, 8):
+            assert torch.equal(g(x[:rows], n), alone[:rows])
+    torch.testing.assert_close(alone, (x.double() @ w.double() + b.double()).float(), rtol=1e-5, atol=1e-4)
+
+
 def test_a_product_checks_its_input(lib):
     g = gemv.Gemv(lib, torch.randn(8, 4), None, "in_out")
-    with pytest.raises(ValueError, match="one fp32 row of 8"):
-        g(torch.randn(2, 8))
+    with pytest.raises(ValueError, match="1 to 8 fp32 rows of 8"):
+        g(torch.randn(9, 8))
     with pytest.raises(ValueError, match="contiguous fp32 CPU"):
         gemv.Gemv(lib, torch.randn(8, 4).t(), None, "in_out")
 

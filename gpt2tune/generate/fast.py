@@ -180,13 +180,14 @@ class _Linear:
             if not int8pack_ok(w_oi.device):
                 self.kind = "int8-dequant"  # no int8 kernel here: dequantise on the fly (same numbers, no speed-up)
 
-    def __call__(self, x: torch.Tensor, threads: int = 1) -> torch.Tensor:
-        """`threads` > 1: the caller runs on one thread and lends a one-row product `threads`
-        (every kind's one-row kernel splits its work so that the numbers do not depend on it:
-        tested)."""
+    def __call__(self, x: torch.Tensor, threads: int = 0) -> torch.Tensor:
+        """`threads` 0: a product on torch's threads (prefills, big batches). `threads` >= 1: inside
+        a step that runs on one thread (`FastRunner.step`), lending this product `threads` threads
+        (every kind's kernel splits its work so that the numbers do not depend on it: tested); fp32
+        products of up to `gemv.MAX_ROWS` rows then go to the compiled kernel, on its own threads."""
+        if threads and self.native is not None and x.size(0) <= gemv.MAX_ROWS:
+            return self.native(x, threads if self.lend else 1)  # torch's threads stay as they are
         if threads > 1 and self.lend:
-            if self.kind == "model" and self.native is not None and x.size(0) == 1:
-                return self.native(x, threads)  # its own threads: torch's stay as they are
             torch.set_num_threads(threads)
             try:
                 return self._product(x)
@@ -240,7 +241,7 @@ class _Adapted:
         self.lin, self.adapter = lin, adapter
         self.kind, self.act = lin.kind, lin.act
 
-    def __call__(self, x: torch.Tensor, threads: int = 1) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, threads: int = 0) -> torch.Tensor:
         y = self.lin(x, threads)
         return self.adapter(y.to(self.adapter.up.weight.dtype)).to(y.dtype)
 
@@ -263,11 +264,18 @@ class _Weights:
                        for b in tr.h]
         self.head = _Linear(model.lm_head.weight, None, kind, conv1d=False)
         self.dtype = self.head.act  # activations and KV cache
-        self.lending = Lending()
+        self.lendings: dict[int, Lending] = {}
+        # steps of 2 to gemv.MAX_ROWS fp32 rows on CPUs other than Intel's (as `split_several_rows`; not
+        # timed on Intel's): their products through the compiled kernel, on one torch thread
+        self.native_rows = self.head.native is not None and split_several_rows()
         # one-row fp32 steps: every block in one call of the compiled kernel, where it is built
         plain = all(isinstance(blk[i], _Linear) for blk in self.blocks for i in (1, 2, 4, 5))  # no adapters
         lib = gemv.kernel() if kind == "model" and plain and self.head.native is not None else None
         self.native_blocks = gemv.Blocks(lib, model) if lib is not None and gemv.blocks_supported(model) else None
+
+    def lending_for(self, rows: int) -> "Lending":
+        """The lending choice of one-thread steps of `rows` rows (timed apart: their costs differ)."""
+        return self.lendings.setdefault(rows, Lending())
 
 
 class Lending:
@@ -373,7 +381,7 @@ class FastRunner:
             x = x + mproj(h).view(B, T, D).to(x.dtype)
         return x
 
-    def _logits(self, x_last: torch.Tensor, n: int = 1) -> torch.Tensor:
+    def _logits(self, x_last: torch.Tensor, n: int = 0) -> torch.Tensor:
         return self.w.head(self._norm(x_last, self.tr.ln_f), n).float()
 
     def _embed(self, ids: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
@@ -414,12 +422,13 @@ class FastRunner:
         if self.kmask is not None:
             self.kmask[:, self.t] = True
             amask = self.kmask[:, None, None, : self.t + 1]
-        if tokens.size(0) > 1:  # batches keep every thread for their GEMMs
+        B = tokens.size(0)
+        if B > 1 and not (self.w.native_rows and B <= gemv.MAX_ROWS):  # other batches keep every thread for their GEMMs
             return self._advance(self._hidden(self._embed(tokens, self.pos), amask))
         with one_thread() as n:
             if n == 1:
-                return self._advance(self._hidden(self._embed(tokens, self.pos), amask))
-            lending = self.w.lending
+                return self._advance(self._hidden(self._embed(tokens, self.pos), amask, 1), 1)
+            lending = self.w.lending_for(B)
             lend = lending.choose()
             lent = n if lend else 1
             t0 = time.perf_counter()
@@ -429,12 +438,12 @@ class FastRunner:
                 lending.record(lend, time.perf_counter() - t0)
             return logits
 
-    def _advance(self, h: torch.Tensor, n: int = 1) -> torch.Tensor:
+    def _advance(self, h: torch.Tensor, n: int = 0) -> torch.Tensor:
         self.t += 1
         self.pos = self.pos + 1
         return self.w.head(h, n).float()
 
-    def _hidden(self, x: torch.Tensor, amask: Optional[torch.Tensor], n: int = 1) -> torch.Tensor:
+    def _hidden(self, x: torch.Tensor, amask: Optional[torch.Tensor], n: int = 0) -> torch.Tensor:
         """The final norm of the blocks' output for one new token per row: one call of the
         compiled kernel (`generate.gemv.Blocks`) for one unmasked fp32 row where it is built,
         else `_step_forward`."""
@@ -443,7 +452,7 @@ class FastRunner:
             return native(x, self.k, self.v, self.t, n)
         return self._norm(self._step_forward(x, amask, n), self.tr.ln_f)
 
-    def _step_forward(self, x: torch.Tensor, amask: Optional[torch.Tensor], n: int = 1) -> torch.Tensor:
+    def _step_forward(self, x: torch.Tensor, amask: Optional[torch.Tensor], n: int = 0) -> torch.Tensor:
         """`_forward` for one new token per row, `x` [B, D]: per-layer cache views made once per
         batch, no [B, T, ...] reshapes, the key and value written straight from the qkv row. Half
         the tensor ops of `_forward`, the same numbers: 0.28 ms less CPU per token over 12 layers

@@ -2,7 +2,8 @@
 
    g2t_blocks(...): every block of a GPT-2 for one token (norms, products, attention over the KV
      cache, GELU, residuals) in one call, and the final norm.
-   g2t_gemv(kind, w, x, y, scratch, K, N, b, threads):
+   g2t_gemv(kind, w, x, y, scratch, M, K, N, b, threads), for M = 1 to 8 rows (each row gets the
+   numbers it would get alone):
      kind 0: y[N] = x[K] @ W[K, N] + b   (GPT-2's Conv1D layout: each thread streams a contiguous
              block of rows; the two halves of K are summed at the end, so the numbers are the same
              for every thread count)
@@ -32,6 +33,7 @@ typedef struct {
     int threads;
     const float *kc, *vc; /* ATTN: one layer's key and value cache [heads, max_len, head size] */
     long t1, max_len;     /* ATTN: keys to attend (the new one included) */
+    long M;               /* AXPY, DOT: rows of x (x [M, K], y and scratch [M, N]); 0 means 1 */
 } job_t;
 
 static job_t job;
@@ -178,22 +180,97 @@ static void attn_heads(const job_t *j, long h0, long h1) {
     (void)D;
 }
 
+/* M rows: out[m][n0:n1] = x[m][k0:k1] @ W[k0:k1, n0:n1] (x rows of K, out rows of N). Each row gets
+   exactly the operations of `axpy_rows` on it alone: the same numbers in any batch. */
+static void axpy_rows_m(const float *w, const float *x, float *out, long M, long K, long k0, long k1, long n0,
+                        long n1, long N) {
+    if (M == 1) {
+        axpy_rows(w, x, out, k0, k1, n0, n1, N);
+        return;
+    }
+    if (k0 >= k1) {
+        for (long m = 0; m < M; m++) memset(out + m * N + n0, 0, (size_t)(n1 - n0) * sizeof(float));
+        return;
+    }
+    int first = 1;
+    long k = k0;
+    for (; k + 4 <= k1; k += 4, first = 0) {
+        const float *w0 = w + k * N, *w1 = w0 + N, *w2 = w1 + N, *w3 = w2 + N;
+        long n = n0;
+        for (; n + 8 <= n1; n += 8) {
+            __m256 a = _mm256_loadu_ps(w0 + n), b = _mm256_loadu_ps(w1 + n), c = _mm256_loadu_ps(w2 + n),
+                   d = _mm256_loadu_ps(w3 + n);
+            for (long m = 0; m < M; m++) {
+                const float *xm = x + m * K + k;
+                float *om = out + m * N + n;
+                __m256 o = first ? _mm256_setzero_ps() : _mm256_loadu_ps(om);
+                o = _mm256_fmadd_ps(a, _mm256_broadcast_ss(xm), o);
+                o = _mm256_fmadd_ps(b, _mm256_broadcast_ss(xm + 1), o);
+                o = _mm256_fmadd_ps(c, _mm256_broadcast_ss(xm + 2), o);
+                o = _mm256_fmadd_ps(d, _mm256_broadcast_ss(xm + 3), o);
+                _mm256_storeu_ps(om, o);
+            }
+        }
+        for (; n < n1; n++)
+            for (long m = 0; m < M; m++) {
+                const float *xm = x + m * K + k;
+                float o = first ? 0.f : out[m * N + n];
+                o = fmaf(w0[n], xm[0], o);
+                o = fmaf(w1[n], xm[1], o);
+                o = fmaf(w2[n], xm[2], o);
+                o = fmaf(w3[n], xm[3], o);
+                out[m * N + n] = o;
+            }
+    }
+    for (; k < k1; k++, first = 0) {
+        const float *w0 = w + k * N;
+        for (long m = 0; m < M; m++)
+            for (long n = n0; n < n1; n++)
+                out[m * N + n] = fmaf(w0[n], x[m * K + k], first ? 0.f : out[m * N + n]);
+    }
+}
+
+#define MAXROWS 8
+
+/* M <= MAXROWS rows: y[m][n0:n1] = W[n0:n1, :K] . x[m]; each row as `dot_rows` on it alone */
+static void dot_rows_m(const float *w, const float *x, float *y, long M, long n0, long n1, long K, long N) {
+    if (M == 1) {
+        dot_rows(w, x, y, n0, n1, K);
+        return;
+    }
+    for (long n = n0; n < n1; n++) {
+        const float *wn = w + n * K;
+        __m256 a[MAXROWS];
+        for (long m = 0; m < M; m++) a[m] = _mm256_setzero_ps();
+        long k = 0;
+        for (; k + 8 <= K; k += 8) {
+            __m256 wv = _mm256_loadu_ps(wn + k);
+            for (long m = 0; m < M; m++) a[m] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x + m * K + k), a[m]);
+        }
+        for (long m = 0; m < M; m++) {
+            float s = hsum(a[m]);
+            for (long kk = k; kk < K; kk++) s = fmaf(wn[kk], x[m * K + kk], s);
+            y[m * N + n] = s;
+        }
+    }
+}
+
 static void run_task(const job_t *j, int t) {
     int T = j->threads;
     if (j->kind == 0) {
-        long kh = j->K / 2;
+        long kh = j->K / 2, M = j->M ? j->M : 1;
         if (T == 1) {
-            axpy_rows(j->w, j->x, j->y, 0, kh, 0, j->N, j->N);
-            axpy_rows(j->w, j->x, j->scratch, kh, j->K, 0, j->N, j->N);
+            axpy_rows_m(j->w, j->x, j->y, M, j->K, 0, kh, 0, j->N, j->N);
+            axpy_rows_m(j->w, j->x, j->scratch, M, j->K, kh, j->K, 0, j->N, j->N);
             return;
         }
         int per = T / 2, half = t / per, c = t % per; /* threads per half; the columns split among them */
         if (half > 1) return;
         long n0 = c ? (j->N * c / per) & ~7L : 0, n1 = c == per - 1 ? j->N : (j->N * (c + 1) / per) & ~7L;
-        axpy_rows(j->w, j->x, half ? j->scratch : j->y, half ? kh : 0, half ? j->K : kh, n0, n1, j->N);
+        axpy_rows_m(j->w, j->x, half ? j->scratch : j->y, M, j->K, half ? kh : 0, half ? j->K : kh, n0, n1, j->N);
     } else if (j->kind == DOT) {
         long n0 = t ? (j->N * t / T) & ~3L : 0, n1 = t == T - 1 ? j->N : (j->N * (t + 1) / T) & ~3L;
-        dot_rows(j->w, j->x, j->y, n0, n1, j->K);
+        dot_rows_m(j->w, j->x, j->y, j->M ? j->M : 1, n0, n1, j->K, j->N);
     } else {
         attn_heads(j, j->N * t / T, j->N * (t + 1) / T);
     }
@@ -277,26 +354,36 @@ static int run_job(job_t j, int threads) {
 }
 
 /* y = x @ W or W . x, plus b; scratch: N floats (AXPY's second half) */
-static int gemv(int kind, const float *w, const float *x, float *y, float *scratch, long K, long N, const float *b,
-                int threads) {
-    threads = run_job((job_t){.kind = kind, .w = w, .x = x, .y = y, .scratch = scratch, .K = K, .N = N}, threads);
-    long n = 0;
-    if (kind == AXPY) {
-        for (; n + 8 <= N; n += 8) {
-            __m256 v = _mm256_add_ps(_mm256_loadu_ps(y + n), _mm256_loadu_ps(scratch + n));
-            _mm256_storeu_ps(y + n, b ? _mm256_add_ps(v, _mm256_loadu_ps(b + n)) : v);
+static int gemv_m(int kind, const float *w, const float *x, float *y, float *scratch, long M, long K, long N,
+                  const float *b, int threads) {
+    threads = run_job((job_t){.kind = kind, .w = w, .x = x, .y = y, .scratch = scratch, .K = K, .N = N, .M = M},
+                      threads);
+    for (long m = 0; m < M; m++, y += N, scratch += N) {
+        long n = 0;
+        if (kind == AXPY) {
+            for (; n + 8 <= N; n += 8) {
+                __m256 v = _mm256_add_ps(_mm256_loadu_ps(y + n), _mm256_loadu_ps(scratch + n));
+                _mm256_storeu_ps(y + n, b ? _mm256_add_ps(v, _mm256_loadu_ps(b + n)) : v);
+            }
+            for (; n < N; n++) y[n] = b ? (y[n] + scratch[n]) + b[n] : y[n] + scratch[n];
+        } else if (b) {
+            for (; n < N; n++) y[n] += b[n];
         }
-        for (; n < N; n++) y[n] = b ? (y[n] + scratch[n]) + b[n] : y[n] + scratch[n];
-    } else if (b) {
-        for (; n < N; n++) y[n] += b[n];
     }
     return threads;
 }
 
-int g2t_gemv(int kind, const float *w, const float *x, float *y, float *scratch, long K, long N, const float *b,
-             int threads) {
+static int gemv(int kind, const float *w, const float *x, float *y, float *scratch, long K, long N, const float *b,
+                int threads) {
+    return gemv_m(kind, w, x, y, scratch, 1, K, N, b, threads);
+}
+
+/* M (1 to 8) rows: x [M, K] -> y [M, N]; scratch [M, N] */
+int g2t_gemv(int kind, const float *w, const float *x, float *y, float *scratch, long M, long K, long N,
+             const float *b, int threads) {
+    if (M < 1 || M > MAXROWS) return -1;
     pthread_mutex_lock(&call_mu); /* one product at a time: the workers and `job` are shared */
-    threads = gemv(kind, w, x, y, scratch, K, N, b, threads);
+    threads = gemv_m(kind, w, x, y, scratch, M, K, N, b, threads);
     pthread_mutex_unlock(&call_mu);
     return threads;
 }

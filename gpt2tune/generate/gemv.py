@@ -108,7 +108,7 @@ def _load() -> Optional[ctypes.CDLL]:
     except (OSError, subprocess.SubprocessError) as e:
         _state["error"] = str(e)
         return None
-    lib.g2t_gemv.argtypes = [ctypes.c_int] + [ctypes.c_void_p] * 4 + [ctypes.c_long] * 2 + [ctypes.c_void_p,
+    lib.g2t_gemv.argtypes = [ctypes.c_int] + [ctypes.c_void_p] * 4 + [ctypes.c_long] * 3 + [ctypes.c_void_p,
                                                                                            ctypes.c_int]
     lib.g2t_gemv.restype = ctypes.c_int
     L, P, F, I = ctypes.c_long, ctypes.c_void_p, ctypes.c_float, ctypes.c_int
@@ -125,9 +125,13 @@ def kernel() -> Optional[ctypes.CDLL]:
         return _state["lib"]
 
 
+MAX_ROWS = 8  # rows one call takes (gemv.c's MAXROWS)
+
+
 class Gemv:
-    """`__call__(x [1, K], threads) -> [1, N]` for one fp32 CPU weight read in place: `layout`
-    "in_out" (Conv1D [K, N]) or "out_in" (nn.Linear [N, K]), with an optional bias [N]."""
+    """`__call__(x [M, K], threads) -> [M, N]` (M = 1 to `MAX_ROWS`) for one fp32 CPU weight read in
+    place: `layout` "in_out" (Conv1D [K, N]) or "out_in" (nn.Linear [N, K]), with an optional bias
+    [N]. Each row gets the numbers it would get alone, on any thread count."""
 
     def __init__(self, lib: ctypes.CDLL, weight: torch.Tensor, bias: Optional[torch.Tensor], layout: str):
         if weight.dtype != torch.float32 or weight.device.type != "cpu" or not weight.is_contiguous():
@@ -139,12 +143,13 @@ class Gemv:
 
     def __call__(self, x: torch.Tensor, threads: int = 1) -> torch.Tensor:
         x = x.contiguous()
-        if x.shape != (1, self.K) or x.dtype != torch.float32:
-            raise ValueError(f"Gemv takes one fp32 row of {self.K}, not {tuple(x.shape)} {x.dtype}")
-        out = torch.empty(2 if self.kind == AXPY else 1, self.N)  # the result and the second half's sum
+        M = x.size(0) if x.dim() == 2 else 0
+        if not 1 <= M <= MAX_ROWS or x.size(1) != self.K or x.dtype != torch.float32:
+            raise ValueError(f"Gemv takes 1 to {MAX_ROWS} fp32 rows of {self.K}, not {tuple(x.shape)} {x.dtype}")
+        out = torch.empty(2 if self.kind == AXPY else 1, M, self.N)  # the result and the second half's sums
         self.lib.g2t_gemv(self.kind, self.w.data_ptr(), x.data_ptr(), out.data_ptr(), out[-1].data_ptr(),
-                          self.K, self.N, None if self.b is None else self.b.data_ptr(), threads)
-        return out[:1]
+                          M, self.K, self.N, None if self.b is None else self.b.data_ptr(), threads)
+        return out[0]
 
 
 _BLOCK_FIELDS = ("ln1_w", "ln1_b", "attn_w", "attn_b", "proj_w", "proj_b", "ln2_w", "ln2_b", "fc_w", "fc_b",
