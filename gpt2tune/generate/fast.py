@@ -10,7 +10,8 @@ bandwidth divided by the bytes of the weights. `weights` chooses them (`Sampling
 
 - "model" (default): the model's own tensors. The blocks use HF's products (`addmm` in the Conv1D
   layout). On the CPU in fp32, one-row steps use `generate.gemv` (a compiled kernel that reads
-  every weight in place, on x86 CPUs with AVX2 and FMA) or else split each product over two blocks
+  every weight in place, on x86 CPUs with AVX2 and FMA; steps of up to 8 rows too, on CPUs other
+  than Intel's) or else split each product over two blocks
   of its input rows (so that two threads can stream it; the head through a [d, vocab] copy, +31%
   of the weights' bytes for GPT-2 124M); batches read the head through oneDNN, and on CPUs other
   than Intel's split the blocks' products like one row (MKL's small GEMMs are slow there). Other kernels
