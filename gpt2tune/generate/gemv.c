@@ -69,7 +69,7 @@ static inline __m256 exp8(__m256 x) {
     return _mm256_mul_ps(y, _mm256_castsi256_ps(e));
 }
 
-/* out[n0:n1] = x[k0:k1] @ W[k0:k1, n0:n1]; W has N columns */
+/* out[n0:n1] = x[k0:k1] @ W[k0:k1, n0:n1]; W has N columns (8 rows per pass) */
 static void axpy_rows(const float *w, const float *x, float *out, long k0, long k1, long n0, long n1, long N) {
     if (k0 >= k1) {
         memset(out + n0, 0, (size_t)(n1 - n0) * sizeof(float));
@@ -77,25 +77,19 @@ static void axpy_rows(const float *w, const float *x, float *out, long k0, long 
     }
     int first = 1;
     long k = k0;
-    for (; k + 4 <= k1; k += 4, first = 0) {
-        const float *w0 = w + k * N, *w1 = w0 + N, *w2 = w1 + N, *w3 = w2 + N;
-        __m256 x0 = _mm256_set1_ps(x[k]), x1 = _mm256_set1_ps(x[k + 1]), x2 = _mm256_set1_ps(x[k + 2]),
-               x3 = _mm256_set1_ps(x[k + 3]);
+    for (; k + 8 <= k1; k += 8, first = 0) {
+        const float *w0 = w + k * N;
+        __m256 xs[8];
+        for (int i = 0; i < 8; i++) xs[i] = _mm256_set1_ps(x[k + i]);
         long n = n0;
         for (; n + 8 <= n1; n += 8) {
             __m256 o = first ? _mm256_setzero_ps() : _mm256_loadu_ps(out + n);
-            o = _mm256_fmadd_ps(_mm256_loadu_ps(w0 + n), x0, o);
-            o = _mm256_fmadd_ps(_mm256_loadu_ps(w1 + n), x1, o);
-            o = _mm256_fmadd_ps(_mm256_loadu_ps(w2 + n), x2, o);
-            o = _mm256_fmadd_ps(_mm256_loadu_ps(w3 + n), x3, o);
+            for (int i = 0; i < 8; i++) o = _mm256_fmadd_ps(_mm256_loadu_ps(w0 + i * N + n), xs[i], o);
             _mm256_storeu_ps(out + n, o);
         }
         for (; n < n1; n++) {
             float o = first ? 0.f : out[n];
-            o = fmaf(w0[n], x[k], o);
-            o = fmaf(w1[n], x[k + 1], o);
-            o = fmaf(w2[n], x[k + 2], o);
-            o = fmaf(w3[n], x[k + 3], o);
+            for (int i = 0; i < 8; i++) o = fmaf(w0[i * N + n], x[k + i], o);
             out[n] = o;
         }
     }
