@@ -99,6 +99,16 @@ static void axpy_rows(const float *w, const float *x, float *out, long k0, long 
     }
 }
 
+/* a . b over n floats: 8 lanes, their sum, then the tail */
+static inline float dot(const float *a, const float *b, long n) {
+    __m256 acc = _mm256_setzero_ps();
+    long i = 0;
+    for (; i + 8 <= n; i += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc);
+    float s = hsum(acc);
+    for (; i < n; i++) s = fmaf(a[i], b[i], s);
+    return s;
+}
+
 /* y[n0:n1] = W[n0:n1, :K] . x */
 static void dot_rows(const float *w, const float *x, float *y, long n0, long n1, long K) {
     long n = n0;
@@ -122,32 +132,18 @@ static void dot_rows(const float *w, const float *x, float *y, long n0, long n1,
         }
         y[n] = s0, y[n + 1] = s1, y[n + 2] = s2, y[n + 3] = s3;
     }
-    for (; n < n1; n++) {
-        const float *w0 = w + n * K;
-        __m256 a = _mm256_setzero_ps();
-        long k = 0;
-        for (; k + 8 <= K; k += 8) a = _mm256_fmadd_ps(_mm256_loadu_ps(w0 + k), _mm256_loadu_ps(x + k), a);
-        float s = hsum(a);
-        for (; k < K; k++) s = fmaf(w0[k], x[k], s);
-        y[n] = s;
-    }
+    for (; n < n1; n++) y[n] = dot(w + n * K, x, K);
 }
 
 /* heads [h0, h1) of one query over t1 cached keys and values (GPT-2: scaled by 1/sqrt(head size)) */
 static void attn_heads(const job_t *j, long h0, long h1) {
-    long hd = j->K, t1 = j->t1, D = j->N * hd;
+    long hd = j->K, t1 = j->t1;
     float scale = 1.0f / sqrtf((float)hd), s[t1];
     for (long h = h0; h < h1; h++) {
         const float *q = j->x + h * hd, *kh = j->kc + h * j->max_len * hd, *vh = j->vc + h * j->max_len * hd;
         float m = -INFINITY;
         for (long t = 0; t < t1; t++) {
-            const float *k = kh + t * hd;
-            __m256 a = _mm256_setzero_ps();
-            long d = 0;
-            for (; d + 8 <= hd; d += 8) a = _mm256_fmadd_ps(_mm256_loadu_ps(q + d), _mm256_loadu_ps(k + d), a);
-            float v = hsum(a);
-            for (; d < hd; d++) v = fmaf(q[d], k[d], v);
-            s[t] = v * scale;
+            s[t] = dot(q, kh + t * hd, hd) * scale;
             m = s[t] > m ? s[t] : m;
         }
         float sum = 0.f;
@@ -171,7 +167,6 @@ static void attn_heads(const job_t *j, long h0, long h1) {
             o[d] = a * inv;
         }
     }
-    (void)D;
 }
 
 /* M rows: out[m][n0:n1] = x[m][k0:k1] @ W[k0:k1, n0:n1] (x rows of K, out rows of N). Each row gets
