@@ -11,11 +11,10 @@ bandwidth divided by the bytes of the weights. `weights` chooses them (`Sampling
 - "model" (default): the model's own tensors. The blocks use HF's products (`addmm` in the Conv1D
   layout). On the CPU in fp32, one-row steps use `generate.gemv` (a compiled kernel that reads
   every weight in place, on x86 CPUs with AVX2 and FMA; steps of up to 8 rows too, on CPUs other
-  than Intel's) or else split each product over two blocks
-  of its input rows (so that two threads can stream it; the head through a [d, vocab] copy, +31%
-  of the weights' bytes for GPT-2 124M); batches read the head through oneDNN, and on CPUs other
-  than Intel's split the blocks' products like one row (MKL's small GEMMs are slow there). Other kernels
-  round differently, and the tanh GELU is torch's, not HF's Python formula: the logits are
+  than Intel's) or else split each product over two blocks of its input rows (so that two threads
+  can stream it; the head through a [d, vocab] copy, +31% of the weights' bytes for GPT-2 124M);
+  batches read the head through oneDNN, and on CPUs other than Intel's split the blocks' products
+  like one row (MKL's small GEMMs are slow there). Other kernels round differently, and the tanh GELU is torch's, not HF's Python formula: the logits are
   allclose to HF's (~1e-6), not bitwise equal; greedy decoding gives HF's tokens in the tests and
   on the benchmark's 128 tokens;
 - "bf16": a bf16 copy in [out, in] layout (matrix-vector kernels at batch 1; several rows as
@@ -120,7 +119,7 @@ class _Linear:
     def __init__(self, weight: torch.Tensor, bias: Optional[torch.Tensor], kind: str, conv1d: bool = True):
         # weight: Conv1D [in, out] (conv1d=True) or nn.Linear [out, in]
         self.kind = kind
-        self.native = None  # a `generate.gemv.Gemv` for one-row fp32 products where it is built
+        self.native = None  # a `generate.gemv.Gemv` for fp32 products of 1 to 8 rows where it is built
         self.lend = weight.numel() >= LEND_MIN  # small products are not worth waking a thread
         if kind == "model":
             self.w = weight.detach() if conv1d else weight.detach().t()  # [in, out] for addmm / mm

@@ -22,9 +22,10 @@ def cpu_flags() -> frozenset:
     return frozenset(line.partition(":")[2].split())
 
 
+@functools.lru_cache(maxsize=1)
 def cpu_vendor() -> str:
     """The CPU's vendor id ("GenuineIntel", "AuthenticAMD", ...; "" where /proc/cpuinfo cannot be
-    read)."""
+    read; read once)."""
     try:
         text = open("/proc/cpuinfo").read()
     except OSError:
