@@ -350,3 +350,34 @@ def test_the_decoder_picks_a_few_rows_tokens_on_one_thread(monkeypatch):
         assert seen[3:] == [2, 2, 2] and torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(before)
+
+
+def test_plain_greedy_steps_ask_only_for_the_argmax(monkeypatch, one_row_path):
+    """Greedy decoding with nothing else reading the logits asks the runner for each row's argmax
+    only (`top1_only`: the compiled kernel then reads the head's bf16 copy and recomputes only the
+    rows that can win); processors, a constraint or sampling get every logit. Either way the tokens
+    are HF's."""
+    m = tiny(4)
+    asked = []
+    real = FastRunner.step
+
+    def spy(self, tokens, top1_only=False):
+        asked.append(top1_only)
+        out = real(self, tokens, top1_only)
+        if top1_only and one_row_path == "native":
+            assert int(torch.isfinite(out).sum()) < out.size(-1) // 4  # most of the head was skipped
+        return out
+
+    monkeypatch.setattr(FastRunner, "step", spy)
+    hf = m.generate(torch.tensor([PROMPT]), max_new_tokens=40, do_sample=False, eos_token_id=None,
+                    pad_token_id=0)[0, len(PROMPT):].tolist()
+    assert generate_ids(m, PROMPT, None, Sampling(max_new_tokens=40, greedy=True))[0] == hf
+    assert asked and all(asked)
+    for s in (Sampling(max_new_tokens=5, greedy=True, repetition_penalty=1.2),
+              Sampling(max_new_tokens=5, top_k=5, seed=0)):
+        asked.clear()
+        generate_ids(m, PROMPT, None, s)
+        assert asked and not any(asked)
+    asked.clear()
+    generate_ids(m, PROMPT, None, Sampling(max_new_tokens=5, greedy=True), suppress_ids=[3])
+    assert asked and not any(asked)

@@ -56,6 +56,53 @@ def test_a_product_checks_its_input(lib):
         gemv.Gemv(lib, torch.randn(8, 4).t(), None, "in_out")
 
 
+def _near_ties(N, K, seed):
+    """A head whose best rows are near copies of one row, differing about as much as bf16 rounds
+    (so the bf16 products order them wrongly), some exact copies (ties), and an x that favours them."""
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(N, K, generator=g) * 0.02
+    x = torch.randn(1, K, generator=g) * 10
+    best = x[0] / x.norm() * 0.2  # a row well above the others
+    idx = torch.randperm(N, generator=g)[:24]
+    w[idx] = best + torch.randn(24, K, generator=g) * best.abs().mean() * 2 ** -8
+    w[idx[5:8]] = w[idx[4]].clone()  # exact copies: ties, the first wins
+    return w.contiguous(), x
+
+
+@pytest.mark.parametrize("N,K", [(1003, 37), (5000, 64), (4, 16), (3, 7)])
+def test_top1_keeps_the_first_argmax_and_its_exact_products(lib, N, K):
+    """`Top1` reads the head's bf16 copy and recomputes only the rows that can win: the rows it
+    returns are bitwise `Gemv`'s, and its first argmax is the full product's, also when rows differ
+    by less than bf16 can tell (the bound must hold, not just be usual), on any thread count."""
+    recomputed = []
+    for seed in range(12):
+        w, x = _near_ties(N, K, seed) if N > 24 else (torch.randn(N, K), torch.randn(1, K))
+        full, top = gemv.Gemv(lib, w, None, "out_in"), gemv.Top1(lib, w)
+        want = full(x, 2)
+        for threads in (1, 2, 3):
+            y = top(x, threads)
+            kept = torch.isfinite(y)
+            assert torch.equal(y[kept], want[kept])
+            assert int(y.argmax()) == int(want.argmax())
+            assert bool((y[~kept] == -float("inf")).all())
+        recomputed.append(top.recomputed)
+    assert max(recomputed) < N or N <= 4  # it does skip rows
+    if N > 24:
+        assert max(recomputed) >= 5  # the near copies are all recomputed
+
+
+def test_top1_gives_up_on_products_that_are_not_finite(lib):
+    w = torch.randn(40, 16)
+    top = gemv.Top1(lib, w)
+    for bad in (float("nan"), float("inf")):
+        x = torch.randn(1, 16)
+        x[0, 3] = bad
+        assert top(x, 2) is None
+    w[7, 0] = float("inf")
+    x = torch.ones(1, 16)
+    assert gemv.Top1(lib, w.contiguous())(x, 2) is None
+
+
 def _gpt2(activation="gelu_new"):
     from transformers import GPT2Config, GPT2LMHeadModel
 

@@ -147,6 +147,7 @@ class _Linear:
             own = self.w if conv1d else self.w_oi
             self.native = gemv.Gemv(lib, own, self.b, "in_out" if conv1d else "out_in") \
                 if lib is not None and own.is_contiguous() else None
+            self.top1_rows = None  # the head's `gemv.Top1`, made at its first greedy one-row step
             # several rows (sampling, beams) lean on compute: oneDNN's kernel on the head's own
             # [vocab, d] tensor is 1.15-1.25x faster than MKL's best form at 8 rows; no copy needed
             self.onednn = cpu32 and not conv1d and self.b is None and onednn_linear_ok(self.w_oi)
@@ -194,6 +195,19 @@ class _Linear:
             finally:
                 torch.set_num_threads(1)
         return self._product(x)
+
+    def top1(self, x: torch.Tensor, threads: int = 0) -> torch.Tensor:
+        """As `__call__` where only the first argmax of each row matters (greedy decoding): for one
+        fp32 row of the head through the compiled kernel, exact products only for the rows that can
+        be the largest, -inf elsewhere (`gemv.Top1`: reads mostly a bf16 copy, half the bytes)."""
+        if threads and self.native is not None and self.b is None and self.native.kind == gemv.DOT \
+                and x.size(0) == 1:
+            if self.top1_rows is None:
+                self.top1_rows = gemv.Top1(self.native.lib, self.w_oi)
+            y = self.top1_rows(x, threads if self.lend else 1)
+            if y is not None:
+                return y
+        return self(x, threads)
 
     def _product(self, x: torch.Tensor) -> torch.Tensor:
         if self.kind == "model":
@@ -415,7 +429,10 @@ class FastRunner:
         return self._logits(x[:, -1])
 
     @torch.inference_mode()
-    def step(self, tokens: torch.Tensor) -> torch.Tensor:
+    def step(self, tokens: torch.Tensor, top1_only: bool = False) -> torch.Tensor:
+        """The next-token logits [B, V] after `tokens` [B]. `top1_only`: the caller takes only each
+        row's (first) argmax, so a one-row fp32 step may return exact logits for the tokens that can
+        be the largest and -inf for the others (`_Linear.top1`); the argmax is the same."""
         if self.t >= self.max_len:
             raise ValueError("the KV cache is full (the model's context is used up)")
         amask = None
@@ -427,21 +444,21 @@ class FastRunner:
             return self._advance(self._hidden(self._embed(tokens, self.pos), amask))
         with one_thread() as n:
             if n == 1:
-                return self._advance(self._hidden(self._embed(tokens, self.pos), amask, 1), 1)
+                return self._advance(self._hidden(self._embed(tokens, self.pos), amask, 1), 1, top1_only)
             lending = self.w.lending_for(B)
             lend = lending.choose()
             lent = n if lend else 1
             t0 = time.perf_counter()
             h = self._hidden(self._embed(tokens, self.pos), amask, lent)
-            logits = self._advance(h, lent)
+            logits = self._advance(h, lent, top1_only)
             if lending.steps > 1:  # the first step builds the head's one-row copy
                 lending.record(lend, time.perf_counter() - t0)
             return logits
 
-    def _advance(self, h: torch.Tensor, n: int = 0) -> torch.Tensor:
+    def _advance(self, h: torch.Tensor, n: int = 0, top1_only: bool = False) -> torch.Tensor:
         self.t += 1
         self.pos = self.pos + 1
-        return self.w.head(h, n).float()
+        return (self.w.head.top1(h, n) if top1_only else self.w.head(h, n)).float()
 
     def _hidden(self, x: torch.Tensor, amask: Optional[torch.Tensor], n: int = 0) -> torch.Tensor:
         """The final norm of the blocks' output for one new token per row: one call of the

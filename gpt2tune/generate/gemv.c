@@ -9,6 +9,8 @@
              for every thread count)
      kind 1: y[N] = W[N, K] . x[K] + b   (nn.Linear layout, the LM head: rows split among threads)
    scratch: N floats (kind 0). b may be NULL. Returns the thread count used.
+   g2t_top1(w, wb, err, x, y, N, K, threads): the argmax of W[N, K] . x for greedy decoding, reading
+     W's bf16 copy and recomputing from W only the rows that can be the largest.
 
    The calling thread does the first task; `threads - 1` worker threads (started on first use,
    again in a forked child) do the others. Workers spin for a short while after a task, since the
@@ -16,6 +18,7 @@
 
 #include <immintrin.h>
 #include <math.h>
+#include <stdint.h>
 #include <pthread.h>
 #include <stdatomic.h>
 #include <string.h>
@@ -23,7 +26,7 @@
 
 #define MAXT 64
 
-enum { AXPY = 0, DOT = 1, ATTN = 2 };
+enum { AXPY = 0, DOT = 1, ATTN = 2, DOTB = 3, PICK = 4 };
 
 typedef struct {
     int kind;
@@ -34,6 +37,11 @@ typedef struct {
     const float *kc, *vc; /* ATTN: one layer's key and value cache [heads, max_len, head size] */
     long t1, max_len;     /* ATTN: keys to attend (the new one included) */
     long M;               /* AXPY, DOT: rows of x (x [M, K], y and scratch [M, N]); 0 means 1 */
+    const uint32_t *wb;   /* DOTB: the packed bf16 copy [N, K / 2] (K padded to 16) */
+    const float *err;     /* DOTB, PICK: the bound per row (g2t_top1); w (PICK): the fp32 rows */
+    double xn, lb;        /* ||x||; PICK: the best lower bound */
+    double *lbs;          /* DOTB: each thread's best lower bound */
+    long *counts, Kx;     /* PICK: rows each thread recomputed; Kx: x's own length */
 } job_t;
 
 static job_t job;
@@ -133,6 +141,43 @@ static void dot_rows(const float *w, const float *x, float *y, long n0, long n1,
         y[n] = s0, y[n + 1] = s1, y[n + 2] = s2, y[n + 3] = s3;
     }
     for (; n < n1; n++) y[n] = dot(w + n * K, x, K);
+}
+
+/* Products with a bf16 copy of W packed for AVX2, read as one sequential stream. Each row is padded
+   to Kp (a multiple of 16); every 16 numbers w[0..15] of a row are 8 32-bit words, word l holding
+   w[l] in its high half and w[8 + l] in its low half, so one load gives both as fp32 with one AND
+   and one shift (a bf16 is the top half of an fp32). Rows go in groups of 4 (the last group: what
+   is left), a group's rows interleaved by 16 numbers. y[n0:n1] = Wb[n0:n1] . x (n0 a multiple of
+   4), x padded to Kp with zeros. */
+static inline void dotb_acc(const uint32_t *w, __m256 xa, __m256 xb, __m256 *h, __m256 *l) {
+    __m256i v = _mm256_loadu_si256((const __m256i *)w);
+    *h = _mm256_fmadd_ps(_mm256_castsi256_ps(_mm256_and_si256(v, _mm256_set1_epi32((int)0xFFFF0000u))), xa, *h);
+    *l = _mm256_fmadd_ps(_mm256_castsi256_ps(_mm256_slli_epi32(v, 16)), xb, *l);
+}
+
+static void dotb_rows(const uint32_t *w, const float *x, float *y, long n0, long n1, long N, long Kp) {
+    long words = Kp / 2, n = n0;
+    for (; n + 4 <= n1; n += 4) {
+        const uint32_t *g = w + n * words;
+        __m256 h0 = _mm256_setzero_ps(), h1 = h0, h2 = h0, h3 = h0, l0 = h0, l1 = h0, l2 = h0, l3 = h0;
+        for (long k = 0; k < Kp; k += 16, g += 32) {
+            __m256 xa = _mm256_loadu_ps(x + k), xb = _mm256_loadu_ps(x + k + 8);
+            dotb_acc(g, xa, xb, &h0, &l0);
+            dotb_acc(g + 8, xa, xb, &h1, &l1);
+            dotb_acc(g + 16, xa, xb, &h2, &l2);
+            dotb_acc(g + 24, xa, xb, &h3, &l3);
+        }
+        y[n] = hsum(_mm256_add_ps(h0, l0)), y[n + 1] = hsum(_mm256_add_ps(h1, l1));
+        y[n + 2] = hsum(_mm256_add_ps(h2, l2)), y[n + 3] = hsum(_mm256_add_ps(h3, l3));
+    }
+    long rest = N - n; /* the last group: fewer than 4 rows */
+    for (long j = 0; n + j < n1; j++) {
+        __m256 h = _mm256_setzero_ps(), l = h;
+        const uint32_t *g = w + n * words + j * 8;
+        for (long k = 0; k < Kp; k += 16, g += 8 * rest)
+            dotb_acc(g, _mm256_loadu_ps(x + k), _mm256_loadu_ps(x + k + 8), &h, &l);
+        y[n + j] = hsum(_mm256_add_ps(h, l));
+    }
 }
 
 /* heads [h0, h1) of one query over t1 cached keys and values (GPT-2: scaled by 1/sqrt(head size)) */
@@ -257,6 +302,30 @@ static void run_task(const job_t *j, int t) {
         if (half > 1) return;
         long n0 = c ? (j->N * c / per) & ~7L : 0, n1 = c == per - 1 ? j->N : (j->N * (c + 1) / per) & ~7L;
         axpy_rows_m(j->w, j->x, half ? j->scratch : j->y, M, j->K, half ? kh : 0, half ? j->K : kh, n0, n1, j->N);
+    } else if (j->kind == DOTB) {
+        long n0 = t ? (j->N * t / T) & ~3L : 0, n1 = t == T - 1 ? j->N : (j->N * (t + 1) / T) & ~3L;
+        dotb_rows(j->wb, j->x, j->y, n0, n1, j->N, j->K);
+        double lb = -INFINITY;
+        for (long r = n0; r < n1; r++) {
+            if (!isfinite(j->y[r])) { /* the caller computes every product */
+                lb = NAN;
+                break;
+            }
+            double v = (double)j->y[r] - j->err[r] * j->xn;
+            lb = v > lb ? v : lb;
+        }
+        j->lbs[t] = lb;
+    } else if (j->kind == PICK) {
+        long n0 = t ? (j->N * t / T) & ~3L : 0, n1 = t == T - 1 ? j->N : (j->N * (t + 1) / T) & ~3L, c = 0;
+        for (long r = n0; r < n1; r++) {
+            if ((double)j->y[r] + j->err[r] * j->xn >= j->lb) {
+                j->y[r] = dot(j->w + r * j->Kx, j->x, j->Kx);
+                c++;
+            } else {
+                j->y[r] = -INFINITY;
+            }
+        }
+        j->counts[t] = c;
     } else if (j->kind == DOT) {
         long n0 = t ? (j->N * t / T) & ~3L : 0, n1 = t == T - 1 ? j->N : (j->N * (t + 1) / T) & ~3L;
         dot_rows_m(j->w, j->x, j->y, j->M ? j->M : 1, n0, n1, j->K, j->N);
@@ -375,6 +444,42 @@ int g2t_gemv(int kind, const float *w, const float *x, float *y, float *scratch,
     threads = gemv_m(kind, w, x, y, scratch, M, K, N, b, threads);
     pthread_mutex_unlock(&call_mu);
     return threads;
+}
+
+/* The argmax of W[N, K] . x with W read mostly as its bf16 copy wb (packed as dotb_rows reads it): y gets the fp32 products
+   (exactly those of g2t_gemv's DOT) of every row that can be the largest, and -inf elsewhere.
+   err[r] bounds |W[r] . x - wb[r] . x| / ||x||_2 as both are computed in fp32 (the bf16 rounding
+   and both products' rounding; see gemv.py), so a row r with wb[r] . x + err[r] ||x|| below
+   max_s (wb[s] . x - err[s] ||x||) cannot be the argmax; the others are recomputed from W. The
+   first largest of y is then the first largest of the full product. Returns the rows recomputed,
+   or -1 (y undefined) when x or a product is not finite: then the caller computes them all. */
+long g2t_top1(const float *w, const uint32_t *wb, const float *err, const float *x, float *y, long N, long K,
+              int threads) {
+    long Kp = (K + 15) / 16 * 16;
+    float xp[Kp];
+    double xn = 0, lbs[MAXT];
+    long counts[MAXT];
+    for (long k = 0; k < K; k++) xn += (double)x[k] * x[k], xp[k] = x[k];
+    for (long k = K; k < Kp; k++) xp[k] = 0.f;
+    xn = sqrt(xn);
+    if (!isfinite(xn)) return -1;
+    pthread_mutex_lock(&call_mu);
+    threads = run_job((job_t){.kind = DOTB, .wb = wb, .err = err, .xn = xn, .lbs = lbs, .x = xp, .y = y, .K = Kp,
+                              .N = N}, threads);
+    double lb = -INFINITY;
+    for (int t = 0; t < threads; t++) {
+        if (lbs[t] != lbs[t]) { /* a product not finite */
+            pthread_mutex_unlock(&call_mu);
+            return -1;
+        }
+        lb = lbs[t] > lb ? lbs[t] : lb;
+    }
+    run_job((job_t){.kind = PICK, .w = w, .err = err, .xn = xn, .lb = lb, .counts = counts, .x = x, .y = y,
+                    .Kx = K, .N = N}, threads);
+    pthread_mutex_unlock(&call_mu);
+    long count = 0;
+    for (int t = 0; t < threads; t++) count += counts[t];
+    return count;
 }
 
 /* One GPT-2 block (pre-norm) for one token; fields as the model's tensors (Conv1D weights [in, out]). */

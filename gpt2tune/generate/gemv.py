@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 
 from gpt2tune.errors import UserError
 from gpt2tune.model.cpu import cpu_flags
@@ -116,6 +117,8 @@ def _load() -> Optional[ctypes.CDLL]:
     L, P, F, I = ctypes.c_long, ctypes.c_void_p, ctypes.c_float, ctypes.c_int
     lib.g2t_blocks.argtypes = [P, L, P, P, P, P, L, L, L, L, L, F, I, P, I]
     lib.g2t_blocks.restype = I
+    lib.g2t_top1.argtypes = [P, P, P, P, P, L, L, I]
+    lib.g2t_top1.restype = L
     return lib
 
 
@@ -152,6 +155,64 @@ class Gemv:
         self.lib.g2t_gemv(self.kind, self.w.data_ptr(), x.data_ptr(), out.data_ptr(), out[-1].data_ptr(),
                           M, self.K, self.N, None if self.b is None else self.b.data_ptr(), threads)
         return out[0]
+
+
+def _pack_bf16(w: torch.Tensor, Kp: int) -> torch.Tensor:
+    """Rows of `w` [n, K] (n a multiple of 4, or the last rows) as `dotb_rows` reads them, [n, Kp]
+    bf16: padded to Kp, every 16 numbers as 8 words (w[l] high, w[8 + l] low: little-endian, so the
+    low half first), groups of 4 rows interleaved by 16 numbers."""
+    n = w.size(0)
+    b = F.pad(w.to(torch.bfloat16), (0, Kp - w.size(1))).view(n, Kp // 16, 2, 8)
+    b = torch.stack([b[:, :, 1], b[:, :, 0]], dim=-1)  # [n, Kp/16, 8, 2]
+    full = n - n % 4
+    out = [b[:full].view(full // 4, 4, Kp // 16, 16).transpose(1, 2)]
+    if n % 4:
+        out.append(b[full:].view(1, n % 4, Kp // 16, 16).transpose(1, 2))
+    return torch.cat([o.reshape(-1) for o in out]).view(n, Kp)
+
+
+class Top1:
+    """The largest of `W [N, K] . x` for one fp32 row x without reading all of W: `__call__(x [1, K],
+    threads)` returns [1, N] with every row that can be the largest computed exactly as `Gemv`
+    computes it, and -inf elsewhere; its (first) argmax is the full product's. The LM head of greedy
+    decoding: GPT-2 124M's is 154 MB of the 495 MB a token reads.
+
+    It reads W's bf16 copy (half the bytes) and a bound per row: for bf16 row b and fp32 row w,
+    |fl(w . x) - fl(b . x)| <= err * ||x||_2 with err = ||w - b|| + g (||w|| + ||b||), Cauchy-Schwarz
+    on the bf16 rounding plus each fp32 product's rounding (g = n u / (1 - n u), u = 2^-24, n = K + 10
+    covering the accumulation's depth), times 1.001 for the comparisons' own rounding. Rows whose
+    upper bound is below the best lower bound cannot win; the others (a handful) are recomputed from
+    W. Costs a bf16 copy of W (half its size)."""
+
+    def __init__(self, lib: ctypes.CDLL, weight: torch.Tensor, chunk: int = 4096):
+        if weight.dtype != torch.float32 or weight.device.type != "cpu" or not weight.is_contiguous():
+            raise ValueError("Top1 needs a contiguous fp32 CPU weight")
+        self.lib, self.w = lib, weight
+        self.N, self.K = weight.shape
+        Kp = -(-self.K // 16) * 16
+        self.wb = torch.empty(self.N, Kp, dtype=torch.bfloat16)  # packed as gemv.c's dotb_rows reads it
+        n = self.K + 10
+        g = n * 2.0 ** -24 / (1 - n * 2.0 ** -24)
+        err = torch.empty(self.N, dtype=torch.float64)
+        chunk -= chunk % 4
+        for i in range(0, self.N, chunk):  # in chunks: no full-size float64 copy
+            w = self.w[i:i + chunk]
+            self.wb[i:i + chunk] = _pack_bf16(w, Kp)
+            w, b = w.double(), w.to(torch.bfloat16).double()
+            err[i:i + chunk] = (w - b).norm(dim=1) + g * (w.norm(dim=1) + b.norm(dim=1))
+        self.err = (err * 1.001 + 1e-30).float()
+        self.recomputed = 0  # rows recomputed from W by the last call
+
+    def __call__(self, x: torch.Tensor, threads: int = 1) -> Optional[torch.Tensor]:
+        """[1, N], or None when x or a product is not finite (compute the full product then)."""
+        x = x.contiguous()
+        if x.shape != (1, self.K) or x.dtype != torch.float32:
+            raise ValueError(f"Top1 takes one fp32 row of {self.K}, not {tuple(x.shape)} {x.dtype}")
+        y = torch.empty(1, self.N)
+        n = self.lib.g2t_top1(self.w.data_ptr(), self.wb.data_ptr(), self.err.data_ptr(), x.data_ptr(),
+                              y.data_ptr(), self.N, self.K, threads)
+        self.recomputed = n
+        return None if n < 0 else y
 
 
 _BLOCK_FIELDS = ("ln1_w", "ln1_b", "attn_w", "attn_b", "proj_w", "proj_b", "ln2_w", "ln2_b", "fc_w", "fc_b",

@@ -34,7 +34,9 @@ class HFRunner:
         self.pos = pos[:, -1:] + 1
         return out.logits[:, -1, :].float()
 
-    def step(self, tokens: torch.Tensor) -> torch.Tensor:
+    def step(self, tokens: torch.Tensor, top1_only: bool = False) -> torch.Tensor:
+        """The next-token logits after `tokens`; all of them, whatever `top1_only` (see
+        `FastRunner.step`)."""
         if self.mask is not None:
             self.mask = torch.cat([self.mask, self.mask.new_ones(self.mask.size(0), 1)], dim=1)
         out = self.model(input_ids=tokens[:, None], attention_mask=self.mask, position_ids=self.pos,
