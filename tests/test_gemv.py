@@ -37,14 +37,15 @@ def test_products_match_float64_on_every_thread_count(lib, K, N):
 
 
 @pytest.mark.parametrize("layout", ["in_out", "out_in"])
-def test_several_rows_get_the_numbers_each_gets_alone(lib, layout):
-    torch.manual_seed(1)
-    w, b, x = torch.randn(96, 40), torch.randn(40), torch.randn(8, 96)
+@pytest.mark.parametrize("K,N", [(96, 40), (37, 61), (40, 13), (16, 8)])  # every column tail of the row tiles
+def test_several_rows_get_the_numbers_each_gets_alone(lib, layout, K, N):
+    torch.manual_seed(K + N)
+    w, b, x = torch.randn(K, N), torch.randn(N), torch.randn(8, K)
     g = gemv.Gemv(lib, w if layout == "in_out" else w.t().contiguous(), b, layout)
     alone = torch.cat([g(x[i:i + 1], 1) for i in range(8)])
-    for n in (1, 2, 3):
-        for rows in (2, 5, 8):
-            assert torch.equal(g(x[:rows], n), alone[:rows])
+    for n in (1, 2, 3, 4):
+        for rows in (2, 3, 5, 8):
+            assert torch.equal(g(x[:rows], n), alone[:rows]), (n, rows)
     torch.testing.assert_close(alone, (x.double() @ w.double() + b.double()).float(), rtol=1e-5, atol=1e-4)
 
 
