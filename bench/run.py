@@ -485,18 +485,19 @@ def ct2_sides(m, threads: int, workdir: Path) -> dict:
 
 def step_breakdown(m, prompt: list[int], tokens: int) -> dict:
     """Where a greedy fp32 one-row step of `FastRunner` spends its time: the whole step (argmax
-    included), and its projections alone, run as the step runs them (one thread, lent to the big
-    products when the step found that faster), each reading its weights once as in a real step."""
+    included, the head read for its argmax only, as greedy decoding does), and its projections
+    alone, run as the step runs them (one thread, lent to the big products when the step found that
+    faster), each reading its weights once as in a real step."""
     from gpt2tune.generate.fast import FastRunner
     from gpt2tune.generate.threads import one_thread
 
     r = FastRunner(m)
     tok = r.prefill(torch.tensor([prompt])).argmax(-1)
-    for _ in range(8):  # warm: the head's one-row copy, the lending choice
-        tok = r.step(tok).argmax(-1)
+    for _ in range(8):  # warm: the head's one-row copy or bf16 copy, the lending choice
+        tok = r.step(tok, top1_only=True).argmax(-1)
     t0 = time.perf_counter()
     for _ in range(tokens):
-        tok = r.step(tok).argmax(-1)
+        tok = r.step(tok, top1_only=True).argmax(-1)
     step = (time.perf_counter() - t0) / tokens
     lending, D = r.w.lending_for(1), m.config.n_embd
     lent, solo = lending.seconds[True], lending.seconds[False]
@@ -507,7 +508,7 @@ def step_breakdown(m, prompt: list[int], tokens: int) -> dict:
         def products():
             for _, attn, proj, _, fc, mproj in r.w.blocks:
                 attn(x, k), proj(x, k), fc(x, k), mproj(h, k)
-            r.w.head(x, k)
+            r.w.head.top1(x, k)
 
         products()
         t0 = time.perf_counter()
@@ -515,9 +516,11 @@ def step_breakdown(m, prompt: list[int], tokens: int) -> dict:
             products()
         prod = (time.perf_counter() - t0) / tokens
     nbytes = sum(p.numel() for n_, p in m.named_parameters() if n_.startswith("transformer.h.") and p.dim() == 2) * 4
-    nbytes += m.lm_head.weight.numel() * 4
+    top1 = r.w.head.top1_rows  # the head's bf16 copy where greedy steps read it, else the head itself
+    nbytes += m.lm_head.weight.numel() * (2 if top1 is not None else 4)
     return {"step_ms": step * 1e3, "products_ms": prod * 1e3, "products_gbs": nbytes / prod / 1e9, "lent": k > 1,
-            "kernel": "compiled" if r.w.native_blocks is not None else "torch"}
+            "kernel": "compiled" if r.w.native_blocks is not None else "torch",
+            "head": "from its bf16 copy" if top1 is not None else "from all fp32 products"}
 
 
 def bench_decode(args, ceil) -> dict:
@@ -613,7 +616,8 @@ def bench_decode(args, ceil) -> dict:
     ct_ms = f"; CTranslate2 float32 {1e3 / med(c1['model']):.1f} ms per token" if "model" in ct2 else ""
     out(f"  greedy fp32 step ({split['kernel']} one-row kernel, generate.gemv): {split['step_ms']:.1f} ms per token = "
         f"products {split['products_ms']:.1f} ms "
-        f"({split['products_gbs']:.0f} GB/s of weights, threads {'lent' if split['lent'] else 'not lent'}) + the rest "
+        f"({split['products_gbs']:.0f} GB/s of weights, the head's argmax {split['head']}, "
+        f"threads {'lent' if split['lent'] else 'not lent'}) + the rest "
         f"{split['step_ms'] - split['products_ms']:.1f} ms (norms, attention, residuals, argmax){ct_ms}")
     for c in ct2.values():
         c.close()
