@@ -493,7 +493,7 @@ def step_breakdown(m, prompt: list[int], tokens: int) -> dict:
 
     r = FastRunner(m)
     tok = r.prefill(torch.tensor([prompt])).argmax(-1)
-    for _ in range(8):  # warm: the head's one-row copy or bf16 copy, the lending choice
+    for _ in range(8):  # warm: the head's one-row copy or int8 copy, the lending choice
         tok = r.step(tok, top1_only=True).argmax(-1)
     t0 = time.perf_counter()
     for _ in range(tokens):
@@ -516,11 +516,11 @@ def step_breakdown(m, prompt: list[int], tokens: int) -> dict:
             products()
         prod = (time.perf_counter() - t0) / tokens
     nbytes = sum(p.numel() for n_, p in m.named_parameters() if n_.startswith("transformer.h.") and p.dim() == 2) * 4
-    top1 = r.w.head.top1_rows  # the head's bf16 copy where greedy steps read it, else the head itself
-    nbytes += m.lm_head.weight.numel() * (2 if top1 is not None else 4)
+    top1 = r.w.head.top1_rows  # the head's int8 copy where greedy steps read it, else the head itself
+    nbytes += m.lm_head.weight.numel() * (1 if top1 is not None else 4)
     return {"step_ms": step * 1e3, "products_ms": prod * 1e3, "products_gbs": nbytes / prod / 1e9, "lent": k > 1,
             "kernel": "compiled" if r.w.native_blocks is not None else "torch",
-            "head": "from its bf16 copy" if top1 is not None else "from all fp32 products"}
+            "head": "from its int8 copy" if top1 is not None else "from all fp32 products"}
 
 
 def bench_decode(args, ceil) -> dict:

@@ -199,7 +199,7 @@ class _Linear:
     def top1(self, x: torch.Tensor, threads: int = 0) -> torch.Tensor:
         """As `__call__` where only the first argmax of each row matters (greedy decoding): for one
         fp32 row of the head through the compiled kernel, exact products only for the rows that can
-        be the largest, -inf elsewhere (`gemv.Top1`: reads mostly a bf16 copy, half the bytes)."""
+        be the largest, -inf elsewhere (`gemv.Top1`: reads mostly an int8 copy, a quarter of the bytes)."""
         if threads and self.native is not None and self.b is None and self.native.kind == gemv.DOT \
                 and x.size(0) == 1:
             if self.top1_rows is None:

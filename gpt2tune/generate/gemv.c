@@ -9,8 +9,8 @@
              for every thread count)
      kind 1: y[N] = W[N, K] . x[K] + b   (nn.Linear layout, the LM head: rows split among threads)
    scratch: N floats (kind 0). b may be NULL. Returns the thread count used.
-   g2t_top1(w, wb, err, x, y, N, K, threads): the argmax of W[N, K] . x for greedy decoding, reading
-     W's bf16 copy and recomputing from W only the rows that can be the largest.
+   g2t_top1(...): the argmax of W[N, K] . x for greedy decoding, reading W's int8 copy and
+     recomputing from W only the rows that can be the largest.
 
    The calling thread does the first task; `threads - 1` worker threads (started on first use,
    again in a forked child) do the others. Workers spin for a short while after a task, since the
@@ -26,7 +26,7 @@
 
 #define MAXT 64
 
-enum { AXPY = 0, DOT = 1, ATTN = 2, DOTB = 3, PICK = 4 };
+enum { AXPY = 0, DOT = 1, ATTN = 2, DOTQ = 3, PICK = 4 };
 
 typedef struct {
     int kind;
@@ -37,11 +37,15 @@ typedef struct {
     const float *kc, *vc; /* ATTN: one layer's key and value cache [heads, max_len, head size] */
     long t1, max_len;     /* ATTN: keys to attend (the new one included) */
     long M;               /* AXPY, DOT: rows of x (x [M, K], y and scratch [M, N]); 0 means 1 */
-    const uint32_t *wb;   /* DOTB: the packed bf16 copy [N, K / 2] (K padded to 16) */
-    const float *err;     /* DOTB, PICK: the bound per row (g2t_top1); w (PICK): the fp32 rows */
-    double xn, lb;        /* ||x||; PICK: the best lower bound */
-    double *lbs;          /* DOTB: each thread's best lower bound */
-    long *counts, Kx;     /* PICK: rows each thread recomputed; Kx: x's own length */
+    /* DOTQ, PICK (g2t_top1; w: the fp32 rows, x: fp32, K: padded, Kx: x's own length) */
+    const int8_t *wq;        /* the packed int8 copy [N, K] */
+    const int16_t *xq;       /* x as int16 [K] */
+    const float *scale;      /* the rows' scales */
+    const float *err, *gq;   /* the bound per row: err ||x|| + gq ||x - sx xq|| */
+    double *acc;             /* the approximate products [N] */
+    double sx, xn, dxn, lb;  /* x's scale, ||x||, ||x - sx xq||, the best lower bound (PICK) */
+    double *lbs;             /* DOTQ: each thread's best lower bound */
+    long *counts, Kx;        /* PICK: rows each thread recomputed */
 } job_t;
 
 static job_t job;
@@ -143,40 +147,44 @@ static void dot_rows(const float *w, const float *x, float *y, long n0, long n1,
     for (; n < n1; n++) y[n] = dot(w + n * K, x, K);
 }
 
-/* Products with a bf16 copy of W packed for AVX2, read as one sequential stream. Each row is padded
-   to Kp (a multiple of 16); every 16 numbers w[0..15] of a row are 8 32-bit words, word l holding
-   w[l] in its high half and w[8 + l] in its low half, so one load gives both as fp32 with one AND
-   and one shift (a bf16 is the top half of an fp32). Rows go in groups of 4 (the last group: what
-   is left), a group's rows interleaved by 16 numbers. y[n0:n1] = Wb[n0:n1] . x (n0 a multiple of
-   4), x padded to Kp with zeros. */
-static inline void dotb_acc(const uint32_t *w, __m256 xa, __m256 xb, __m256 *h, __m256 *l) {
-    __m256i v = _mm256_loadu_si256((const __m256i *)w);
-    *h = _mm256_fmadd_ps(_mm256_castsi256_ps(_mm256_and_si256(v, _mm256_set1_epi32((int)0xFFFF0000u))), xa, *h);
-    *l = _mm256_fmadd_ps(_mm256_castsi256_ps(_mm256_slli_epi32(v, 16)), xb, *l);
+/* Products with an int8 copy of W and x as int16, for g2t_top1: acc[n0:n1] = (Wq[n] . xq) scale[n] sx,
+   the sums exact (16-bit products summed in int32 lanes, whose range the caller keeps, then in
+   int64). Wq is packed to be read as one sequential stream: rows padded to Kp (a multiple of 16),
+   in groups of 4 (the last group: what is left) interleaved by 16 numbers. n0 a multiple of 4. */
+static inline __m256i dotq_acc(const int8_t *w, __m256i xv, __m256i a) {
+    return _mm256_add_epi32(a, _mm256_madd_epi16(_mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)w)), xv));
 }
 
-static void dotb_rows(const uint32_t *w, const float *x, float *y, long n0, long n1, long N, long Kp) {
-    long words = Kp / 2, n = n0;
+static inline long hsum_i32(__m256i v) {
+    int32_t o[8];
+    _mm256_storeu_si256((__m256i *)o, v);
+    long s = 0;
+    for (int i = 0; i < 8; i++) s += o[i];
+    return s;
+}
+
+static void dotq_rows(const int8_t *w, const int16_t *x, double *acc, const float *scale, double sx, long n0, long n1,
+                      long N, long Kp) {
+    long n = n0;
     for (; n + 4 <= n1; n += 4) {
-        const uint32_t *g = w + n * words;
-        __m256 h0 = _mm256_setzero_ps(), h1 = h0, h2 = h0, h3 = h0, l0 = h0, l1 = h0, l2 = h0, l3 = h0;
-        for (long k = 0; k < Kp; k += 16, g += 32) {
-            __m256 xa = _mm256_loadu_ps(x + k), xb = _mm256_loadu_ps(x + k + 8);
-            dotb_acc(g, xa, xb, &h0, &l0);
-            dotb_acc(g + 8, xa, xb, &h1, &l1);
-            dotb_acc(g + 16, xa, xb, &h2, &l2);
-            dotb_acc(g + 24, xa, xb, &h3, &l3);
+        const int8_t *g = w + n * Kp;
+        __m256i a0 = _mm256_setzero_si256(), a1 = a0, a2 = a0, a3 = a0;
+        for (long k = 0; k < Kp; k += 16, g += 64) {
+            __m256i xv = _mm256_loadu_si256((const __m256i *)(x + k));
+            a0 = dotq_acc(g, xv, a0);
+            a1 = dotq_acc(g + 16, xv, a1);
+            a2 = dotq_acc(g + 32, xv, a2);
+            a3 = dotq_acc(g + 48, xv, a3);
         }
-        y[n] = hsum(_mm256_add_ps(h0, l0)), y[n + 1] = hsum(_mm256_add_ps(h1, l1));
-        y[n + 2] = hsum(_mm256_add_ps(h2, l2)), y[n + 3] = hsum(_mm256_add_ps(h3, l3));
+        acc[n] = (double)hsum_i32(a0) * scale[n] * sx, acc[n + 1] = (double)hsum_i32(a1) * scale[n + 1] * sx;
+        acc[n + 2] = (double)hsum_i32(a2) * scale[n + 2] * sx, acc[n + 3] = (double)hsum_i32(a3) * scale[n + 3] * sx;
     }
-    long rest = N - n; /* the last group: fewer than 4 rows */
+    long rest = N - n;
     for (long j = 0; n + j < n1; j++) {
-        __m256 h = _mm256_setzero_ps(), l = h;
-        const uint32_t *g = w + n * words + j * 8;
-        for (long k = 0; k < Kp; k += 16, g += 8 * rest)
-            dotb_acc(g, _mm256_loadu_ps(x + k), _mm256_loadu_ps(x + k + 8), &h, &l);
-        y[n + j] = hsum(_mm256_add_ps(h, l));
+        __m256i a = _mm256_setzero_si256();
+        const int8_t *g = w + n * Kp + j * 16;
+        for (long k = 0; k < Kp; k += 16, g += 16 * rest) a = dotq_acc(g, _mm256_loadu_si256((const __m256i *)(x + k)), a);
+        acc[n + j] = (double)hsum_i32(a) * scale[n + j] * sx;
     }
 }
 
@@ -349,23 +357,19 @@ static void run_task(const job_t *j, int t) {
         if (half > 1) return;
         long n0 = c ? (j->N * c / per) & ~7L : 0, n1 = c == per - 1 ? j->N : (j->N * (c + 1) / per) & ~7L;
         axpy_rows_m(j->w, j->x, half ? j->scratch : j->y, M, j->K, half ? kh : 0, half ? j->K : kh, n0, n1, j->N);
-    } else if (j->kind == DOTB) {
+    } else if (j->kind == DOTQ) {
         long n0 = t ? (j->N * t / T) & ~3L : 0, n1 = t == T - 1 ? j->N : (j->N * (t + 1) / T) & ~3L;
-        dotb_rows(j->wb, j->x, j->y, n0, n1, j->N, j->K);
+        dotq_rows(j->wq, j->xq, j->acc, j->scale, j->sx, n0, n1, j->N, j->K);
         double lb = -INFINITY;
         for (long r = n0; r < n1; r++) {
-            if (!isfinite(j->y[r])) { /* the caller computes every product */
-                lb = NAN;
-                break;
-            }
-            double v = (double)j->y[r] - j->err[r] * j->xn;
+            double v = j->acc[r] - (j->err[r] * j->xn + j->gq[r] * j->dxn);
             lb = v > lb ? v : lb;
         }
         j->lbs[t] = lb;
     } else if (j->kind == PICK) {
         long n0 = t ? (j->N * t / T) & ~3L : 0, n1 = t == T - 1 ? j->N : (j->N * (t + 1) / T) & ~3L, c = 0;
         for (long r = n0; r < n1; r++) {
-            if ((double)j->y[r] + j->err[r] * j->xn >= j->lb) {
+            if (j->acc[r] + (j->err[r] * j->xn + j->gq[r] * j->dxn) >= j->lb) {
                 j->y[r] = dot(j->w + r * j->Kx, j->x, j->Kx);
                 c++;
             } else {
@@ -493,36 +497,40 @@ int g2t_gemv(int kind, const float *w, const float *x, float *y, float *scratch,
     return threads;
 }
 
-/* The argmax of W[N, K] . x with W read mostly as its bf16 copy wb (packed as dotb_rows reads it): y gets the fp32 products
-   (exactly those of g2t_gemv's DOT) of every row that can be the largest, and -inf elsewhere.
-   err[r] bounds |W[r] . x - wb[r] . x| / ||x||_2 as both are computed in fp32 (the bf16 rounding
-   and both products' rounding; see gemv.py), so a row r with wb[r] . x + err[r] ||x|| below
-   max_s (wb[s] . x - err[s] ||x||) cannot be the argmax; the others are recomputed from W. The
-   first largest of y is then the first largest of the full product. Returns the rows recomputed,
-   or -1 (y undefined) when x or a product is not finite: then the caller computes them all. */
-long g2t_top1(const float *w, const uint32_t *wb, const float *err, const float *x, float *y, long N, long K,
-              int threads) {
+/* The argmax of W[N, K] . x read mostly from W's int8 copy: y gets the fp32 products (exactly those
+   of g2t_gemv's DOT) of every row that can be the largest, and -inf elsewhere. x is rounded to int16
+   (scale sx), each row's approximate product is exact in integers, and |fl(W[r] . x) - acc[r]| <=
+   err[r] ||x|| + gq[r] ||x - sx xq|| (see gemv.py's Top1), so a row whose upper bound is below the
+   best lower bound cannot be the argmax; the others are recomputed from W. The first largest of y
+   is then the first largest of the full product. Returns the rows recomputed, or -1 (y undefined)
+   when x is not finite or all zero: then the caller computes every product. */
+long g2t_top1(const float *w, const int8_t *wq, const float *scale, const float *err, const float *gq, const float *x,
+               float *y, double *acc, long N, long K, int threads) {
     long Kp = (K + 15) / 16 * 16;
-    float xp[Kp];
-    double xn = 0, lbs[MAXT];
+    int16_t xq[Kp];
+    double xn = 0, m = 0, dxn = 0, lbs[MAXT];
     long counts[MAXT];
-    for (long k = 0; k < K; k++) xn += (double)x[k] * x[k], xp[k] = x[k];
-    for (long k = K; k < Kp; k++) xp[k] = 0.f;
-    xn = sqrt(xn);
-    if (!isfinite(xn)) return -1;
-    pthread_mutex_lock(&call_mu);
-    threads = run_job((job_t){.kind = DOTB, .wb = wb, .err = err, .xn = xn, .lbs = lbs, .x = xp, .y = y, .K = Kp,
-                              .N = N}, threads);
-    double lb = -INFINITY;
-    for (int t = 0; t < threads; t++) {
-        if (lbs[t] != lbs[t]) { /* a product not finite */
-            pthread_mutex_unlock(&call_mu);
-            return -1;
-        }
-        lb = lbs[t] > lb ? lbs[t] : lb;
+    for (long k = 0; k < K; k++) {
+        xn += (double)x[k] * x[k];
+        m = fabs(x[k]) > m ? fabs(x[k]) : m;
     }
-    run_job((job_t){.kind = PICK, .w = w, .err = err, .xn = xn, .lb = lb, .counts = counts, .x = x, .y = y,
-                    .Kx = K, .N = N}, threads);
+    xn = sqrt(xn);
+    if (!isfinite(xn) || m == 0) return -1;
+    /* an int32 lane sums Kp / 16 products of two 16-bit pairs, each at most 2 * 127 * limit */
+    double limit = fmin(32767.0, floor(2147483647.0 / (254.0 * (Kp / 16))));
+    double sx = m / limit;
+    for (long k = 0; k < Kp; k++) {
+        xq[k] = k < K ? (int16_t)lrint(x[k] / sx) : 0;
+        if (k < K) dxn += (x[k] - sx * xq[k]) * (x[k] - sx * xq[k]);
+    }
+    dxn = sqrt(dxn);
+    pthread_mutex_lock(&call_mu);
+    threads = run_job((job_t){.kind = DOTQ, .wq = wq, .xq = xq, .acc = acc, .scale = scale, .sx = sx, .err = err,
+                              .gq = gq, .xn = xn, .dxn = dxn, .lbs = lbs, .K = Kp, .N = N}, threads);
+    double lb = -INFINITY;
+    for (int t = 0; t < threads; t++) lb = lbs[t] > lb ? lbs[t] : lb;
+    run_job((job_t){.kind = PICK, .w = w, .err = err, .gq = gq, .acc = acc, .dxn = dxn, .xn = xn, .lb = lb,
+                    .counts = counts, .x = x, .y = y, .Kx = K, .N = N}, threads);
     pthread_mutex_unlock(&call_mu);
     long count = 0;
     for (int t = 0; t < threads; t++) count += counts[t];

@@ -117,7 +117,7 @@ def _load() -> Optional[ctypes.CDLL]:
     L, P, F, I = ctypes.c_long, ctypes.c_void_p, ctypes.c_float, ctypes.c_int
     lib.g2t_blocks.argtypes = [P, L, P, P, P, P, L, L, L, L, L, F, I, P, I]
     lib.g2t_blocks.restype = I
-    lib.g2t_top1.argtypes = [P, P, P, P, P, L, L, I]
+    lib.g2t_top1.argtypes = [P] * 8 + [L, L, I]
     lib.g2t_top1.restype = L
     return lib
 
@@ -157,13 +157,11 @@ class Gemv:
         return out[0]
 
 
-def _pack_bf16(w: torch.Tensor, Kp: int) -> torch.Tensor:
-    """Rows of `w` [n, K] (n a multiple of 4, or the last rows) as `dotb_rows` reads them, [n, Kp]
-    bf16: padded to Kp, every 16 numbers as 8 words (w[l] high, w[8 + l] low: little-endian, so the
-    low half first), groups of 4 rows interleaved by 16 numbers."""
-    n = w.size(0)
-    b = F.pad(w.to(torch.bfloat16), (0, Kp - w.size(1))).view(n, Kp // 16, 2, 8)
-    b = torch.stack([b[:, :, 1], b[:, :, 0]], dim=-1)  # [n, Kp/16, 8, 2]
+def _pack_int8(q: torch.Tensor, Kp: int) -> torch.Tensor:
+    """Rows of `q` [n, K] int8 (n a multiple of 4, or the last rows) as `dotq_rows` reads them,
+    [n, Kp]: padded to Kp, groups of 4 rows interleaved by 16 numbers (one sequential stream)."""
+    n = q.size(0)
+    b = F.pad(q, (0, Kp - q.size(1))).view(n, Kp // 16, 16)
     full = n - n % 4
     out = [b[:full].view(full // 4, 4, Kp // 16, 16).transpose(1, 2)]
     if n % 4:
@@ -177,40 +175,51 @@ class Top1:
     computes it, and -inf elsewhere; its (first) argmax is the full product's. The LM head of greedy
     decoding: GPT-2 124M's is 154 MB of the 495 MB a token reads.
 
-    It reads W's bf16 copy (half the bytes) and a bound per row: for bf16 row b and fp32 row w,
-    |fl(w . x) - fl(b . x)| <= err * ||x||_2 with err = ||w - b|| + g (||w|| + ||b||), Cauchy-Schwarz
-    on the bf16 rounding plus each fp32 product's rounding (g = n u / (1 - n u), u = 2^-24, n = K + 10
-    covering the accumulation's depth), times 1.001 for the comparisons' own rounding. Rows whose
-    upper bound is below the best lower bound cannot win; the others (a handful) are recomputed from
-    W. Costs a bf16 copy of W (half its size)."""
+    It reads an int8 copy of W (a quarter of the bytes; per row w: q = round(w / s), s = max|w| / 127)
+    and x as int16 (xq = round(x / sx)), whose product is exact in integers: a = s sx (q . xq). Then
+    |fl(w . x) - a| <= g ||w|| ||x||  +  ||w - s q|| ||x||  +  s ||q|| ||x - sx xq||
+    (the fp32 product's rounding, g = n u / (1 - n u) with u = 2^-24 and n = K + 10 covering its
+    accumulation depth; then Cauchy-Schwarz on the two roundings to integers), kept per row as `err`
+    (the factor of ||x||) and `gq` (of ||x - sx xq||), times 1.001 for the comparisons' own rounding.
+    Rows whose upper bound is below the best lower bound cannot win; the others (one to a few per
+    token on GPT-2s, random or pretrained) are recomputed from W. Costs an int8 copy of W."""
 
     def __init__(self, lib: ctypes.CDLL, weight: torch.Tensor, chunk: int = 4096):
         if weight.dtype != torch.float32 or weight.device.type != "cpu" or not weight.is_contiguous():
             raise ValueError("Top1 needs a contiguous fp32 CPU weight")
         self.lib, self.w = lib, weight
         self.N, self.K = weight.shape
+        self.finite = bool(torch.isfinite(weight).all())  # else every call computes all products
         Kp = -(-self.K // 16) * 16
-        self.wb = torch.empty(self.N, Kp, dtype=torch.bfloat16)  # packed as gemv.c's dotb_rows reads it
+        self.wq = torch.empty(self.N, Kp, dtype=torch.int8)  # packed as gemv.c's dotq_rows reads it
+        self.scale = torch.empty(self.N)
         n = self.K + 10
         g = n * 2.0 ** -24 / (1 - n * 2.0 ** -24)
-        err = torch.empty(self.N, dtype=torch.float64)
+        err, gq = torch.empty(self.N, dtype=torch.float64), torch.empty(self.N, dtype=torch.float64)
         chunk -= chunk % 4
-        for i in range(0, self.N, chunk):  # in chunks: no full-size float64 copy
+        for i in range(0, self.N if self.finite else 0, chunk):  # in chunks: no full-size float64 copy
             w = self.w[i:i + chunk]
-            self.wb[i:i + chunk] = _pack_bf16(w, Kp)
-            w, b = w.double(), w.to(torch.bfloat16).double()
-            err[i:i + chunk] = (w - b).norm(dim=1) + g * (w.norm(dim=1) + b.norm(dim=1))
-        self.err = (err * 1.001 + 1e-30).float()
+            s = (w.abs().amax(1) / 127).clamp_min(1e-30)
+            q = torch.round(w / s[:, None]).clamp_(-127, 127).to(torch.int8)
+            self.wq[i:i + chunk], self.scale[i:i + chunk] = _pack_int8(q, Kp), s
+            w, s, q = w.double(), self.scale[i:i + chunk].double(), q.double()
+            err[i:i + chunk] = (w - q * s[:, None]).norm(dim=1) + g * w.norm(dim=1)
+            gq[i:i + chunk] = s * q.norm(dim=1)
+        self.err, self.gq = (err * 1.001 + 1e-30).float(), (gq * 1.001).float()
+        self.acc = torch.empty(self.N, dtype=torch.float64)  # the approximate products (used under the call lock)
         self.recomputed = 0  # rows recomputed from W by the last call
 
     def __call__(self, x: torch.Tensor, threads: int = 1) -> Optional[torch.Tensor]:
-        """[1, N], or None when x or a product is not finite (compute the full product then)."""
+        """[1, N], or None when x or W is not finite or x is zero (compute the full product then)."""
         x = x.contiguous()
         if x.shape != (1, self.K) or x.dtype != torch.float32:
             raise ValueError(f"Top1 takes one fp32 row of {self.K}, not {tuple(x.shape)} {x.dtype}")
+        if not self.finite:
+            return None
         y = torch.empty(1, self.N)
-        n = self.lib.g2t_top1(self.w.data_ptr(), self.wb.data_ptr(), self.err.data_ptr(), x.data_ptr(),
-                              y.data_ptr(), self.N, self.K, threads)
+        n = self.lib.g2t_top1(self.w.data_ptr(), self.wq.data_ptr(), self.scale.data_ptr(), self.err.data_ptr(),
+                              self.gq.data_ptr(), x.data_ptr(), y.data_ptr(), self.acc.data_ptr(), self.N, self.K,
+                              threads)
         self.recomputed = n
         return None if n < 0 else y
 
