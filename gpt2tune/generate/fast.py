@@ -16,7 +16,10 @@ bandwidth divided by the bytes of the weights. `weights` chooses them (`Sampling
   batches read the head through oneDNN, and on CPUs other than Intel's split the blocks' products
   like one row (MKL's small GEMMs are slow there). Other kernels round differently, and the tanh GELU is torch's, not HF's Python formula: the logits are
   allclose to HF's (~1e-6), not bitwise equal; greedy decoding gives HF's tokens in the tests and
-  on the benchmark's 128 tokens;
+  on the benchmark's 128 tokens. Greedy steps whose logits serve only their argmax
+  (`step(..., top1_only=True)`, asked by `Decoder` when no processor or constraint reads them) read
+  the head through `gemv.Top1`: an int8 copy screens the vocabulary with a proven error bound and
+  only the rows that can win are computed in fp32, so the token is the one all fp32 logits give;
 - "bf16": a bf16 copy in [out, in] layout (matrix-vector kernels at batch 1; several rows as
   W @ x.T where bf16 is native): half the bytes;
 - "int8": int8 weights with one scale per output channel (symmetric). On x86 CPUs with fbgemm

@@ -497,6 +497,37 @@ int g2t_gemv(int kind, const float *w, const float *x, float *y, float *scratch,
     return threads;
 }
 
+/* g2t_top1's copy of W [N, K]: wq [N, Kp] int8 packed as dotq_rows reads it, q = round(w / s) with
+   s = max|w| / 127 per row (scale); err = (||w - s q|| + g ||w||) * 1.001 and gq = s ||q|| * 1.001 per
+   row, g the fp32 product's rounding factor (see gemv.py's Top1). One pass, sums in double. */
+void g2t_top1_prepare(const float *w, long N, long K, int8_t *wq, float *scale, float *err, float *gq) {
+    long Kp = (K + 15) / 16 * 16;
+    double n = (double)(K + 10), u = ldexp(1.0, -24), g = n * u / (1 - n * u);
+    for (long r = 0; r < N; r++) {
+        const float *wr = w + r * K;
+        float m = 0.f;
+        for (long k = 0; k < K; k++) m = fabsf(wr[k]) > m ? fabsf(wr[k]) : m;
+        float s = m / 127.0f;
+        s = s < 1e-30f ? 1e-30f : s;
+        long j = r % 4, base = r - j, rows = N - base < 4 ? N - base : 4;
+        int8_t *dst = wq + base * Kp + j * 16;
+        double e2 = 0, w2 = 0, q2 = 0;
+        for (long k = 0; k < Kp; k++) {
+            float q = 0.f;
+            if (k < K) {
+                q = nearbyintf(wr[k] / s);
+                q = q > 127.f ? 127.f : q < -127.f ? -127.f : q;
+                double e = (double)wr[k] - (double)q * s;
+                e2 += e * e, w2 += (double)wr[k] * wr[k], q2 += (double)q * q;
+            }
+            dst[(k / 16) * 16 * rows + k % 16] = (int8_t)q;
+        }
+        scale[r] = s;
+        err[r] = (float)((sqrt(e2) + g * sqrt(w2)) * 1.001 + 1e-30);
+        gq[r] = (float)(s * sqrt(q2) * 1.001);
+    }
+}
+
 /* The argmax of W[N, K] . x read mostly from W's int8 copy: y gets the fp32 products (exactly those
    of g2t_gemv's DOT) of every row that can be the largest, and -inf elsewhere. x is rounded to int16
    (scale sx), each row's approximate product is exact in integers, and |fl(W[r] . x) - acc[r]| <=
