@@ -124,6 +124,33 @@ def test_top1_gives_up_on_products_that_are_not_finite(lib):
     assert gemv.Top1(lib, w.contiguous())(torch.ones(1, 16), 2) is None
 
 
+def test_attention_and_gelu_of_several_rows(lib):
+    """`attend_rows` writes each row's key and value into its cache and attends like SDPA, each row
+    bitwise as alone on any thread count; `gelu_` follows torch's GELU in both forms."""
+    import torch.nn.functional as F
+
+    torch.manual_seed(0)
+    M, H, hd, max_len, t = 5, 4, 24, 40, 17
+    k, v = torch.randn(M, H, max_len, hd), torch.randn(M, H, max_len, hd)
+    qkv = torch.randn(M, 3 * H * hd)
+    outs = []
+    for threads in (1, 2, 3):
+        kk, vv = k.clone(), v.clone()
+        outs.append(gemv.attend_rows(lib, qkv, kk, vv, t, threads))
+    q3 = qkv.view(M, 3, H, hd)
+    assert torch.equal(kk[:, :, t], q3[:, 1]) and torch.equal(vv[:, :, t], q3[:, 2])
+    assert torch.equal(kk[:, :, t + 1:], k[:, :, t + 1:]) and torch.equal(kk[:, :, :t], k[:, :, :t])
+    want = F.scaled_dot_product_attention(q3[:, 0, :, None], kk[:, :, :t + 1], vv[:, :, :t + 1]).view(M, H * hd)
+    torch.testing.assert_close(outs[0], want, rtol=1e-5, atol=1e-5)
+    assert all(torch.equal(o, outs[0]) for o in outs[1:])
+    for i in (0, 3):  # a row alone: the same numbers
+        alone = gemv.attend_rows(lib, qkv[i:i + 1].clone(), k[i:i + 1].clone(), v[i:i + 1].clone(), t, 2)
+        assert torch.equal(alone[0], outs[0][i])
+    x = torch.randn(3, 1001) * 4
+    torch.testing.assert_close(gemv.gelu_(lib, x.clone(), False), F.gelu(x, approximate="tanh"), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(gemv.gelu_(lib, x.clone(), True), F.gelu(x), rtol=1e-5, atol=1e-6)
+
+
 def _gpt2(activation="gelu_new"):
     from transformers import GPT2Config, GPT2LMHeadModel
 

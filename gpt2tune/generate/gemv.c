@@ -188,12 +188,15 @@ static void dotq_rows(const int8_t *w, const int16_t *x, double *acc, const floa
     }
 }
 
-/* heads [h0, h1) of one query over t1 cached keys and values (GPT-2: scaled by 1/sqrt(head size)) */
-static void attn_heads(const job_t *j, long h0, long h1) {
-    long hd = j->K, t1 = j->t1;
+/* (row, head) pairs [p0, p1) (p = row * heads + head) of M query rows over t1 cached keys and values
+   each (GPT-2: scaled by 1/sqrt(head size)); x: qkv [M, 3D], y: [M, D], caches [M, heads, max_len, hd] */
+static void attn_heads(const job_t *j, long p0, long p1) {
+    long hd = j->K, t1 = j->t1, H = j->N, D = H * hd;
     float scale = 1.0f / sqrtf((float)hd), s[t1];
-    for (long h = h0; h < h1; h++) {
-        const float *q = j->x + h * hd, *kh = j->kc + h * j->max_len * hd, *vh = j->vc + h * j->max_len * hd;
+    for (long p = p0; p < p1; p++) {
+        long b = p / H, h = p % H;
+        const float *q = j->x + b * 3 * D + h * hd, *kh = j->kc + (b * H + h) * j->max_len * hd,
+                    *vh = j->vc + (b * H + h) * j->max_len * hd;
         float m = -INFINITY;
         for (long t = 0; t < t1; t++) {
             s[t] = dot(q, kh + t * hd, hd) * scale;
@@ -207,7 +210,7 @@ static void attn_heads(const job_t *j, long h0, long h1) {
             sum += hsum(e);
         }
         for (; t < t1; t++) sum += (s[t] = expf(s[t] - m));
-        float inv = 1.0f / sum, *o = j->y + h * hd;
+        float inv = 1.0f / sum, *o = j->y + b * D + h * hd;
         long d = 0;
         for (; d + 8 <= hd; d += 8) {
             __m256 a = _mm256_setzero_ps();
@@ -381,7 +384,8 @@ static void run_task(const job_t *j, int t) {
         long n0 = t ? (j->N * t / T) & ~3L : 0, n1 = t == T - 1 ? j->N : (j->N * (t + 1) / T) & ~3L;
         dot_rows_m(j->w, j->x, j->y, j->M ? j->M : 1, n0, n1, j->K, j->N);
     } else {
-        attn_heads(j, j->N * t / T, j->N * (t + 1) / T);
+        long P = (j->M ? j->M : 1) * j->N;
+        attn_heads(j, P * t / T, P * (t + 1) / T);
     }
 }
 
@@ -567,6 +571,29 @@ long g2t_top1(const float *w, const int8_t *wq, const float *scale, const float 
     for (int t = 0; t < threads; t++) count += counts[t];
     return count;
 }
+
+/* M rows' attention in one layer at cache position t: each row's key and value (from qkv [M, 3D])
+   written into its cache (kc, vc [M, heads, max_len, hd]), then every (row, head) over t + 1 keys into
+   out [M, D]. The operations of g2t_blocks' attention on each row. */
+int g2t_attn_rows(const float *qkv, float *kc, float *vc, float *out, long M, long heads, long hd, long t,
+                  long max_len, int threads) {
+    long D = heads * hd;
+    for (long b = 0; b < M; b++)
+        for (long i = 0; i < heads; i++) {
+            memcpy(kc + ((b * heads + i) * max_len + t) * hd, qkv + b * 3 * D + D + i * hd, hd * sizeof(float));
+            memcpy(vc + ((b * heads + i) * max_len + t) * hd, qkv + b * 3 * D + 2 * D + i * hd, hd * sizeof(float));
+        }
+    pthread_mutex_lock(&call_mu);
+    threads = run_job((job_t){.kind = ATTN, .x = qkv, .y = out, .K = hd, .N = heads, .M = M, .kc = kc, .vc = vc,
+                              .t1 = t + 1, .max_len = max_len}, threads);
+    pthread_mutex_unlock(&call_mu);
+    return threads;
+}
+
+static void gelu(float *x, long n, int exact);
+
+/* GELU in place over n floats (as g2t_blocks computes it) */
+void g2t_gelu(float *x, long n, int exact) { gelu(x, n, exact); }
 
 /* One GPT-2 block (pre-norm) for one token; fields as the model's tensors (Conv1D weights [in, out]). */
 typedef struct {

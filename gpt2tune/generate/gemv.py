@@ -122,6 +122,10 @@ def _load() -> Optional[ctypes.CDLL]:
     lib.g2t_top1.restype = L
     lib.g2t_top1_prepare.argtypes = [P, L, L, P, P, P, P]
     lib.g2t_top1_prepare.restype = None
+    lib.g2t_attn_rows.argtypes = [P, P, P, P, L, L, L, L, L, I]
+    lib.g2t_attn_rows.restype = I
+    lib.g2t_gelu.argtypes = [P, L, I]
+    lib.g2t_gelu.restype = None
     return lib
 
 
@@ -202,6 +206,28 @@ class Top1:
                               threads)
         self.recomputed = n
         return None if n < 0 else y
+
+
+def attend_rows(lib: ctypes.CDLL, qkv: torch.Tensor, k: torch.Tensor, v: torch.Tensor, t: int,
+                threads: int = 1) -> torch.Tensor:
+    """One layer's attention for M new tokens at cache position `t`, as `Blocks` computes it: `qkv`
+    [M, 3D] (contiguous fp32), `k` / `v` that layer's cache [M, heads, max_len, head size]
+    (contiguous; each row's key and value are written at `t`). Returns [M, D]."""
+    M, H, max_len, hd = k.shape
+    if qkv.shape != (M, 3 * H * hd) or not (qkv.is_contiguous() and k.is_contiguous() and v.is_contiguous()):
+        raise ValueError("attend_rows needs contiguous qkv [M, 3D] and caches [M, heads, max_len, head size]")
+    out = torch.empty(M, H * hd)
+    lib.g2t_attn_rows(qkv.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), M, H, hd, t, max_len, threads)
+    return out
+
+
+def gelu_(lib: ctypes.CDLL, x: torch.Tensor, exact: bool) -> torch.Tensor:
+    """GELU in place on a contiguous fp32 tensor, as `Blocks` computes it (the tanh form unless
+    `exact`)."""
+    if not x.is_contiguous() or x.dtype != torch.float32:
+        raise ValueError("gelu_ needs a contiguous fp32 tensor")
+    lib.g2t_gelu(x.data_ptr(), x.numel(), int(exact))
+    return x
 
 
 _BLOCK_FIELDS = ("ln1_w", "ln1_b", "attn_w", "attn_b", "proj_w", "proj_b", "ln2_w", "ln2_b", "fc_w", "fc_b",
