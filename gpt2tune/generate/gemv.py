@@ -13,7 +13,7 @@ read in place as rows of [vocab, d]. `Blocks` runs every GPT-2 block of a one-ro
 finds the head's argmax for greedy decoding from an int8 copy (a quarter of the bytes) and a proven
 bound, computing in fp32 only the rows that can win (the head: 5.5 -> 1.8 ms per token). `Gemv`
 also takes 2 to 8 rows (sampling, beams), register-tiled, each row getting the numbers it gets
-alone (see BENCHMARKS.md).
+alone; `attend_rows` and `gelu_` do those steps' attention and GELU (see BENCHMARKS.md).
 
 It is built with the C compiler of the machine (`$CC`, else `cc`, `gcc` or `clang`: well under a
 second) into `$GPT2TUNE_NATIVE_DIR`, else `$XDG_CACHE_HOME/gpt2tune/native` (`~/.cache/...`), named by a hash of the source
