@@ -353,31 +353,40 @@ def test_the_decoder_picks_a_few_rows_tokens_on_one_thread(monkeypatch):
 
 
 def test_plain_greedy_steps_ask_only_for_the_argmax(monkeypatch, one_row_path):
-    """Greedy decoding with nothing else reading the logits asks the runner for each row's argmax
-    only (`top1_only`: the compiled kernel then reads the head's bf16 copy and recomputes only the
-    rows that can win); processors, a constraint or sampling get every logit. Either way the tokens
+    """Greedy decoding asks the runner for each row's argmax only (`top1_only`: the compiled kernel
+    then reads the head's int8 copy and recomputes only the rows that can win) when the processors
+    at most ban tokens (suppressed ids, the end marker before `min_new_tokens`: passed on as
+    `banned`); a repetition penalty, a constraint or sampling get every logit. Either way the tokens
     are HF's."""
     m = tiny(4)
     asked = []
     real = FastRunner.step
 
-    def spy(self, tokens, top1_only=False):
-        asked.append(top1_only)
-        out = real(self, tokens, top1_only)
+    def spy(self, tokens, top1_only=False, banned=None):
+        asked.append((top1_only, None if banned is None else banned.nonzero().flatten().tolist()))
+        out = real(self, tokens, top1_only, banned)
         if top1_only and one_row_path == "native":
             assert int(torch.isfinite(out).sum()) < out.size(-1) // 4  # most of the head was skipped
         return out
 
+    def hf(n, **kw):
+        return m.generate(torch.tensor([PROMPT]), max_new_tokens=n, do_sample=False, pad_token_id=0,
+                          **kw)[0, len(PROMPT):].tolist()
+
     monkeypatch.setattr(FastRunner, "step", spy)
-    hf = m.generate(torch.tensor([PROMPT]), max_new_tokens=40, do_sample=False, eos_token_id=None,
-                    pad_token_id=0)[0, len(PROMPT):].tolist()
-    assert generate_ids(m, PROMPT, None, Sampling(max_new_tokens=40, greedy=True))[0] == hf
-    assert asked and all(asked)
+    plain = hf(40, eos_token_id=None)
+    assert generate_ids(m, PROMPT, None, Sampling(max_new_tokens=40, greedy=True))[0] == plain
+    assert asked and all(a == (True, None) for a in asked)
+    # ban the tokens greedy picks most: the argmax must come from the others, as HF's suppression gives
+    banned = [t for t, _ in __import__("collections").Counter(plain).most_common(3)]
+    asked.clear()
+    ours = generate_ids(m, PROMPT, 2, Sampling(max_new_tokens=30, greedy=True, min_new_tokens=10), suppress_ids=banned)[0]
+    want = hf(30, eos_token_id=2, suppress_tokens=banned, min_new_tokens=10)
+    assert ours == [t for t in want if t != 2][:len(ours)] and len(ours) > 5
+    assert all(a[0] for a in asked)
+    assert asked[0][1] == sorted(banned + [2]) and asked[-1][1] == sorted(banned)  # the end marker from step 10
     for s in (Sampling(max_new_tokens=5, greedy=True, repetition_penalty=1.2),
               Sampling(max_new_tokens=5, top_k=5, seed=0)):
         asked.clear()
         generate_ids(m, PROMPT, None, s)
-        assert asked and not any(asked)
-    asked.clear()
-    generate_ids(m, PROMPT, None, Sampling(max_new_tokens=5, greedy=True), suppress_ids=[3])
-    assert asked and not any(asked)
+        assert asked and not any(a[0] for a in asked)

@@ -93,6 +93,21 @@ def test_top1_keeps_the_first_argmax_and_its_exact_products(lib, N, K):
         assert max(recomputed) >= 5  # the near copies are all recomputed
 
 
+def test_top1_leaves_out_banned_rows(lib):
+    """Rows the caller bans are -inf and take no part in the screen: the argmax among the others,
+    also when the banned ones include the winners and their near copies."""
+    for seed in range(6):
+        w, x = _near_ties(1003, 37, seed)
+        want = gemv.Gemv(lib, w, None, "out_in")(x, 2)
+        banned = torch.zeros(1003, dtype=torch.bool)
+        top = want[0].topk(3 + seed).indices  # the best rows (and some near copies) banned
+        banned[top] = True
+        y = gemv.Top1(lib, w)(x, 2, banned)
+        assert bool((y[0, banned] == -float("inf")).all())
+        assert int(y.argmax()) == int(want.masked_fill(banned, -float("inf")).argmax())
+    assert gemv.Top1(lib, w)(x, 2, torch.ones(1003, dtype=torch.bool)) is None  # nothing left to pick
+
+
 def test_top1_bound_holds_where_it_is_tight(lib):
     """For x along a row's int8 rounding error the bound is nearly reached: it must hold there, and
     be no looser than 5% (a bound scaled down would let a row that wins be skipped)."""

@@ -201,12 +201,11 @@ class Decoder:
                 return event, logits
             self._drop(keep)
             nxt = nxt[torch.tensor(keep, device=self.device)]
-        return event, self.runner.step(nxt, top1_only=self._argmax_only())
-
-    def _argmax_only(self) -> bool:
-        """Whether the next step's logits serve only their argmax: every row greedy, nothing that
-        changes logits first (processors, a constraint)."""
-        return self.constraint is None and bool(self.row_sampling.greedy.all()) and not self.proc.active(self.step_no)
+        if self.constraint is None and bool(self.row_sampling.greedy.all()):
+            bans = self.proc.only_bans(self.step_no)
+            if bans is not False:  # the next logits serve only their argmax, after these bans
+                return event, self.runner.step(nxt, top1_only=True, banned=bans)
+        return event, self.runner.step(nxt)
 
 
 def decode(model, prompts: list[list[int]], eos_id: Optional[int], s: Sampling, suppress_ids: Iterable[int] = (),

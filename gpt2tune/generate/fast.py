@@ -17,7 +17,7 @@ bandwidth divided by the bytes of the weights. `weights` chooses them (`Sampling
   like one row (MKL's small GEMMs are slow there). Other kernels round differently, and the tanh GELU is torch's, not HF's Python formula: the logits are
   allclose to HF's (~1e-6), not bitwise equal; greedy decoding gives HF's tokens in the tests and
   on the benchmark's 128 tokens. Greedy steps whose logits serve only their argmax
-  (`step(..., top1_only=True)`, asked by `Decoder` when no processor or constraint reads them) read
+  (`step(..., top1_only=True)`, asked by `Decoder` when processors at most ban tokens) read
   the head through `gemv.Top1`: an int8 copy screens the vocabulary with a proven error bound and
   only the rows that can win are computed in fp32, so the token is the one all fp32 logits give;
 - "bf16": a bf16 copy in [out, in] layout (matrix-vector kernels at batch 1; several rows as
@@ -199,15 +199,16 @@ class _Linear:
                 torch.set_num_threads(1)
         return self._product(x)
 
-    def top1(self, x: torch.Tensor, threads: int = 0) -> torch.Tensor:
-        """As `__call__` where only the first argmax of each row matters (greedy decoding): for one
-        fp32 row of the head through the compiled kernel, exact products only for the rows that can
-        be the largest, -inf elsewhere (`gemv.Top1`: reads mostly an int8 copy, a quarter of the bytes)."""
+    def top1(self, x: torch.Tensor, threads: int = 0, banned: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """As `__call__` where only the first argmax of each row matters (greedy decoding), among
+        the outputs not `banned` ([out] bool, the caller masks them out): for one fp32 row of the
+        head through the compiled kernel, exact products only for the rows that can be the largest,
+        -inf elsewhere (`gemv.Top1`: reads mostly an int8 copy, a quarter of the bytes)."""
         if threads and self.native is not None and self.b is None and self.native.kind == gemv.DOT \
                 and x.size(0) == 1:
             if self.top1_rows is None:
                 self.top1_rows = gemv.Top1(self.native.lib, self.w_oi)
-            y = self.top1_rows(x, threads if self.lend else 1)
+            y = self.top1_rows(x, threads if self.lend else 1, banned)
             if y is not None:
                 return y
         return self(x, threads)
@@ -432,10 +433,11 @@ class FastRunner:
         return self._logits(x[:, -1])
 
     @torch.inference_mode()
-    def step(self, tokens: torch.Tensor, top1_only: bool = False) -> torch.Tensor:
+    def step(self, tokens: torch.Tensor, top1_only: bool = False, banned: Optional[torch.Tensor] = None) -> torch.Tensor:
         """The next-token logits [B, V] after `tokens` [B]. `top1_only`: the caller takes only each
-        row's (first) argmax, so a one-row fp32 step may return exact logits for the tokens that can
-        be the largest and -inf for the others (`_Linear.top1`); the argmax is the same."""
+        row's (first) argmax after masking out the `banned` tokens ([V] bool, or None), so a one-row
+        fp32 step may return exact logits for the tokens that can be the largest and -inf for the
+        others (`_Linear.top1`); that argmax is the same."""
         if self.t >= self.max_len:
             raise ValueError("the KV cache is full (the model's context is used up)")
         amask = None
@@ -447,21 +449,22 @@ class FastRunner:
             return self._advance(self._hidden(self._embed(tokens, self.pos), amask))
         with one_thread() as n:
             if n == 1:
-                return self._advance(self._hidden(self._embed(tokens, self.pos), amask, 1), 1, top1_only)
+                return self._advance(self._hidden(self._embed(tokens, self.pos), amask, 1), 1, top1_only, banned)
             lending = self.w.lending_for(B)
             lend = lending.choose()
             lent = n if lend else 1
             t0 = time.perf_counter()
             h = self._hidden(self._embed(tokens, self.pos), amask, lent)
-            logits = self._advance(h, lent, top1_only)
+            logits = self._advance(h, lent, top1_only, banned)
             if lending.steps > 1:  # the first step builds the head's one-row copy
                 lending.record(lend, time.perf_counter() - t0)
             return logits
 
-    def _advance(self, h: torch.Tensor, n: int = 0, top1_only: bool = False) -> torch.Tensor:
+    def _advance(self, h: torch.Tensor, n: int = 0, top1_only: bool = False,
+                 banned: Optional[torch.Tensor] = None) -> torch.Tensor:
         self.t += 1
         self.pos = self.pos + 1
-        return (self.w.head.top1(h, n) if top1_only else self.w.head(h, n)).float()
+        return (self.w.head.top1(h, n, banned) if top1_only else self.w.head(h, n)).float()
 
     def _hidden(self, x: torch.Tensor, amask: Optional[torch.Tensor], n: int = 0) -> torch.Tensor:
         """The final norm of the blocks' output for one new token per row: one call of the

@@ -45,6 +45,7 @@ typedef struct {
     double *acc;             /* the approximate products [N] */
     double sx, xn, dxn, lb;  /* x's scale, ||x||, ||x - sx xq||, the best lower bound (PICK) */
     double *lbs;             /* DOTQ: each thread's best lower bound */
+    const uint8_t *skip;     /* rows never to pick (NULL: none) */
     long *counts, Kx;        /* PICK: rows each thread recomputed */
 } job_t;
 
@@ -366,13 +367,13 @@ static void run_task(const job_t *j, int t) {
         double lb = -INFINITY;
         for (long r = n0; r < n1; r++) {
             double v = j->acc[r] - (j->err[r] * j->xn + j->gq[r] * j->dxn);
-            lb = v > lb ? v : lb;
+            lb = v > lb && !(j->skip && j->skip[r]) ? v : lb;
         }
         j->lbs[t] = lb;
     } else if (j->kind == PICK) {
         long n0 = t ? (j->N * t / T) & ~3L : 0, n1 = t == T - 1 ? j->N : (j->N * (t + 1) / T) & ~3L, c = 0;
         for (long r = n0; r < n1; r++) {
-            if (j->acc[r] + (j->err[r] * j->xn + j->gq[r] * j->dxn) >= j->lb) {
+            if (j->acc[r] + (j->err[r] * j->xn + j->gq[r] * j->dxn) >= j->lb && !(j->skip && j->skip[r])) {
                 j->y[r] = dot(j->w + r * j->Kx, j->x, j->Kx);
                 c++;
             } else {
@@ -537,10 +538,11 @@ void g2t_top1_prepare(const float *w, long N, long K, int8_t *wq, float *scale, 
    (scale sx), each row's approximate product is exact in integers, and |fl(W[r] . x) - acc[r]| <=
    err[r] ||x|| + gq[r] ||x - sx xq|| (see gemv.py's Top1), so a row whose upper bound is below the
    best lower bound cannot be the argmax; the others are recomputed from W. The first largest of y
-   is then the first largest of the full product. Returns the rows recomputed, or -1 (y undefined)
-   when x is not finite or all zero: then the caller computes every product. */
+   is then the first largest of the full product. Rows with skip[r] set (the caller bans them) are
+   left out: -inf, and no part of the bound. Returns the rows recomputed, or -1 (y undefined) when x
+   is not finite or all zero, or every row is skipped: then the caller computes every product. */
 long g2t_top1(const float *w, const int8_t *wq, const float *scale, const float *err, const float *gq, const float *x,
-               float *y, double *acc, long N, long K, int threads) {
+              const uint8_t *skip, float *y, double *acc, long N, long K, int threads) {
     long Kp = (K + 15) / 16 * 16;
     int16_t xq[Kp];
     double xn = 0, m = 0, dxn = 0, lbs[MAXT];
@@ -561,11 +563,15 @@ long g2t_top1(const float *w, const int8_t *wq, const float *scale, const float 
     dxn = sqrt(dxn);
     pthread_mutex_lock(&call_mu);
     threads = run_job((job_t){.kind = DOTQ, .wq = wq, .xq = xq, .acc = acc, .scale = scale, .sx = sx, .err = err,
-                              .gq = gq, .xn = xn, .dxn = dxn, .lbs = lbs, .K = Kp, .N = N}, threads);
+                              .gq = gq, .xn = xn, .dxn = dxn, .lbs = lbs, .skip = skip, .K = Kp, .N = N}, threads);
     double lb = -INFINITY;
     for (int t = 0; t < threads; t++) lb = lbs[t] > lb ? lbs[t] : lb;
+    if (lb == -INFINITY) { /* every row skipped */
+        pthread_mutex_unlock(&call_mu);
+        return -1;
+    }
     run_job((job_t){.kind = PICK, .w = w, .err = err, .gq = gq, .acc = acc, .dxn = dxn, .xn = xn, .lb = lb,
-                    .counts = counts, .x = x, .y = y, .Kx = K, .N = N}, threads);
+                    .skip = skip, .counts = counts, .x = x, .y = y, .Kx = K, .N = N}, threads);
     pthread_mutex_unlock(&call_mu);
     long count = 0;
     for (int t = 0; t < threads; t++) count += counts[t];

@@ -118,7 +118,7 @@ def _load() -> Optional[ctypes.CDLL]:
     L, P, F, I = ctypes.c_long, ctypes.c_void_p, ctypes.c_float, ctypes.c_int
     lib.g2t_blocks.argtypes = [P, L, P, P, P, P, L, L, L, L, L, F, I, P, I]
     lib.g2t_blocks.restype = I
-    lib.g2t_top1.argtypes = [P] * 8 + [L, L, I]
+    lib.g2t_top1.argtypes = [P] * 9 + [L, L, I]
     lib.g2t_top1.restype = L
     lib.g2t_top1_prepare.argtypes = [P, L, L, P, P, P, P]
     lib.g2t_top1_prepare.restype = None
@@ -193,17 +193,21 @@ class Top1:
         self.acc = torch.empty(self.N, dtype=torch.float64)  # the approximate products (used under the call lock)
         self.recomputed = 0  # rows recomputed from W by the last call
 
-    def __call__(self, x: torch.Tensor, threads: int = 1) -> Optional[torch.Tensor]:
-        """[1, N], or None when x or W is not finite or x is zero (compute the full product then)."""
+    def __call__(self, x: torch.Tensor, threads: int = 1, banned: Optional[torch.Tensor] = None) -> Optional[torch.Tensor]:
+        """[1, N], or None when x or W is not finite or x is zero (compute the full product then).
+        `banned` [N] bool: rows the caller masks out (-inf here too): the argmax among the others."""
         x = x.contiguous()
         if x.shape != (1, self.K) or x.dtype != torch.float32:
             raise ValueError(f"Top1 takes one fp32 row of {self.K}, not {tuple(x.shape)} {x.dtype}")
+        if banned is not None and (banned.shape != (self.N,) or banned.dtype != torch.bool):
+            raise ValueError(f"Top1's banned rows: a bool tensor of {self.N}, not {tuple(banned.shape)} {banned.dtype}")
         if not self.finite:
             return None
         y = torch.empty(1, self.N)
+        skip = None if banned is None else banned.contiguous()
         n = self.lib.g2t_top1(self.w.data_ptr(), self.wq.data_ptr(), self.scale.data_ptr(), self.err.data_ptr(),
-                              self.gq.data_ptr(), x.data_ptr(), y.data_ptr(), self.acc.data_ptr(), self.N, self.K,
-                              threads)
+                              self.gq.data_ptr(), x.data_ptr(), None if skip is None else skip.data_ptr(),
+                              y.data_ptr(), self.acc.data_ptr(), self.N, self.K, threads)
         self.recomputed = n
         return None if n < 0 else y
 

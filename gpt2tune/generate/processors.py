@@ -53,6 +53,20 @@ class Processors:
         return self.any_banned or (self.eos is not None and step < self.s.min_new_tokens) or self.seen is not None \
             or self.hist is not None
 
+    def only_bans(self, step: int):
+        """Whether `__call__` before the token at `step` only bans tokens, the same for every row
+        (suppressed ids, the end marker before `min_new_tokens`): then the [V] bool mask of them, or
+        None when it bans nothing; False when it changes values or bans per row (repetition penalty,
+        no-repeat-n-gram)."""
+        if self.seen is not None or self.hist is not None:
+            return False
+        eos = self.eos is not None and step < self.s.min_new_tokens
+        if not eos:
+            return self.banned if self.any_banned else None
+        mask = self.banned.clone()
+        mask[self.eos] = True
+        return mask
+
     def __call__(self, logits: torch.Tensor, step: int) -> torch.Tensor:
         """Process logits [B, V] (in place where possible) before the new token at `step` (0-based)."""
         if self.any_banned:

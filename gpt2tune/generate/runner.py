@@ -34,8 +34,8 @@ class HFRunner:
         self.pos = pos[:, -1:] + 1
         return out.logits[:, -1, :].float()
 
-    def step(self, tokens: torch.Tensor, top1_only: bool = False) -> torch.Tensor:
-        """The next-token logits after `tokens`; all of them, whatever `top1_only` (see
+    def step(self, tokens: torch.Tensor, top1_only: bool = False, banned: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """The next-token logits after `tokens`; all of them, whatever `top1_only` and `banned` (see
         `FastRunner.step`)."""
         if self.mask is not None:
             self.mask = torch.cat([self.mask, self.mask.new_ones(self.mask.size(0), 1)], dim=1)
