@@ -578,17 +578,22 @@ long g2t_top1(const float *w, const int8_t *wq, const float *scale, const float 
     return count;
 }
 
-/* M rows' attention in one layer at cache position t: each row's key and value (from qkv [M, 3D])
-   written into its cache (kc, vc [M, heads, max_len, hd]), then every (row, head) over t + 1 keys into
-   out [M, D]. The operations of g2t_blocks' attention on each row. */
-int g2t_attn_rows(const float *qkv, float *kc, float *vc, float *out, long M, long heads, long hd, long t,
-                  long max_len, int threads) {
+/* each of M rows' key and value (from qkv [M, 3D]) into its cache (kc, vc [M, heads, max_len, hd]) at t */
+static void write_kv(const float *qkv, float *kc, float *vc, long M, long heads, long hd, long t, long max_len) {
     long D = heads * hd;
     for (long b = 0; b < M; b++)
         for (long i = 0; i < heads; i++) {
             memcpy(kc + ((b * heads + i) * max_len + t) * hd, qkv + b * 3 * D + D + i * hd, hd * sizeof(float));
             memcpy(vc + ((b * heads + i) * max_len + t) * hd, qkv + b * 3 * D + 2 * D + i * hd, hd * sizeof(float));
         }
+}
+
+/* M rows' attention in one layer at cache position t: each row's key and value (from qkv [M, 3D])
+   written into its cache (kc, vc [M, heads, max_len, hd]), then every (row, head) over t + 1 keys into
+   out [M, D]. The operations of g2t_blocks' attention on each row. */
+int g2t_attn_rows(const float *qkv, float *kc, float *vc, float *out, long M, long heads, long hd, long t,
+                  long max_len, int threads) {
+    write_kv(qkv, kc, vc, M, heads, hd, t, max_len);
     pthread_mutex_lock(&call_mu);
     threads = run_job((job_t){.kind = ATTN, .x = qkv, .y = out, .K = hd, .N = heads, .M = M, .kc = kc, .vc = vc,
                               .t1 = t + 1, .max_len = max_len}, threads);
@@ -649,10 +654,7 @@ int g2t_blocks(const block_t *blocks, long L, float *x, float *h, const float *l
         const block_t *B = blocks + l;
         layer_norm(x, B->ln1_w, B->ln1_b, h, D, eps);
         threads = gemv(AXPY, B->attn_w, h, qkv, scratch, D, 3 * D, B->attn_b, threads);
-        for (long i = 0; i < heads; i++) {
-            memcpy(B->k_cache + (i * max_len + t) * hd, qkv + D + i * hd, hd * sizeof(float));
-            memcpy(B->v_cache + (i * max_len + t) * hd, qkv + 2 * D + i * hd, hd * sizeof(float));
-        }
+        write_kv(qkv, B->k_cache, B->v_cache, 1, heads, hd, t, max_len);
         run_job((job_t){.kind = ATTN, .x = qkv, .y = a, .K = hd, .N = heads, .kc = B->k_cache, .vc = B->v_cache,
                         .t1 = t + 1, .max_len = max_len}, threads);
         gemv(AXPY, B->proj_w, a, y, scratch, D, D, B->proj_b, threads);
